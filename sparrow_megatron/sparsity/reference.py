@@ -1,0 +1,63 @@
+"""Reference block top-k sparse decode in plain torch (fp32 or bf16 inputs, fp32 math).
+
+The ground truth the Triton kernels, the SGLang backend and the trainer's sparse forward are tested
+against. It is written for clarity, one request and one KV head at a time, not for speed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from sparrow_megatron.sparsity.selection import (
+    DEFAULT_GEOMETRY,
+    PageGeometry,
+    compute_landmarks,
+    default_scale,
+    group_mean_query,
+    pages_to_token_mask,
+    select_pages,
+)
+
+
+def sparse_decode_reference(
+    q: torch.Tensor,
+    keys: Sequence[torch.Tensor],
+    values: Sequence[torch.Tensor],
+    budgets: Sequence[int | None] | int | None,
+    geometry: PageGeometry = DEFAULT_GEOMETRY,
+    scale: float | None = None,
+    landmarks: Sequence[torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """One decode step for a batch.
+
+    q: [B, Hq, D] (the new token's query, post-RoPE); keys[b], values[b]: [L_b, Hkv, D] (the request's
+    logical KV, the new token included); budgets: per request or shared, in tokens (None = dense);
+    landmarks[b]: optional precomputed [>= L_b // P, Hkv, D] (default: computed from keys[b]).
+
+    Returns (out [B, Hq, D] in q's dtype, selected pages per request [Hkv, n_selected] ascending).
+    """
+    batch, num_q_heads, head_dim = q.shape
+    if not isinstance(budgets, Sequence):
+        budgets = [budgets] * batch
+    if not (len(keys) == len(values) == len(budgets) == batch):
+        raise ValueError("q, keys, values and budgets must describe the same batch")
+    scale = default_scale(head_dim) if scale is None else scale
+    out = torch.empty(batch, num_q_heads, head_dim, dtype=torch.float32, device=q.device)
+    selected = []
+    for b in range(batch):
+        k, v = keys[b], values[b]
+        total_len, num_kv_heads, _ = k.shape
+        group = num_q_heads // num_kv_heads
+        marks = compute_landmarks(k, geometry.page_size) if landmarks is None else landmarks[b]
+        pages = select_pages(group_mean_query(q[b], num_kv_heads), marks, total_len, budgets[b], geometry)
+        selected.append(pages)
+        token_mask = pages_to_token_mask(pages, total_len, geometry.page_size)  # [Hkv, L]
+        qf = q[b].float().reshape(num_kv_heads, group, head_dim)
+        logits = torch.einsum("hgd,lhd->hgl", qf, k.float()) * scale
+        logits = logits.masked_fill(~token_mask[:, None, :], float("-inf"))
+        probs = torch.softmax(logits, dim=-1)
+        out[b] = torch.einsum("hgl,lhd->hgd", probs, v.float()).reshape(num_q_heads, head_dim)
+    return out.to(q.dtype), selected
+

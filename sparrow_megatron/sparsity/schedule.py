@@ -1,0 +1,201 @@
+"""KV budget schedules: position bin -> budget in tokens, with their files and presets.
+
+A schedule is the complete sparse policy a rollout engine and the trainer's sparse forward share: the
+budgets per bin of total position (prompt + generated), the page geometry and the layers kept dense.
+Past the last bin the last budget holds. A budget of None means dense in that bin. A decode step whose
+KV holds L tokens produces the token at position L, so it belongs to bin L // bin_width.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from sparrow_megatron.errors import UserError
+from sparrow_megatron.sparsity.selection import PageGeometry
+
+SCHEMA_VERSION = 1
+DEFAULT_BIN_WIDTH = 2000
+DEFAULT_DENSE_LAYERS = (0, 1)
+
+
+@dataclass(frozen=True)
+class Schedule:
+    budgets: tuple[int | None, ...]
+    bin_width: int = DEFAULT_BIN_WIDTH
+    geometry: PageGeometry = PageGeometry()
+    dense_layers: tuple[int, ...] = DEFAULT_DENSE_LAYERS
+    name: str = "custom"
+    # Where the schedule came from: model, tau, source (preset / calibration run / file), date...
+    provenance: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    def __post_init__(self) -> None:
+        problems = _problems(self)
+        if problems:
+            raise UserError(f"schedule '{self.name}': " + "; ".join(problems))
+
+    def budget_at(self, total_len: int) -> int | None:
+        """The budget of a decode step whose KV holds `total_len` tokens (None = dense).
+
+        That step produces the token at position `total_len`, so the bins are those of the tail
+        statistics (absolute position of the produced token).
+        """
+        return self.budgets[min(total_len // self.bin_width, len(self.budgets) - 1)]
+
+    @classmethod
+    def fixed(cls, budget: int | None, **kwargs: Any) -> Schedule:
+        """One budget at every position (what calibration sweeps)."""
+        name = kwargs.pop("name", "dense" if budget is None else f"fixed-{budget}")
+        return cls(budgets=(budget,), name=name, **kwargs)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "schema_version": SCHEMA_VERSION,
+            "name": self.name,
+            "bin_width": self.bin_width,
+            "budgets": list(self.budgets),
+            "page_size": self.geometry.page_size,
+            "sink_pages": self.geometry.sink_pages,
+            "local_pages": self.geometry.local_pages,
+            "dense_layers": list(self.dense_layers),
+            "provenance": dict(self.provenance),
+        }
+
+    @classmethod
+    def from_dict(cls, data: Any, source: str = "schedule") -> Schedule:
+        if not isinstance(data, dict):
+            raise UserError(f"{source}: a schedule must be a mapping, got {type(data).__name__}")
+        version = data.get("schema_version")
+        if version != SCHEMA_VERSION:
+            raise UserError(f"{source}: field 'schema_version': expected {SCHEMA_VERSION}, got {version!r}")
+        known = {"schema_version", "name", "bin_width", "budgets", "page_size", "sink_pages", "local_pages",
+                 "dense_layers", "provenance"}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise UserError(f"{source}: unknown field(s) {unknown}")
+        if "budgets" not in data:
+            raise UserError(f"{source}: field 'budgets' is missing")
+        budgets = data["budgets"]
+        if not isinstance(budgets, list):
+            raise UserError(f"{source}: field 'budgets' must be a list")
+        for i, b in enumerate(budgets):
+            if b is not None and (isinstance(b, bool) or not isinstance(b, int)):
+                raise UserError(f"{source}: field 'budgets[{i}]' must be an integer or null, got {b!r}")
+        ints = {"bin_width": DEFAULT_BIN_WIDTH, "page_size": 16, "sink_pages": 1, "local_pages": 2}
+        values = {}
+        for key, default in ints.items():
+            value = data.get(key, default)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise UserError(f"{source}: field '{key}' must be an integer, got {value!r}")
+            values[key] = value
+        dense_layers = data.get("dense_layers", list(DEFAULT_DENSE_LAYERS))
+        if not isinstance(dense_layers, list) or not all(
+            isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in dense_layers
+        ):
+            raise UserError(f"{source}: field 'dense_layers' must be a list of layer ids >= 0")
+        provenance = data.get("provenance", {})
+        if not isinstance(provenance, dict):
+            raise UserError(f"{source}: field 'provenance' must be a mapping")
+        return cls(
+            budgets=tuple(budgets),
+            bin_width=values["bin_width"],
+            geometry=PageGeometry(values["page_size"], values["sink_pages"], values["local_pages"]),
+            dense_layers=tuple(dense_layers),
+            name=str(data.get("name", Path(source).stem)),
+            provenance=provenance,
+        )
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        data = self.to_dict()
+        if path.suffix in (".yaml", ".yml"):
+            path.write_text(yaml.safe_dump(data, sort_keys=False))
+        else:
+            path.write_text(json.dumps(data, indent=2) + "\n")
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> Schedule:
+        path = Path(path)
+        try:
+            text = path.read_text()
+        except OSError as err:
+            raise UserError(f"{path}: cannot read schedule file ({err.strerror})") from None
+        try:
+            data = yaml.safe_load(text) if path.suffix in (".yaml", ".yml") else json.loads(text)
+        except json.JSONDecodeError as err:
+            raise UserError(f"{path}:{err.lineno}: not valid JSON ({err.msg})") from None
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            line = f":{mark.line + 1}" if mark is not None else ""
+            raise UserError(f"{path}{line}: not valid YAML ({getattr(err, 'problem', err)})") from None
+        return cls.from_dict(data, source=str(path))
+
+
+def _problems(s: Schedule) -> list[str]:
+    g = s.geometry
+    problems = []
+    if g.page_size <= 0:
+        problems.append(f"page_size must be positive, got {g.page_size}")
+        return problems
+    if g.sink_pages < 0 or g.local_pages < 1:
+        problems.append("sink_pages must be >= 0 and local_pages >= 1 (the current page is local)")
+    if s.bin_width <= 0:
+        problems.append(f"bin_width must be positive, got {s.bin_width}")
+    if not s.budgets:
+        problems.append("budgets is empty")
+    for i, b in enumerate(s.budgets):
+        if b is None:
+            continue
+        if b % g.page_size:
+            problems.append(f"budgets[{i}] = {b} is not a multiple of page_size {g.page_size}")
+        elif b < g.min_budget:
+            problems.append(f"budgets[{i}] = {b} is below sink + local pages ({g.min_budget} tokens)")
+    return problems
+
+
+def _expand(*runs: tuple[int, int] | int) -> tuple[int, ...]:
+    out: list[int] = []
+    for run in runs:
+        budget, count = run if isinstance(run, tuple) else (run, 1)
+        out += [budget] * count
+    return tuple(out)
+
+
+# Published with the paper's reference code (tau 0.86, 2000-token bins, sink 1 + local 2 included).
+# The reference's 8B list has 6208 where 6144 belongs (a typo: every other entry is a multiple of 512).
+_PRESET_BUDGETS = {
+    "qwen3-1.7b-0.86": _expand(512, 1024, (1536, 2), 2048, 2560, 3072, (3584, 2), 4096),
+    "qwen3-4b-0.86": _expand(512, 768, 1024, 1280, 1536, 2048, 2560, 3584, (4096, 2), (5120, 4), (6144, 4),
+                             (8192, 2)),
+    "qwen3-8b-0.86": _expand(512, 768, 1024, 1280, 2048, 2560, 3072, (4096, 4), (5120, 6), 6144, (7168, 2)),
+    "qwen3-14b-0.86": _expand(512, 768, 1280, 2048, 4096, (6144, 10), 8192, (10240, 2), (14336, 2)),
+}
+
+PRESETS = {
+    name: Schedule(
+        budgets=budgets,
+        name=name,
+        provenance={"model": "Qwen3-" + name.split("-")[1].upper(), "tau": 0.86,
+                    "source": "Sparrow reference code (arXiv 2606.08446)"},
+    )
+    for name, budgets in _PRESET_BUDGETS.items()
+}
+
+
+def resolve_schedule(spec: str | Schedule | None) -> Schedule | None:
+    """A preset name, a schedule file path, 'dense' / None (no schedule) or a Schedule."""
+    if spec is None or isinstance(spec, Schedule):
+        return spec
+    if spec == "dense":
+        return None
+    if spec in PRESETS:
+        return PRESETS[spec]
+    path = Path(spec)
+    if path.suffix in (".json", ".yaml", ".yml") or path.exists():
+        return Schedule.load(path)
+    raise UserError(f"unknown schedule '{spec}': not a preset ({', '.join(PRESETS)}) nor a file")
