@@ -10,6 +10,7 @@ from collections.abc import Sequence
 
 import torch
 
+from sparrow_megatron.sparsity.schedule import Schedule
 from sparrow_megatron.sparsity.selection import (
     DEFAULT_GEOMETRY,
     PageGeometry,
@@ -61,3 +62,45 @@ def sparse_decode_reference(
         out[b] = torch.einsum("hgl,lhd->hgd", probs, v.float()).reshape(num_q_heads, head_dim)
     return out.to(q.dtype), selected
 
+
+
+def position_budgets(schedule: Schedule | None, prompt_len: int, seq_len: int) -> list[int | None]:
+    """The budget each query position of a sequence had during rollout (None = dense).
+
+    Queries before `prompt_len` were the prefill (dense). Query t >= prompt_len is the decode step that
+    fed token t, whose KV held t + 1 tokens.
+    """
+    if schedule is None:
+        return [None] * seq_len
+    return [None if t < prompt_len else schedule.budget_at(t + 1) for t in range(seq_len)]
+
+
+def sparse_causal_attention_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    budgets: Sequence[int | None],
+    geometry: PageGeometry = DEFAULT_GEOMETRY,
+    scale: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Teacher-forced sparse attention of one sequence: every query attends to what rollout's decode
+    step at its position attended to (DistillSparse's sparse forward, calibration's scoring).
+
+    q [T, Hq, D], k/v [T, Hkv, D], budgets[t] for query t (see `position_budgets`).
+    Returns (out [T, Hq, D] in q's dtype, token mask [Hkv, T, T] bool). Materialises T x T: a reference.
+    """
+    seq_len, num_q_heads, head_dim = q.shape
+    num_kv_heads = k.shape[1]
+    group = num_q_heads // num_kv_heads
+    scale = default_scale(head_dim) if scale is None else scale
+    marks = compute_landmarks(k, geometry.page_size)
+    q_means = group_mean_query(q, num_kv_heads)  # [T, Hkv, D]
+    mask = torch.zeros(num_kv_heads, seq_len, seq_len, dtype=torch.bool, device=q.device)
+    for t in range(seq_len):
+        pages = select_pages(q_means[t], marks, t + 1, budgets[t], geometry)
+        mask[:, t, : t + 1] = pages_to_token_mask(pages, t + 1, geometry.page_size)
+    qf = q.float().reshape(seq_len, num_kv_heads, group, head_dim)
+    logits = torch.einsum("thgd,shd->hgts", qf, k.float()) * scale
+    logits = logits.masked_fill(~mask[:, None], float("-inf"))
+    out = torch.einsum("hgts,shd->thgd", torch.softmax(logits, dim=-1), v.float())
+    return out.reshape(seq_len, num_q_heads, head_dim).to(q.dtype), mask

@@ -5,7 +5,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sparrow_megatron.sparsity.reference import sparse_decode_reference
-from sparrow_megatron.sparsity.selection import compute_landmarks, group_mean_query, select_pages
+from sparrow_megatron.sparsity.selection import (
+    compute_landmarks,
+    group_mean_query,
+    pages_to_token_mask,
+    select_pages,
+)
 
 
 def _dense_sdpa(q, k, v):
@@ -62,3 +67,35 @@ def test_sparse_differs_from_dense_when_context_exceeds_budget():
     sparse, _ = sparse_decode_reference(q, [k], [v], 64)
     dense, _ = sparse_decode_reference(q, [k], [v], None)
     assert (sparse - dense).abs().max() > 1e-3
+
+
+def test_teacher_forced_sparse_attention_matches_decode_at_every_position():
+    from sparrow_megatron.sparsity.reference import position_budgets, sparse_causal_attention_reference
+    from sparrow_megatron.sparsity.schedule import Schedule
+
+    g = torch.Generator().manual_seed(7)
+    seq_len, prompt_len, kv_heads, group, d = 230, 70, 2, 2, 16
+    q = torch.randn(seq_len, kv_heads * group, d, generator=g)
+    k, v = torch.randn(seq_len, kv_heads, d, generator=g), torch.randn(seq_len, kv_heads, d, generator=g)
+    schedule = Schedule((64, 96), bin_width=128, dense_layers=())
+    budgets = position_budgets(schedule, prompt_len, seq_len)
+    assert budgets[prompt_len - 1] is None and budgets[prompt_len] == 64 and budgets[127] == 96
+    out, mask = sparse_causal_attention_reference(q, k, v, budgets)
+    assert not mask[:, 10, 11:].any()  # causal
+    for t in range(seq_len):
+        ref, (pages,) = sparse_decode_reference(q[t : t + 1], [k[: t + 1]], [v[: t + 1]], budgets[t])
+        torch.testing.assert_close(out[t], ref[0], atol=1e-5, rtol=1e-5)
+        assert torch.equal(mask[:, t, : t + 1], pages_to_token_mask(pages, t + 1))
+
+
+def test_teacher_forced_dense_budgets_equal_causal_attention():
+    from sparrow_megatron.sparsity.reference import sparse_causal_attention_reference
+
+    g = torch.Generator().manual_seed(1)
+    q, k, v = torch.randn(50, 4, 8, generator=g), torch.randn(50, 2, 8, generator=g), torch.randn(50, 2, 8, generator=g)
+    out, _ = sparse_causal_attention_reference(q, k, v, [None] * 50)
+    ref = F.scaled_dot_product_attention(
+        q.transpose(0, 1), k.transpose(0, 1).repeat_interleave(2, 0), v.transpose(0, 1).repeat_interleave(2, 0),
+        is_causal=True,
+    ).transpose(0, 1)
+    torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-6)
