@@ -59,7 +59,13 @@ class ModelShape:
             raise UserError(f"{path}: cannot read model config ({err.strerror})") from None
         except json.JSONDecodeError as err:
             raise UserError(f"{path}:{err.lineno}: not valid JSON ({err.msg})") from None
-        required = ["num_hidden_layers", "hidden_size", "num_attention_heads", "intermediate_size", "vocab_size"]
+        required = [
+            "num_hidden_layers",
+            "hidden_size",
+            "num_attention_heads",
+            "intermediate_size",
+            "vocab_size",
+        ]
         for key in required:
             if not isinstance(cfg.get(key), int):
                 raise UserError(f"{path}: field '{key}' is missing or not an integer")
@@ -179,7 +185,9 @@ class CostModel:
         causal_attention = 2.0 * m.num_heads * m.head_dim * prompt_len * prompt_len
         return 2.0 * m.matmul_params * prompt_len + m.num_layers * causal_attention
 
-    def generation_cost(self, prompt_len: int, gen_len: int, samples: int, schedule: Schedule | None) -> float:
+    def generation_cost(
+        self, prompt_len: int, gen_len: int, samples: int, schedule: Schedule | None
+    ) -> float:
         """eFLOPs to generate `samples` responses of gen_len tokens after one shared prompt."""
         # The first token comes from the prefill's logits; decode step t sees prompt_len + t tokens.
         context = prompt_len + np.arange(1, gen_len)
@@ -224,9 +232,17 @@ def predict_speedup(
     bytes_cm = CostModel(model, Hardware("bytes", 0.0, 1.0), batch=10**18)  # bytes only: I = 0 -> use FLOPs=0
     ratio = _kv_bytes_ratio(bytes_cm, prompt_len, max(lens), schedule)
     return SpeedupPrediction(
-        model=model.name, hardware=hardware.name, schedule=schedule.name, prompt_len=prompt_len,
-        gen_lens=lens, samples=samples, batch=batch, dense_cost=dense, sparse_cost=sparse,
-        predicted_speedup=dense / sparse, kv_bytes_ratio=ratio,
+        model=model.name,
+        hardware=hardware.name,
+        schedule=schedule.name,
+        prompt_len=prompt_len,
+        gen_lens=lens,
+        samples=samples,
+        batch=batch,
+        dense_cost=dense,
+        sparse_cost=sparse,
+        predicted_speedup=dense / sparse,
+        kv_bytes_ratio=ratio,
     )
 
 
@@ -261,7 +277,11 @@ def page_size_search(
     for page in page_sizes:
         budgets = tuple(None if b is None else max(-(-b // page) * page, 3 * page) for b in schedule.budgets)
         geometry = type(schedule.geometry)(page, schedule.geometry.sink_pages, schedule.geometry.local_pages)
-        variant = Schedule(budgets, schedule.bin_width, geometry, schedule.dense_layers, f"{schedule.name}@P{page}")
+        variant = Schedule(
+            budgets, schedule.bin_width, geometry, schedule.dense_layers, f"{schedule.name}@P{page}"
+        )
         pred = predict_speedup(model, hardware, variant, prompt_len, gen_len, batch=batch)
-        rows.append({"page_size": page, "sparse_cost": pred.sparse_cost, "predicted_speedup": pred.predicted_speedup})
+        rows.append(
+            {"page_size": page, "sparse_cost": pred.sparse_cost, "predicted_speedup": pred.predicted_speedup}
+        )
     return rows

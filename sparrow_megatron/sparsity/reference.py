@@ -63,7 +63,6 @@ def sparse_decode_reference(
     return out.to(q.dtype), selected
 
 
-
 def position_budgets(schedule: Schedule | None, prompt_len: int, seq_len: int) -> list[int | None]:
     """The budget each query position of a sequence had during rollout (None = dense).
 

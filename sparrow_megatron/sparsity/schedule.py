@@ -72,8 +72,17 @@ class Schedule:
         version = data.get("schema_version")
         if version != SCHEMA_VERSION:
             raise UserError(f"{source}: field 'schema_version': expected {SCHEMA_VERSION}, got {version!r}")
-        known = {"schema_version", "name", "bin_width", "budgets", "page_size", "sink_pages", "local_pages",
-                 "dense_layers", "provenance"}
+        known = {
+            "schema_version",
+            "name",
+            "bin_width",
+            "budgets",
+            "page_size",
+            "sink_pages",
+            "local_pages",
+            "dense_layers",
+            "provenance",
+        }
         unknown = sorted(set(data) - known)
         if unknown:
             raise UserError(f"{source}: unknown field(s) {unknown}")
@@ -170,8 +179,9 @@ def _expand(*runs: tuple[int, int] | int) -> tuple[int, ...]:
 # The reference's 8B list has 6208 where 6144 belongs (a typo: every other entry is a multiple of 512).
 _PRESET_BUDGETS = {
     "qwen3-1.7b-0.86": _expand(512, 1024, (1536, 2), 2048, 2560, 3072, (3584, 2), 4096),
-    "qwen3-4b-0.86": _expand(512, 768, 1024, 1280, 1536, 2048, 2560, 3584, (4096, 2), (5120, 4), (6144, 4),
-                             (8192, 2)),
+    "qwen3-4b-0.86": _expand(
+        512, 768, 1024, 1280, 1536, 2048, 2560, 3584, (4096, 2), (5120, 4), (6144, 4), (8192, 2)
+    ),
     "qwen3-8b-0.86": _expand(512, 768, 1024, 1280, 2048, 2560, 3072, (4096, 4), (5120, 6), 6144, (7168, 2)),
     "qwen3-14b-0.86": _expand(512, 768, 1280, 2048, 4096, (6144, 10), 8192, (10240, 2), (14336, 2)),
 }
@@ -180,8 +190,11 @@ PRESETS = {
     name: Schedule(
         budgets=budgets,
         name=name,
-        provenance={"model": "Qwen3-" + name.split("-")[1].upper(), "tau": 0.86,
-                    "source": "Sparrow reference code (arXiv 2606.08446)"},
+        provenance={
+            "model": "Qwen3-" + name.split("-")[1].upper(),
+            "tau": 0.86,
+            "source": "Sparrow reference code (arXiv 2606.08446)",
+        },
     )
     for name, budgets in _PRESET_BUDGETS.items()
 }

@@ -53,8 +53,11 @@ def test_sparse_output_equals_attention_over_selected_tokens(dtype):
     assert torch.equal(pages, expected_pages)
     for h in range(kv_heads):
         tokens = torch.cat([torch.arange(p * 16, min(p * 16 + 16, n)) for p in pages[h].tolist()])
-        ref = _dense_sdpa(q[0, h * group : (h + 1) * group].float(), k[tokens][:, h : h + 1].float(),
-                          v[tokens][:, h : h + 1].float())
+        ref = _dense_sdpa(
+            q[0, h * group : (h + 1) * group].float(),
+            k[tokens][:, h : h + 1].float(),
+            v[tokens][:, h : h + 1].float(),
+        )
         tol = 1e-6 if dtype == torch.float32 else 1e-2
         torch.testing.assert_close(out[0, h * group : (h + 1) * group].float(), ref, atol=tol, rtol=tol)
     assert out.dtype == dtype
@@ -92,10 +95,16 @@ def test_teacher_forced_dense_budgets_equal_causal_attention():
     from sparrow_megatron.sparsity.reference import sparse_causal_attention_reference
 
     g = torch.Generator().manual_seed(1)
-    q, k, v = torch.randn(50, 4, 8, generator=g), torch.randn(50, 2, 8, generator=g), torch.randn(50, 2, 8, generator=g)
+    q, k, v = (
+        torch.randn(50, 4, 8, generator=g),
+        torch.randn(50, 2, 8, generator=g),
+        torch.randn(50, 2, 8, generator=g),
+    )
     out, _ = sparse_causal_attention_reference(q, k, v, [None] * 50)
     ref = F.scaled_dot_product_attention(
-        q.transpose(0, 1), k.transpose(0, 1).repeat_interleave(2, 0), v.transpose(0, 1).repeat_interleave(2, 0),
+        q.transpose(0, 1),
+        k.transpose(0, 1).repeat_interleave(2, 0),
+        v.transpose(0, 1).repeat_interleave(2, 0),
         is_causal=True,
     ).transpose(0, 1)
     torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-6)

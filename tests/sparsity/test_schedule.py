@@ -28,7 +28,9 @@ def test_budget_at_uses_the_bin_of_the_produced_token_and_holds_the_last():
 
 @settings(max_examples=50, deadline=None)
 @given(
-    budgets=st.lists(st.one_of(st.none(), st.integers(3, 900).map(lambda p: p * 16)), min_size=1, max_size=25),
+    budgets=st.lists(
+        st.one_of(st.none(), st.integers(3, 900).map(lambda p: p * 16)), min_size=1, max_size=25
+    ),
     width=st.integers(1, 5000),
     suffix=st.sampled_from([".json", ".yaml"]),
 )
