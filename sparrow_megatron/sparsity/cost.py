@@ -179,6 +179,25 @@ class CostModel:
         num_dense = len([layer for layer in schedule.dense_layers if layer < m.num_layers])
         return num_dense * dense + (m.num_layers - num_dense) * sparse + self._parameters()
 
+    def attention_bytes(self, context: np.ndarray, schedule: Schedule | None) -> np.ndarray:
+        """KV bytes one sparse layer reads per decode step (landmarks + selected K/V; all K/V if dense)."""
+        m = self.model
+        context = np.asarray(context, dtype=np.float64)
+        per_token = 2.0 * m.num_kv_heads * m.head_dim * self.kv_bytes
+        if schedule is None:
+            return context * per_token
+        budgets = np.array([schedule.budget_at(int(c)) or math.inf for c in context])
+        pages = np.ceil(context / schedule.geometry.page_size)
+        sparse = np.minimum(budgets, context) * per_token + pages * per_token / 2
+        return np.where(context > budgets, sparse, context * per_token)
+
+    def kv_bytes_ratio(self, prompt_len: int, gen_len: int, schedule: Schedule) -> float:
+        """Dense over sparse KV bytes read across a generation: the ceiling of the attention speedup."""
+        context = prompt_len + np.arange(1, max(gen_len, 2))
+        return float(
+            self.attention_bytes(context, None).sum() / self.attention_bytes(context, schedule).sum()
+        )
+
     def prefill_cost(self, prompt_len: int) -> float:
         """eFLOPs of the (dense, compute-bound) prefill of one prompt; the same for dense and sparse."""
         m = self.model
@@ -229,8 +248,7 @@ def predict_speedup(
     cm = CostModel(model, hardware, batch=batch)
     dense = sum(cm.generation_cost(prompt_len, n, samples, None) for n in lens) / len(lens)
     sparse = sum(cm.generation_cost(prompt_len, n, samples, schedule) for n in lens) / len(lens)
-    bytes_cm = CostModel(model, Hardware("bytes", 0.0, 1.0), batch=10**18)  # bytes only: I = 0 -> use FLOPs=0
-    ratio = _kv_bytes_ratio(bytes_cm, prompt_len, max(lens), schedule)
+    ratio = cm.kv_bytes_ratio(prompt_len, max(lens), schedule)
     return SpeedupPrediction(
         model=model.name,
         hardware=hardware.name,
@@ -244,19 +262,6 @@ def predict_speedup(
         predicted_speedup=dense / sparse,
         kv_bytes_ratio=ratio,
     )
-
-
-def _kv_bytes_ratio(cm: CostModel, prompt_len: int, gen_len: int, schedule: Schedule) -> float:
-    m, page = cm.model, schedule.geometry.page_size
-    context = prompt_len + np.arange(1, max(gen_len, 2), dtype=np.float64)
-    per_token = 2.0 * m.num_kv_heads * m.head_dim * cm.kv_bytes
-    budgets = np.array([schedule.budget_at(int(c)) or math.inf for c in context])
-    sparse = np.where(
-        context > budgets,
-        np.minimum(budgets, context) * per_token + np.ceil(context / page) * per_token / 2,
-        context * per_token,
-    )
-    return float((context * per_token).sum() / sparse.sum())
 
 
 def page_size_search(

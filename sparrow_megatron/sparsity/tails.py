@@ -67,7 +67,7 @@ def token_positions(prompt_lens: Iterable[int], response_lens: Iterable[int]) ->
 
 
 def _pearson(x: list[float], y: list[float]) -> float | None:
-    if len(x) < 3 or np.std(x) == 0 or np.std(y) == 0:
+    if len(x) < 3 or np.ptp(x) < 1e-12 or np.ptp(y) < 1e-12:
         return None
     return float(stats.pearsonr(x, y).statistic)
 
