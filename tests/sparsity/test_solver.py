@@ -18,9 +18,9 @@ def _brute_force(table, tau):
         budgets = [table.budgets[i] for i in combo]
         if budgets != sorted(budgets):
             continue
-        if all(table.p5[i][j] is not None and table.p5[i][j] >= tau for j, i in enumerate(combo)):
-            if best is None or sum(budgets) < sum(best):
-                best = budgets
+        feasible = all(table.p5[i][j] is not None and table.p5[i][j] >= tau for j, i in enumerate(combo))
+        if feasible and (best is None or sum(budgets) < sum(best)):
+            best = budgets
     return best
 
 
