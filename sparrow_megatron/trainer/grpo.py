@@ -31,7 +31,9 @@ def group_advantages(
     for idx in groups.values():
         sel = torch.tensor(idx)
         vals = r[sel]
-        out[sel] = (vals - vals.mean()) / (vals.std(unbiased=False) + eps)
+        std = vals.std(unbiased=False)
+        # Equal rewards (or a single sample) carry no signal: advantage 0, never 0/0.
+        out[sel] = 0.0 if std == 0 else (vals - vals.mean()) / (std + eps)
     return out.float()
 
 

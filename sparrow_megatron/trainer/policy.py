@@ -344,6 +344,10 @@ class Policy:
         """Collective generator of lists of (hf_name, full tensor) for weight sync to the rollout."""
         return iter_hf_weights(self.model, self.arch, bucket_bytes)
 
+    def hf_grads(self) -> dict[str, torch.Tensor]:
+        """The last step's accumulated gradients, full and under HF names (collective; for checks)."""
+        return {n: t for bucket in iter_hf_weights(self.model, self.arch, grads=True) for n, t in bucket}
+
     def export_hf(self, out_dir: str | Path, max_shard_bytes: int = 4 << 30) -> Path | None:
         """Write an HF safetensors checkpoint of the current weights (rank 0 writes; collective)."""
         out = export_hf_checkpoint(self.model, self.arch, self.cfg.model_dir, out_dir, max_shard_bytes)

@@ -232,21 +232,24 @@ def _tp_gather(tensor: torch.Tensor, rule: _Rule) -> torch.Tensor:
     return torch.cat(parts, dim=1 if rule.kind == "col" else 0)
 
 
-def _local_hf_tensors(model, arch: Qwen3Arch) -> Iterator[tuple[str, torch.Tensor]]:
-    """This stage's weights under HF names, TP-gathered (collective over the TP group)."""
+def _local_hf_tensors(model, arch: Qwen3Arch, grads: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
+    """This stage's weights (or their main_grad) under HF names, TP-gathered (collective over TP)."""
     from megatron.core import parallel_state
 
     tp = parallel_state.get_tensor_model_parallel_world_size()
     for name, param, rule in _named_rules(model, arch):
         if name == "output_layer.weight" and arch.tie_word_embeddings:
             continue  # the first stage exports the shared embedding
-        full = _tp_gather(param.detach(), rule)
+        full = _tp_gather(param.main_grad.detach() if grads else param.detach(), rule)
         yield from zip(rule.hf_names, _hf_from_full(rule, arch, full, tp), strict=True)
 
 
 @torch.no_grad()
-def iter_hf_weights(model, arch: Qwen3Arch, bucket_bytes: int = 512 << 20) -> Iterator[list]:
+def iter_hf_weights(
+    model, arch: Qwen3Arch, bucket_bytes: int = 512 << 20, grads: bool = False
+) -> Iterator[list]:
     """Yield the whole model as lists of (hf_name, tensor) of about bucket_bytes each, on every rank.
+    grads=True yields the accumulated main_grad in the same layout (for parity checks and debugging).
 
     Collective: every rank must drain the iterator. Stages are walked in order; each tensor is
     TP-gathered on its stage and broadcast to the other stages over the pipeline group.
@@ -260,7 +263,7 @@ def iter_hf_weights(model, arch: Qwen3Arch, bucket_bytes: int = 512 << 20) -> It
     bucket: list[tuple[str, torch.Tensor]] = []
     size = 0
     for stage in range(pp):
-        local = _local_hf_tensors(model, arch) if stage == my_stage else None
+        local = _local_hf_tensors(model, arch, grads) if stage == my_stage else None
         meta = (
             [[(n, tuple(t.shape), t.dtype) for n, t in _peek_meta(model, arch)]]
             if stage == my_stage
