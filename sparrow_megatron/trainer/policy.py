@@ -1,0 +1,366 @@
+"""The dense Qwen3 policy in Megatron-Core: score (log-probs, entropy, top-K) and GRPO train steps.
+
+Every forward, scoring or training, goes through `get_forward_backward_func`, so PP=1 and PP>1 share
+one path. Every rank receives the whole batch; DP ranks take round-robin shards and the micro-batch
+count is agreed from the same deterministic packing on every rank (no communication needed).
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from sparrow_megatron.errors import UserError
+from sparrow_megatron.trainer import compat
+from sparrow_megatron.trainer.batch import MicroBatch, RolloutBatch, build_micro_batch, pack_micro_batches
+from sparrow_megatron.trainer.config import TrainerConfig
+from sparrow_megatron.trainer.grpo import GRPOCoefs, grpo_token_loss, token_weights
+from sparrow_megatron.trainer.logprobs import vocab_parallel_logprobs, vocab_parallel_topk
+from sparrow_megatron.trainer.model import (
+    build_gpt_model,
+    check_parallel_split,
+    read_qwen3_config,
+    transformer_config,
+)
+from sparrow_megatron.trainer.optim import CpuAdamW, MegatronOptimizer, lr_at
+from sparrow_megatron.trainer.weights import export_hf_checkpoint, iter_hf_weights, load_hf_weights
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed(tp: int, pp: int) -> None:
+    """Initialise torch.distributed (gloo on CPU, a 1-process group if none) and Megatron's groups."""
+    from megatron.core import parallel_state
+
+    compat.apply_cpu_shims()
+    if not torch.distributed.is_initialized():
+        if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+            init = "env://"
+        else:
+            init = f"tcp://127.0.0.1:{_free_port()}"
+            os.environ.setdefault("RANK", "0")
+            os.environ.setdefault("WORLD_SIZE", "1")
+        backend = "nccl" if compat.HAS_CUDA else "gloo"
+        torch.distributed.init_process_group(
+            backend,
+            init_method=init,
+            rank=int(os.environ["RANK"]),
+            world_size=int(os.environ["WORLD_SIZE"]),
+            timeout=datetime.timedelta(minutes=10),
+        )
+        if compat.HAS_CUDA:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    world = torch.distributed.get_world_size()
+    if world % (tp * pp):
+        raise UserError(f"TrainerConfig: tp*pp = {tp * pp} does not divide the world size {world}")
+    if parallel_state.model_parallel_is_initialized():
+        same = (
+            parallel_state.get_tensor_model_parallel_world_size() == tp
+            and parallel_state.get_pipeline_model_parallel_world_size() == pp
+        )
+        if same:
+            return
+        parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+
+
+@dataclass
+class ScoreResult:
+    """Per sample: one row per response token."""
+
+    logprobs: list[torch.Tensor]  # [r_i]
+    entropy: list[torch.Tensor]  # [r_i]
+    topk_ids: list[torch.Tensor] | None  # [r_i, K]
+    topk_logprobs: list[torch.Tensor] | None  # [r_i, K]
+
+
+def _causal_mask(s: int, device: torch.device) -> torch.Tensor:
+    """Explicit causal mask (True = masked); Megatron's default one is built on CUDA."""
+    return torch.triu(torch.ones(s, s, dtype=torch.bool, device=device), diagonal=1).view(1, 1, s, s)
+
+
+class Policy:
+    """A Megatron-Core Qwen3 policy on this rank's TP/PP/DP slice. Collective: all ranks call alike."""
+
+    def __init__(self, cfg: TrainerConfig):
+        from megatron.core import parallel_state
+        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+        from megatron.core.distributed import finalize_model_grads as _finalize
+
+        cfg.validate()
+        self.cfg = cfg
+        self.arch = read_qwen3_config(cfg.model_dir)
+        check_parallel_split(self.arch, cfg.tp, cfg.pp, source=f"{cfg.model_dir}/config.json")
+        init_distributed(cfg.tp, cfg.pp)
+        torch.manual_seed(cfg.seed)
+        dtype = torch.bfloat16 if cfg.params_dtype == "bfloat16" else torch.float32
+        self.config = transformer_config(self.arch, cfg.tp, cfg.pp, cfg.sequence_parallel, dtype)
+        model = build_gpt_model(self.arch, self.config)
+        load_hf_weights(model, self.arch, cfg.model_dir)
+        use_dist_opt = compat.HAS_CUDA
+        ddp_config = DistributedDataParallelConfig(
+            **compat.dataclass_kwargs(
+                DistributedDataParallelConfig,
+                grad_reduce_in_fp32=True,
+                overlap_grad_reduce=False,
+                use_distributed_optimizer=use_dist_opt,
+            )
+        )
+        self.model = DistributedDataParallel(config=self.config, ddp_config=ddp_config, module=model)
+        # Loss is pre-normalised by global counts, so finalize must sync grads without rescaling them.
+        self.config.finalize_model_grads_func = lambda models, num_tokens=None, **kw: _finalize(models, None)
+        self.optimizer = (
+            MegatronOptimizer(self.model, cfg, bf16=dtype == torch.bfloat16)
+            if use_dist_opt
+            else CpuAdamW(self.model, cfg)
+        )
+        self.step = 0
+        self.device = compat.device()
+        self.dp_rank = parallel_state.get_data_parallel_rank()
+        self.dp_size = parallel_state.get_data_parallel_world_size()
+        self.pad_to = cfg.tp if self.config.sequence_parallel else 1
+
+    # ------------------------------------------------------------------ plumbing
+
+    def _micro_batches(self, batch: RolloutBatch) -> tuple[list[list[int]], list[list[list[int]]]]:
+        """Per DP rank: its sample ids and its micro-batches (same count on every rank)."""
+        lengths = [len(p) + len(r) for p, r in zip(batch.prompt_ids, batch.response_ids, strict=True)]
+        shards = [batch.shard(r, self.dp_size) for r in range(self.dp_size)]
+        packs = [pack_micro_batches([lengths[i] for i in s], self.cfg.micro_batch_tokens) for s in shards]
+        count = max(max(len(p) for p in packs), 1)
+        packs = [
+            pack_micro_batches([lengths[i] for i in s], self.cfg.micro_batch_tokens, min_count=count)
+            for s in shards
+        ]
+        return shards, [
+            [[shard[j] for j in mb] for mb in pack] for shard, pack in zip(shards, packs, strict=True)
+        ]
+
+    def _run(self, micro_batches: list[MicroBatch], loss_fn, forward_only: bool) -> list[dict]:
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        def forward_step(data_iterator: Iterator[MicroBatch], model):
+            mb = next(data_iterator)
+            dev = self.device
+            output = model(
+                mb.tokens.to(dev),
+                mb.position_ids.to(dev),
+                _causal_mask(mb.seq_len, dev),
+            )
+            return output, lambda out, mb=mb: loss_fn(mb, out)
+
+        fwd_bwd = get_forward_backward_func()
+        return fwd_bwd(
+            forward_step_func=forward_step,
+            data_iterator=iter(micro_batches),
+            model=[self.model],
+            num_microbatches=len(micro_batches),
+            seq_length=max(mb.seq_len for mb in micro_batches),
+            micro_batch_size=max(mb.tokens.shape[0] for mb in micro_batches),
+            forward_only=forward_only,
+        )
+
+    def _response_logits(self, mb: MicroBatch, logits: torch.Tensor):
+        """[b, s, V/tp] logits -> concatenated rows at each response-token prediction position."""
+        rows = [logits[r, pos.to(logits.device)] for r, pos in enumerate(mb.target_positions)]
+        targets = (
+            torch.cat(mb.targets).to(logits.device)
+            if mb.targets
+            else torch.zeros(0, dtype=torch.long, device=logits.device)
+        )
+        sizes = [len(t) for t in mb.targets]
+        flat = torch.cat(rows) if rows else logits.reshape(-1, logits.shape[-1])[:0]  # keeps the graph
+        return flat, targets, sizes
+
+    def _pp_broadcast(self, obj):
+        """Send a Python object from the last pipeline stage to every stage."""
+        from megatron.core import parallel_state
+
+        if parallel_state.get_pipeline_model_parallel_world_size() == 1:
+            return obj
+        group = parallel_state.get_pipeline_model_parallel_group()
+        src = torch.distributed.get_process_group_ranks(group)[-1]
+        box = [obj]
+        torch.distributed.broadcast_object_list(box, src=src, group=group)
+        return box[0]
+
+    def _dp_gather(self, obj) -> list:
+        from megatron.core import parallel_state
+
+        if self.dp_size == 1:
+            return [obj]
+        out = [None] * self.dp_size
+        torch.distributed.all_gather_object(out, obj, group=parallel_state.get_data_parallel_group())
+        return out
+
+    # ------------------------------------------------------------------ scoring
+
+    @torch.no_grad()
+    def score(self, batch: RolloutBatch, top_k: int | None = None) -> ScoreResult:
+        """Dense log-probs and entropy of every response token (temperature applied), plus the top-K
+        ids/log-probs (K = cfg.top_k_logprobs; pass top_k=0 to skip). Same result on every rank."""
+        batch.validate(self.arch.vocab_size, need_training_fields=False)
+        k = self.cfg.top_k_logprobs if top_k is None else top_k
+        temp = self.cfg.temperature
+        self.model.eval()
+        shards, packs = self._micro_batches(batch)
+        mbs = [build_micro_batch(batch, ids, pad_to=self.pad_to) for ids in packs[self.dp_rank]]
+
+        def loss_fn(mb: MicroBatch, logits: torch.Tensor):
+            flat, targets, sizes = self._response_logits(mb, logits)
+            stats = vocab_parallel_logprobs(flat, targets, temperature=temp)
+            out = {
+                "ids": mb.sample_ids,
+                "lp": stats.logprobs.cpu().split(sizes),
+                "ent": stats.entropy.cpu().split(sizes),
+            }
+            if k > 0:
+                ids, lps = vocab_parallel_topk(flat, k, temperature=temp)
+                out["topk_ids"] = ids.cpu().split(sizes)
+                out["topk_lp"] = lps.cpu().split(sizes)
+            return torch.zeros((), device=logits.device), torch.tensor(len(targets)), out
+
+        results = self._run(mbs, loss_fn, forward_only=True)
+        results = self._pp_broadcast(results)
+        merged: dict[int, tuple] = {}
+        for part in self._dp_gather(results):
+            for out in part:
+                for j, sid in enumerate(out["ids"]):
+                    merged[sid] = (
+                        out["lp"][j],
+                        out["ent"][j],
+                        out["topk_ids"][j] if k > 0 else None,
+                        out["topk_lp"][j] if k > 0 else None,
+                    )
+        n = len(batch)
+        return ScoreResult(
+            logprobs=[merged[i][0] for i in range(n)],
+            entropy=[merged[i][1] for i in range(n)],
+            topk_ids=[merged[i][2] for i in range(n)] if k > 0 else None,
+            topk_logprobs=[merged[i][3] for i in range(n)] if k > 0 else None,
+        )
+
+    # ------------------------------------------------------------------ training
+
+    def train_step(self, batch: RolloutBatch) -> dict[str, float]:
+        """One GRPO optimizer step on the whole batch (all micro-batches, all DP ranks). If
+        batch.old_logprobs is None it is filled with the dense recompute (score) first."""
+        cfg = self.cfg
+        batch.validate(self.arch.vocab_size, need_training_fields=True)
+        if batch.old_logprobs is None:
+            batch.old_logprobs = self.score(batch, top_k=0).logprobs
+        if cfg.kl_coef > 0 and batch.ref_logprobs is None:
+            raise UserError("TrainerConfig.kl_coef > 0 needs batch.ref_logprobs (frozen reference log-probs)")
+        n = len(batch)
+        masks = [
+            torch.as_tensor(batch.response_masks[i], dtype=torch.float64)
+            if batch.response_masks is not None
+            else torch.ones(len(batch.response_ids[i]), dtype=torch.float64)
+            for i in range(n)
+        ]
+        lengths = [int(m.sum()) for m in masks]
+        weights = token_weights(lengths, cfg.loss_agg, sum(lengths), sum(1 for x in lengths if x > 0))
+        # token_weights gives one weight per counted token; spread it over the mask.
+        weights = [m * (w[0] if len(w) else 0.0) for m, w in zip(masks, weights, strict=True)]
+        coefs = GRPOCoefs(cfg.eps_low, cfg.eps_high, cfg.dual_clip, cfg.tis_cap, cfg.kl_coef)
+
+        self.model.train()
+        self.model.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        _, packs = self._micro_batches(batch)
+        mbs = [build_micro_batch(batch, ids, pad_to=self.pad_to) for ids in packs[self.dp_rank]]
+
+        def loss_fn(mb: MicroBatch, logits: torch.Tensor):
+            flat, targets, sizes = self._response_logits(mb, logits)
+            stats = vocab_parallel_logprobs(flat, targets, temperature=cfg.temperature)
+            dev = logits.device
+            ids = mb.sample_ids
+
+            def cat(rows, dtype=torch.float32):
+                if not rows:
+                    return torch.zeros(0, dtype=dtype, device=dev)
+                return torch.cat([torch.as_tensor(r, dtype=dtype) for r in rows]).to(dev)
+
+            old = cat([batch.old_logprobs[i] for i in ids])
+            roll = cat([batch.rollout_logprobs[i] for i in ids])
+            adv = cat([torch.full((len(batch.response_ids[i]),), float(batch.advantages[i])) for i in ids])
+            ref = cat([batch.ref_logprobs[i] for i in ids]) if batch.ref_logprobs is not None else None
+            w = cat([weights[i] for i in ids], dtype=torch.float64)
+            mask = cat([masks[i] for i in ids])
+            tok_loss, st = grpo_token_loss(stats.logprobs, old, roll, adv, coefs, ref)
+            loss = (tok_loss.double() * w).sum().float()
+            count = mask.sum()
+            metrics = {
+                "loss": loss.detach().double().cpu(),
+                "tokens": count.double().cpu(),
+                "clip_frac": (st["clip_frac"] * mask).sum().double().cpu(),
+                "dual_clip_frac": (st["dual_clip_frac"] * mask).sum().double().cpu(),
+                "tis_weight_mean": (st["tis_weight"] * mask).sum().double().cpu(),
+                "tis_clipped_frac": (st["tis_clipped"] * mask).sum().double().cpu(),
+                "kl": (st["kl"] * mask).sum().double().cpu(),
+                "entropy": (stats.entropy.detach() * mask).sum().double().cpu(),
+                "tis_weight_max": (st["tis_weight"] * mask).max().double().cpu()
+                if len(mask)
+                else torch.zeros((), dtype=torch.float64),
+            }
+            return loss, torch.tensor(int(count.item()), dtype=torch.int), metrics
+
+        results = self._run(mbs, loss_fn, forward_only=False)
+        lr = lr_at(cfg, self.step)
+        grad_norm = self.optimizer.step(lr)
+        self.step += 1
+        summed = self._reduce_metrics(results)
+        tokens = max(summed.pop("tokens"), 1.0)
+        out = {k: (v if k in ("loss", "tis_weight_max") else v / tokens) for k, v in summed.items()}
+        out.update(grad_norm=grad_norm, lr=lr, num_tokens=tokens, num_micro_batches=float(len(mbs)))
+        return out
+
+    def _reduce_metrics(self, results: list[dict]) -> dict[str, float]:
+        local = {}
+        for r in results or []:
+            for k, v in r.items():
+                v = float(v)
+                local[k] = max(local.get(k, 0.0), v) if k == "tis_weight_max" else local.get(k, 0.0) + v
+        local = self._pp_broadcast(local)
+        merged: dict[str, float] = {}
+        for part in self._dp_gather(local):
+            for k, v in part.items():
+                merged[k] = max(merged.get(k, 0.0), v) if k == "tis_weight_max" else merged.get(k, 0.0) + v
+        return merged
+
+    # ------------------------------------------------------------------ weights and checkpoints
+
+    def iter_hf_weights(self, bucket_bytes: int = 512 << 20):
+        """Collective generator of lists of (hf_name, full tensor) for weight sync to the rollout."""
+        return iter_hf_weights(self.model, self.arch, bucket_bytes)
+
+    def hf_grads(self) -> dict[str, torch.Tensor]:
+        """The last step's accumulated gradients, full and under HF names (collective; for checks)."""
+        return {n: t for bucket in iter_hf_weights(self.model, self.arch, grads=True) for n, t in bucket}
+
+    def export_hf(self, out_dir: str | Path, max_shard_bytes: int = 4 << 30) -> Path | None:
+        """Write an HF safetensors checkpoint of the current weights (rank 0 writes; collective)."""
+        out = export_hf_checkpoint(self.model, self.arch, self.cfg.model_dir, out_dir, max_shard_bytes)
+        torch.distributed.barrier()
+        return out
+
+    def save_checkpoint(self, ckpt_dir: str | Path, step: int | None = None, extra_state: dict | None = None):
+        from sparrow_megatron.trainer.checkpoint import save_checkpoint
+
+        return save_checkpoint(self, Path(ckpt_dir), self.step if step is None else step, extra_state or {})
+
+    def load_checkpoint(self, ckpt_dir: str | Path) -> dict:
+        """Restore model, optimizer, step and RNG; returns the extra_state given at save time."""
+        from sparrow_megatron.trainer.checkpoint import load_checkpoint
+
+        return load_checkpoint(self, Path(ckpt_dir))
