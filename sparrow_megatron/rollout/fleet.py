@@ -1,0 +1,570 @@
+"""The rollout fleet the RL loop talks to: launch/attach, route, generate, sync weights and adapters.
+
+Routing is in this client (least in-flight first, round-robin on ties) rather than behind
+sglang-router: the loop needs the engine and weight version of every sample, retries that avoid the
+engine that failed, and restarts of engines it launched, which a single router URL would hide.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import tempfile
+import threading
+import time
+from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from sparrow_megatron.errors import UserError
+from sparrow_megatron.rollout.config import RolloutConfig
+from sparrow_megatron.rollout.engine import Engine, EngineFailure, RequestRejected, schedule_label
+from sparrow_megatron.rollout.server import ServerProcess, free_port
+from sparrow_megatron.rollout.types import EngineStats, RolloutBatch, Sample, SamplingParams
+from sparrow_megatron.rollout.weights import (
+    Bucket,
+    DistributedGroupSpec,
+    dtype_name,
+    tensor_update_payload,
+)
+from sparrow_megatron.sparsity.schedule import Schedule
+
+logger = logging.getLogger(__name__)
+
+# `adapter=` default of generate: use the fleet's active adapter on the sparse path.
+ACTIVE = "active"
+
+
+class RolloutError(RuntimeError):
+    """Requests that failed on every engine they were tried on; the message lists each reason."""
+
+
+class NoEngineAvailable(EngineFailure):
+    pass
+
+
+class RolloutFleet:
+    """N SGLang engines behind one client. Use as a context manager, or call start() / shutdown()."""
+
+    def __init__(self, config: RolloutConfig):
+        config.validate()
+        self.config = config
+        self.engines: list[Engine] = []
+        self.weight_version = 0
+        self.active_adapter: str | None = None
+        self.adapters: dict[str, str] = {}  # loaded name -> path, reloaded on restarted engines
+        self._adapter_counter = itertools.count(1)
+        self._run_dir = (
+            Path(config.run_dir) if config.run_dir else Path(tempfile.mkdtemp(prefix="sparrow-fleet-"))
+        )
+        # What a restarted engine loads: the base model until a disk sync names a newer checkpoint.
+        self._restart_model_path = config.model_path
+        self._restart_version = 0
+        self._cond = threading.Condition()
+        self._rr = itertools.count()
+        self._restarting: set[int] = set()
+        self._restart_threads: list[threading.Thread] = []
+        self._restart_log: list[tuple[int, float, str]] = []  # (engine_id, time, reason)
+        self._update_lock = threading.Lock()  # weight/adapter changes vs generation
+        self._stop = threading.Event()
+        self._monitor: threading.Thread | None = None
+
+    # --- lifecycle --------------------------------------------------------------------------------
+
+    @property
+    def run_dir(self) -> Path:
+        return self._run_dir
+
+    @property
+    def urls(self) -> list[str]:
+        return [e.url for e in self.engines]
+
+    def start(self) -> RolloutFleet:
+        cfg = self.config
+        try:
+            if cfg.urls:
+                for i, url in enumerate(cfg.urls):
+                    self.engines.append(Engine(i, url, timeout_s=cfg.request_timeout_s))
+                dead = [e.url for e in self.engines if not e.check_health()]
+                if dead:
+                    raise EngineFailure(f"rollout: engines not healthy at attach: {', '.join(dead)}")
+            else:
+                self._launch_all()
+        except BaseException:
+            self.shutdown()
+            raise
+        if cfg.health_interval_s > 0:
+            self._monitor = threading.Thread(target=self._monitor_loop, name="fleet-monitor", daemon=True)
+            self._monitor.start()
+        return self
+
+    def _launch_all(self) -> None:
+        taken: set[int] = set()
+        servers = []
+        for i in range(self.config.engines):
+            port = self._pick_port(i, taken)
+            taken.add(port)
+            server = ServerProcess.launch(
+                self._engine_config(), port, self._log_path(i), self._restart_model_path
+            )
+            servers.append(server)
+            self.engines.append(Engine(i, server.url, server, timeout_s=self.config.request_timeout_s))
+            logger.info("engine %d: pid %d, %s, log %s", i, server.pid, server.url, server.log_path)
+        # Start-up runs in parallel; wait for all, the first failure raises with its log tail.
+        for server in servers:
+            server.wait_healthy(self.config.startup_timeout_s)
+
+    def _engine_config(self, version: int = 0) -> RolloutConfig:
+        from dataclasses import replace
+
+        cfg = self.config
+        return replace(cfg, extra_server_args=[*cfg.extra_server_args, "--weight-version", str(version)])
+
+    def _pick_port(self, i: int, taken: set[int]) -> int:
+        start = None if self.config.port_base is None else self.config.port_base + i
+        return free_port(self.config.host, start, taken)
+
+    def _log_path(self, i: int) -> Path:
+        return self._run_dir / f"engine{i}.log"
+
+    def __enter__(self) -> RolloutFleet:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
+
+    def shutdown(self) -> None:
+        self._stop.set()
+        with self._cond:
+            self._cond.notify_all()
+        for t in list(self._restart_threads):
+            t.join(timeout=self.config.startup_timeout_s + 30)
+        for engine in self.engines:
+            if engine.server is not None:
+                engine.server.kill()
+            engine.close()
+        if self._monitor is not None:
+            self._monitor.join(timeout=self.config.health_interval_s + 15)
+
+    # --- health, restarts -------------------------------------------------------------------------
+
+    def _monitor_loop(self) -> None:
+        while not self._stop.wait(self.config.health_interval_s):
+            try:
+                self.check_engines()
+            except Exception:  # the monitor must not die; the next round tries again
+                logger.exception("fleet monitor")
+
+    def check_engines(self) -> list[int]:
+        """Probe every engine: mark the dead, restart those we launched, revive attached ones that answer.
+        Returns the ids found dead this round."""
+        dead = []
+        for engine in self.engines:
+            if engine.engine_id in self._restarting:
+                continue
+            ok = engine.check_health()
+            if not ok:
+                dead.append(engine.engine_id)
+                self._mark_dead(engine, "health check failed")
+            elif not engine.healthy:
+                with self._cond:
+                    engine.healthy = True
+                    self._cond.notify_all()
+        return dead
+
+    def _mark_dead(self, engine: Engine, reason: str) -> None:
+        with self._cond:
+            was_healthy = engine.healthy
+            engine.healthy = False
+            if engine.engine_id in self._restarting or self._stop.is_set():
+                return
+            if engine.launched and self.config.restart_dead:
+                self._restarting.add(engine.engine_id)
+                t = threading.Thread(target=self._restart, args=(engine, reason), daemon=True,
+                                     name=f"restart-engine{engine.engine_id}")  # fmt: skip
+                self._restart_threads.append(t)
+                t.start()
+        if was_healthy:
+            logger.warning("engine %d (%s) is dead: %s", engine.engine_id, engine.url, reason)
+
+    def _restart(self, engine: Engine, reason: str) -> None:
+        try:
+            engine.server.kill(grace_s=2.0)
+            port = engine.server.port
+            if not _port_free(self.config.host, port):
+                port = free_port(self.config.host, None, {e.server.port for e in self.engines if e.server})
+            version = self._restart_version
+            server = ServerProcess.launch(
+                self._engine_config(version), port, self._log_path(engine.engine_id), self._restart_model_path
+            )
+            engine.server = server
+            engine.url = server.url
+            server.wait_healthy(self.config.startup_timeout_s)
+            for name, path in self.adapters.items():
+                engine.control("load_lora_adapter", {"lora_name": name, "lora_path": path, "pinned": False})
+            with self._cond:
+                engine.weight_version = version
+                engine.healthy = True
+                self._restart_log.append((engine.engine_id, time.time(), reason))
+                self._cond.notify_all()
+            logger.warning("engine %d restarted at %s (weights v%d)", engine.engine_id, engine.url, version)
+        except Exception:
+            logger.exception("engine %d: restart failed", engine.engine_id)
+        finally:
+            with self._cond:
+                self._restarting.discard(engine.engine_id)
+                self._cond.notify_all()
+
+    def wait_restarts(self, timeout_s: float | None = None) -> None:
+        """Block until no restart is in progress."""
+        deadline = time.monotonic() + (timeout_s or self.config.startup_timeout_s + 30)
+        with self._cond:
+            while self._restarting:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError(f"engines {sorted(self._restarting)} still restarting")
+                self._cond.wait(left)
+
+    @property
+    def restarts(self) -> list[tuple[int, float, str]]:
+        return list(self._restart_log)
+
+    # --- routing ----------------------------------------------------------------------------------
+
+    def _routable(self, engine: Engine) -> bool:
+        # A restarted engine with older weights than the fleet's serves nothing until the next sync.
+        return engine.healthy and engine.weight_version == self.weight_version
+
+    def _acquire(self, avoid: set[int]) -> Engine:
+        deadline = time.monotonic() + self.config.startup_timeout_s + self.config.request_timeout_s
+        with self._cond:
+            while True:
+                if self._stop.is_set():
+                    raise NoEngineAvailable("fleet is shut down")
+                cap = self.config.max_inflight_per_engine
+                candidates = [e for e in self.engines if self._routable(e) and e.inflight < cap]
+                preferred = [e for e in candidates if e.engine_id not in avoid] or candidates
+                if preferred:
+                    turn = next(self._rr)
+                    n = len(self.engines)
+                    engine = min(preferred, key=lambda e: (e.inflight, (e.engine_id - turn) % n))
+                    engine.inflight += 1
+                    return engine
+                coming = self._restarting or any(self._routable(e) for e in self.engines)
+                if not coming:
+                    raise NoEngineAvailable(
+                        "no engine can take requests: "
+                        + ", ".join(
+                            f"engine {e.engine_id} healthy={e.healthy} weights=v{e.weight_version}"
+                            f" (fleet v{self.weight_version})"
+                            for e in self.engines
+                        )  # fmt: skip
+                    )
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise NoEngineAvailable("timed out waiting for a free engine")
+                self._cond.wait(min(left, 1.0))
+
+    def _release(self, engine: Engine) -> None:
+        with self._cond:
+            engine.inflight -= 1
+            self._cond.notify_all()
+
+    # --- generation -------------------------------------------------------------------------------
+
+    def resolve_adapter(self, schedule: str | Schedule | None, adapter: str | None) -> str | None:
+        """The adapter a request uses: DistillSparse adapters serve the sparse path only."""
+        dense = schedule_label(schedule) is None
+        if adapter == ACTIVE:
+            return None if dense else self.active_adapter
+        if adapter is not None and dense:
+            raise UserError(
+                f"adapter '{adapter}' requested on the dense path: adapters serve sparse requests only"
+            )
+        if adapter is not None and adapter not in self.adapters:
+            raise UserError(f"adapter '{adapter}' is not loaded (loaded: {sorted(self.adapters) or 'none'})")
+        return adapter
+
+    def generate(
+        self,
+        prompts: Sequence[Sequence[int]],
+        sampling: SamplingParams | None = None,
+        n: int = 1,
+        schedule: str | Schedule | None = None,
+        adapter: str | None = ACTIVE,
+        top_logprobs: int | None = None,
+        progress: bool = False,
+    ) -> RolloutBatch:
+        """n samples of each prompt (token ids). schedule None/"dense" is the dense path; otherwise a
+        preset name, schedule file or Schedule sent with every request. Raises RolloutError listing
+        every request that failed on all its attempts (after the rest of the batch finished)."""
+        if n < 1:
+            raise UserError(f"generate: n must be >= 1, got {n}")
+        for i, p in enumerate(prompts):
+            if len(p) == 0:
+                raise UserError(f"generate: prompt {i} is empty")
+        sampling = sampling or SamplingParams()
+        top_k = self.config.top_logprobs if top_logprobs is None else top_logprobs
+        lora = self.resolve_adapter(schedule, adapter)
+        stats = {e.engine_id: EngineStats(e.engine_id, e.url) for e in self.engines}
+        stats_lock = threading.Lock()
+        jobs = [(i, j) for i in range(len(prompts)) for j in range(n)]
+        results: dict[tuple[int, int], Sample] = {}
+        failures: dict[tuple[int, int], str] = {}
+        batch_id = f"{time.time_ns():x}"
+
+        def run(job: tuple[int, int]) -> None:
+            i, j = job
+            prompt = list(prompts[i])
+            tried: set[int] = set()
+            reasons: list[str] = []
+            for attempt in range(1, self.config.max_attempts + 1):
+                try:
+                    engine = self._acquire(tried)
+                except NoEngineAvailable as err:
+                    reasons.append(str(err))
+                    break
+                start = time.perf_counter()
+                try:
+                    parsed, latency = engine.generate(prompt, sampling, top_k, schedule, lora,
+                                                      rid=f"{batch_id}-{i}-{j}-{attempt}")  # fmt: skip
+                except RequestRejected:
+                    raise
+                except EngineFailure as err:
+                    reasons.append(f"attempt {attempt} on engine {engine.engine_id}: {err}")
+                    tried.add(engine.engine_id)
+                    with stats_lock:
+                        stats[engine.engine_id].failures += 1
+                    if not engine.check_health(timeout_s=5.0):
+                        self._mark_dead(engine, str(err))
+                    continue
+                finally:
+                    self._release(engine)
+                end = time.perf_counter()
+                with stats_lock:
+                    st = stats[engine.engine_id]
+                    st.requests += 1
+                    st.output_tokens += len(parsed.output_ids)
+                    st.first_start = start if st.first_start is None else min(st.first_start, start)
+                    st.last_end = end if st.last_end is None else max(st.last_end, end)
+                results[job] = engine.to_sample(parsed, latency, prompt, i, j, schedule, lora, attempt)
+                return
+            failures[job] = "; ".join(reasons) or "no attempt made"
+
+        workers = max(1, min(len(jobs), len(self.engines) * self.config.max_inflight_per_engine))
+        t0 = time.perf_counter()
+        with self._update_lock, ThreadPoolExecutor(max_workers=workers, thread_name_prefix="rollout") as pool:
+            futures = [pool.submit(run, job) for job in jobs]
+            bar = _progress(len(futures), progress)
+            rejected: BaseException | None = None
+            for fut in futures:
+                try:
+                    fut.result()
+                except RequestRejected as err:
+                    rejected = rejected or err
+                bar.update(1)
+            bar.close()
+        if rejected is not None:
+            raise rejected
+        if failures:
+            lines = [f"prompt {i} sample {j}: {why}" for (i, j), why in sorted(failures.items())]
+            raise RolloutError(
+                f"{len(failures)} of {len(jobs)} requests failed on every engine:\n" + "\n".join(lines)
+            )
+        samples = [[results[(i, j)] for j in range(n)] for i in range(len(prompts))]
+        return RolloutBatch(samples, stats, time.perf_counter() - t0)
+
+    # --- weights ----------------------------------------------------------------------------------
+
+    def _on_all(self, fn, what: str) -> list:
+        """Run fn(engine) on every routable engine in parallel; engines that fail are marked dead and left
+        behind (stale: they get no requests until a later sync); raise if none succeeded."""
+        targets = [e for e in self.engines if e.healthy]
+        if not targets:
+            raise EngineFailure(f"{what}: no healthy engine")
+        errors: dict[int, BaseException] = {}
+
+        def call(engine: Engine):
+            try:
+                return fn(engine)
+            except EngineFailure as err:
+                errors[engine.engine_id] = err
+                self._mark_dead(engine, f"{what}: {err}")
+                return None
+
+        with ThreadPoolExecutor(max_workers=len(targets)) as pool:
+            list(pool.map(call, targets))
+        if len(errors) == len(targets):
+            raise EngineFailure(
+                f"{what} failed on every engine: " + "; ".join(f"engine {i}: {e}" for i, e in errors.items())
+            )
+        for i, err in errors.items():
+            logger.error("%s failed on engine %d (left stale): %s", what, i, err)
+        return [e for e in targets if e.engine_id not in errors]
+
+    def sync_weights(self, buckets: Iterable[Bucket]) -> int:
+        """Push the trainer's weights (an iterator of [(hf_name, tensor)] buckets) to every engine over HTTP,
+        inside begin/end_weight_update. Returns the new weight version, recorded on later samples."""
+        with self._update_lock:
+            version = self.weight_version + 1
+            tp = self.config.tp_size
+            live = self._on_all(lambda e: e.control("begin_weight_update", {}), "begin_weight_update")
+            count = 0
+            for bucket in buckets:
+                payload = tensor_update_payload(bucket, tp, version)
+                count += len(bucket)
+                live = self._on_live(live, lambda e, p=payload: e.control("update_weights_from_tensor", p),
+                                     "update_weights_from_tensor")  # fmt: skip
+            if count == 0:
+                raise UserError("sync_weights: the bucket iterator was empty")
+            live = self._on_live(live, lambda e: e.control("end_weight_update", {}), "end_weight_update")
+            self._commit_version(live, version)
+            return version
+
+    def sync_weights_from_disk(self, model_path: str | Path) -> int:
+        """Fallback: every engine reloads an HF checkpoint directory; restarts load it too from now on."""
+        path = str(Path(model_path).resolve())
+        if not Path(path, "config.json").is_file():
+            raise UserError(f"{path}: not an HF checkpoint directory (no config.json)")
+        with self._update_lock:
+            version = self.weight_version + 1
+            payload = {"model_path": path, "weight_version": str(version), "flush_cache": True}
+            live = self._on_all(
+                lambda e: e.control("update_weights_from_disk", payload), "update_weights_from_disk"
+            )
+            self._restart_model_path, self._restart_version = path, version
+            self._commit_version(live, version)
+            return version
+
+    def init_distributed_sync(self, spec: DistributedGroupSpec):
+        """NCCL fleets on GPU: build the trainer<->engines broadcast group (trainer = rank 0).
+
+        Not exercised in CI (needs CUDA + NCCL). Engines join in background requests that return once
+        the trainer joins, which is what makes the rendezvous complete."""
+        if spec.backend == "nccl" and not _cuda():
+            raise UserError(
+                "init_distributed_sync: backend 'nccl' needs CUDA; use sync_weights (HTTP) on CPU"
+            )
+        from sparrow_megatron.rollout.weights import init_trainer_group
+
+        tp = self.config.tp_size
+        world = 1 + tp * len(self.engines)
+        with ThreadPoolExecutor(max_workers=len(self.engines)) as pool:
+            futs = [pool.submit(e.control, "init_weights_update_group", {
+                "master_address": spec.master_address, "master_port": spec.master_port,
+                "rank_offset": 1 + k * tp, "world_size": world, "group_name": spec.group_name,
+                "backend": spec.backend}) for k, e in enumerate(self.engines)]  # fmt: skip
+            group = init_trainer_group(spec, world)
+            for f in futs:
+                f.result()
+        self._dist_spec = spec
+        return group
+
+    def sync_weights_distributed(self, buckets: Iterable[Bucket], group) -> int:
+        """Broadcast each bucket from the trainer (rank 0) while every engine receives it through
+        /update_weights_from_distributed (inside begin/end). Needs init_distributed_sync first."""
+        import torch.distributed as dist
+
+        spec = getattr(self, "_dist_spec", None)
+        if spec is None:
+            raise UserError("sync_weights_distributed: call init_distributed_sync first")
+        with self._update_lock:
+            version = self.weight_version + 1
+            live = self._on_all(lambda e: e.control("begin_weight_update", {}), "begin_weight_update")
+            if len(live) != len(self.engines):
+                raise EngineFailure("sync_weights_distributed: every engine of the group must take part")
+            for bucket in buckets:
+                meta = {"names": [n for n, _ in bucket], "dtypes": [dtype_name(t.dtype) for _, t in bucket],
+                        "shapes": [list(t.shape) for _, t in bucket], "group_name": spec.group_name,
+                        "weight_version": str(version), "flush_cache": True}  # fmt: skip
+                with ThreadPoolExecutor(max_workers=len(live)) as pool:
+                    futs = [pool.submit(e.control, "update_weights_from_distributed", meta) for e in live]
+                    for _, tensor in bucket:
+                        dist.broadcast(tensor.contiguous(), src=0, group=group)
+                    for f in futs:
+                        f.result()
+            for e in live:
+                e.control("end_weight_update", {})
+            self._commit_version(live, version)
+            return version
+
+    def _on_live(self, live: list[Engine], fn, what: str) -> list[Engine]:
+        ok = []
+        for engine in live:
+            try:
+                fn(engine)
+                ok.append(engine)
+            except EngineFailure as err:
+                logger.error("%s failed on engine %d (left stale): %s", what, engine.engine_id, err)
+                self._mark_dead(engine, f"{what}: {err}")
+        if not ok:
+            raise EngineFailure(f"{what} failed on every engine")
+        return ok
+
+    def _commit_version(self, live: list[Engine], version: int) -> None:
+        with self._cond:
+            for e in live:
+                e.weight_version = version
+            self.weight_version = version
+            self._cond.notify_all()
+
+    # --- adapters ---------------------------------------------------------------------------------
+
+    def load_adapter(self, path: str | Path, base_name: str = "distill", activate: bool = True) -> str:
+        """Load a PEFT adapter directory on every engine under a fresh versioned name (SGLang refuses a
+        name twice); with activate, sparse requests use it and the previous active adapter is unloaded."""
+        if self.config.lora is None and not self.config.urls:
+            raise UserError("load_adapter: the fleet was launched without LoRA (set RolloutConfig.lora)")
+        path = str(Path(path).resolve())
+        if not Path(path, "adapter_config.json").is_file():
+            raise UserError(f"{path}: not a PEFT adapter directory (no adapter_config.json)")
+        name = f"{base_name}-v{next(self._adapter_counter)}"
+        with self._update_lock:
+            payload = {"lora_name": name, "lora_path": path, "pinned": False}
+            self._on_all(lambda e: e.control("load_lora_adapter", payload), f"load_lora_adapter {name}")
+            self.adapters[name] = path
+            previous = self.active_adapter
+            if activate:
+                self.active_adapter = name
+        if activate and previous is not None:
+            self.unload_adapter(previous)
+        return name
+
+    def unload_adapter(self, name: str) -> None:
+        if name not in self.adapters:
+            raise UserError(f"unload_adapter: '{name}' is not loaded")
+        with self._update_lock:
+            self._on_all(
+                lambda e: e.control("unload_lora_adapter", {"lora_name": name}), f"unload_lora_adapter {name}"
+            )
+            del self.adapters[name]
+            if self.active_adapter == name:
+                self.active_adapter = None
+
+
+def _port_free(host: str, port: int) -> bool:
+    from sparrow_megatron.rollout.server import port_is_free
+
+    return port_is_free(port, host)
+
+
+def _cuda() -> bool:
+    from sparrow_megatron.rollout.server import cuda_available
+
+    return cuda_available()
+
+
+class _NullBar:
+    def update(self, n: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _progress(total: int, enabled: bool):
+    if not enabled:
+        return _NullBar()
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc="rollout", unit="req")

@@ -1,0 +1,205 @@
+"""One local SGLang server as a subprocess: command line, free port, log file, health wait, shutdown.
+
+Each server runs in its own process group (start_new_session) so shutdown reaches the scheduler and
+detokenizer children SGLang forks, not only the launcher.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+from sparrow_megatron.rollout.config import CPU_SERVER_ARGS, RolloutConfig
+
+# Environment variable of the sglang_patches CPU platform (sglang_patches/platform.py: ENV_FLAG).
+CPU_PLATFORM_ENV = "SPARROW_SGLANG_CPU"
+CPU_MEM_FRACTION = 0.05
+CPU_MAX_TOTAL_TOKENS = 4096
+
+
+class EngineStartError(RuntimeError):
+    """A launched server exited or did not become healthy in time; the message ends with its log tail."""
+
+
+def cuda_available() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except ImportError:
+        return False
+
+
+def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port(host: str = "127.0.0.1", start: int | None = None, taken: set[int] = frozenset()) -> int:
+    """A free TCP port: the first free one from `start` upward, or one the OS picks."""
+    if start is None:
+        for _ in range(100):
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+                sock.bind((host, 0))
+                port = sock.getsockname()[1]
+            if port not in taken:
+                return port
+    else:
+        for port in range(start, min(start + 1000, 65536)):
+            if port not in taken and port_is_free(port, host):
+                return port
+    raise EngineStartError(f"no free port on {host} from {start}")
+
+
+def resolve_device(config: RolloutConfig) -> str:
+    if config.device != "auto":
+        return config.device
+    return "cuda" if cuda_available() else "cpu"
+
+
+def server_command(config: RolloutConfig, port: int, model_path: str) -> list[str]:
+    cmd = [sys.executable, "-m", "sglang.launch_server", "--model-path", model_path,
+           "--host", config.host, "--port", str(port), "--tp-size", str(config.tp_size)]  # fmt: skip
+    cpu = resolve_device(config) == "cpu"
+    if cpu:
+        cmd += CPU_SERVER_ARGS
+    cmd += ["--page-size", str(config.page_size)]
+    if config.attention_backend:
+        cmd += ["--attention-backend", config.attention_backend]
+    # On CPU a small KV pool: SGLang sizes it from "device memory", which is the host's RAM there.
+    optional = {
+        "--mem-fraction-static": config.mem_fraction_static or (CPU_MEM_FRACTION if cpu else None),
+        "--max-total-tokens": config.max_total_tokens or (CPU_MAX_TOTAL_TOKENS if cpu else None),
+        "--random-seed": config.random_seed,
+        "--context-length": config.context_length,
+        "--dtype": config.dtype,
+    }
+    for flag, value in optional.items():
+        if value is not None:
+            cmd += [flag, str(value)]
+    if config.lora is not None:
+        lora = config.lora
+        cmd += ["--enable-lora", "--max-lora-rank", str(lora.max_rank),
+                "--lora-target-modules", *lora.target_modules,
+                "--max-loras-per-batch", str(lora.max_loras_per_batch)]  # fmt: skip
+        if lora.backend:
+            cmd += ["--lora-backend", lora.backend]
+    return cmd + list(config.extra_server_args)
+
+
+def server_env(config: RolloutConfig) -> dict[str, str]:
+    env = dict(os.environ)
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    if resolve_device(config) == "cpu":
+        env[CPU_PLATFORM_ENV] = "1"
+    if config.schedule is not None:
+        env[SCHEDULE_ENV] = config.schedule
+    env.update(config.env)
+    return env
+
+
+# Server-wide default schedule of the `sparrow` backend (read by sglang_patches in the server).
+SCHEDULE_ENV = "SPARROW_SCHEDULE"
+
+
+@dataclass
+class ServerProcess:
+    """A launched server: its process (group leader), port, URL and log file."""
+
+    process: subprocess.Popen
+    port: int
+    url: str
+    log_path: Path
+    command: list[str]
+
+    @classmethod
+    def launch(cls, config: RolloutConfig, port: int, log_path: Path, model_path: str) -> ServerProcess:
+        command = server_command(config, port, model_path)
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(log_path, "ab") as log:
+            log.write(f"$ {' '.join(command)}\n".encode())
+            log.flush()
+            process = subprocess.Popen(
+                command,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=server_env(config),
+                start_new_session=True,  # own process group: killpg reaches SGLang's children
+            )
+        return cls(process, port, f"http://{config.host}:{port}", log_path, command)
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+    def wait_healthy(self, timeout_s: float, poll_s: float = 0.5) -> None:
+        """Block until /health answers 200; raise with the log tail if the process exits or time runs out."""
+        deadline = time.monotonic() + timeout_s
+        with httpx.Client(timeout=5.0) as client:
+            while time.monotonic() < deadline:
+                if not self.alive():
+                    raise EngineStartError(
+                        f"SGLang server on port {self.port} exited with code {self.process.returncode}"
+                        f" (log {self.log_path}):\n{self.log_tail()}"
+                    )
+                try:
+                    if client.get(f"{self.url}/health").status_code == 200:
+                        return
+                except httpx.HTTPError:
+                    pass
+                time.sleep(poll_s)
+        raise EngineStartError(
+            f"SGLang server on port {self.port} not healthy after {timeout_s:.0f} s"
+            f" (log {self.log_path}):\n{self.log_tail()}"
+        )
+
+    def kill(self, grace_s: float = 10.0) -> None:
+        """SIGTERM the process group, SIGKILL what is left after grace_s; idempotent."""
+        pgid = self.process.pid  # the leader of its own session: pgid == pid
+        for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 5.0)):
+            try:
+                os.killpg(pgid, sig)
+            except ProcessLookupError:
+                break
+            try:
+                self.process.wait(timeout=wait_s)
+            except subprocess.TimeoutExpired:
+                continue
+            # The leader is gone; children may linger a moment in the group.
+            if not _group_alive(pgid):
+                break
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.process.wait(timeout=1.0)
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
