@@ -38,12 +38,12 @@ class PretrainConfig:
     lr: float = 3e-3
     warmup: int = 50
     weight_decay: float = 0.01
-    min_pairs: int = 8
-    # Long prompts cost too much on 2 cores: train on up to max_pairs and let the lookup carry over
-    # (imperfectly, which is the partial accuracy we want) to the task's full num_pairs.
-    max_pairs: int = 48
-    curriculum_frac: float = 0.5  # fraction of steps over which the pair count grows to max_pairs
-    train_queries: int = 8  # more queries per training prompt = more supervised tokens per step
+    min_pairs: int = 4
+    # Long prompts cost too much on shared cores: train on shorter gaps and fewer pairs, and let the
+    # lookup carry over (imperfectly: the partial accuracy we want) to the task's full length.
+    max_gap: int = 8
+    curriculum_frac: float = 0.5  # fraction of steps over which pairs and gap grow to their maximum
+    train_queries: int = 4  # more queries per training prompt = more supervised tokens per step
     max_minutes: float = 8.0  # stop early (and still save) past this wall time
     # One thread: on shared cores two OpenMP threads spin on barriers and ran ~10x slower here.
     threads: int = 1
@@ -51,24 +51,27 @@ class PretrainConfig:
     eval_examples: int = 64
 
 
-def _num_pairs_at(step: int, cfg: PretrainConfig, rng: random.Random) -> int:
+def _shape_at(step: int, cfg: PretrainConfig, full_pairs: int, rng: random.Random) -> tuple[int, int]:
     ramp = min(1.0, step / max(1, cfg.curriculum_frac * cfg.steps))
-    upper = int(cfg.min_pairs + ramp * (cfg.max_pairs - cfg.min_pairs))
-    # Half of the batches at the current maximum, half anywhere below it: keeps short-prompt skill.
-    return upper if rng.random() < 0.5 else rng.randint(cfg.min_pairs, max(cfg.min_pairs, upper))
+    pairs = int(cfg.min_pairs + ramp * (full_pairs - cfg.min_pairs))
+    gap = int(ramp * cfg.max_gap)
+    # Half of the batches at the current maximum, half below it: keeps the short-prompt skill.
+    if rng.random() < 0.5:
+        pairs, gap = rng.randint(cfg.min_pairs, pairs), rng.randint(0, gap)
+    return max(pairs, cfg.train_queries), gap
 
 
-def _batch(task: RecallTask, tokenizer, start: int, size: int, num_pairs: int):
+def _batch(task: RecallTask, tokenizer, start: int, size: int, num_pairs: int, gap: int):
     import torch
 
     ids, masks = [], []
     for i in range(start, start + size):
-        ex = task.example(TRAIN, i, num_pairs=num_pairs)
+        ex = task.example(TRAIN, i, num_pairs=num_pairs, gap=gap)
         prompt = tokenizer(ex.prompt_text(tokenizer), add_special_tokens=False)["input_ids"]
         answer = tokenizer(ex.answer + "<|im_end|>", add_special_tokens=False)["input_ids"]
         ids.append(prompt + answer)
         masks.append([0] * len(prompt) + [1] * len(answer))
-    # Same num_pairs -> same length for every example of the batch (fixed-width keys and values).
+    # Same num_pairs and gap -> same length for every example of the batch (fixed-width keys and values).
     return torch.tensor(ids), torch.tensor(masks, dtype=torch.bool)
 
 
@@ -132,8 +135,8 @@ def pretrain(
     for step in bar:
         if (time.time() - t0) / 60 > cfg.max_minutes:
             break
-        n = _num_pairs_at(step, cfg, rng)
-        ids, mask = _batch(train_task, tokenizer, step * cfg.batch_size, cfg.batch_size, n)
+        n, gap = _shape_at(step, cfg, task_cfg.num_pairs, rng)
+        ids, mask = _batch(train_task, tokenizer, step * cfg.batch_size, cfg.batch_size, n, gap)
         logits = model(input_ids=ids).logits[:, :-1]
         targets = ids[:, 1:]
         loss_mask = mask[:, 1:]
@@ -145,7 +148,7 @@ def pretrain(
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         steps_done = step + 1
-        bar.set_postfix(loss=f"{loss.item():.3f}", pairs=n)
+        bar.set_postfix(loss=f"{loss.item():.3f}", pairs=n, gap=gap)
     train_minutes = (time.time() - t0) / 60
     accuracy = greedy_accuracy(model, tokenizer, task, cfg.eval_examples)
     model.save_pretrained(str(out_dir), safe_serialization=True)
@@ -169,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=PretrainConfig.steps)
     parser.add_argument("--max-minutes", type=float, default=PretrainConfig.max_minutes)
     parser.add_argument("--batch-size", type=int, default=PretrainConfig.batch_size)
-    parser.add_argument("--max-pairs", type=int, default=PretrainConfig.max_pairs)
+    parser.add_argument("--max-gap", type=int, default=PretrainConfig.max_gap)
     parser.add_argument("--lr", type=float, default=PretrainConfig.lr)
     parser.add_argument("--eval-examples", type=int, default=PretrainConfig.eval_examples)
     parser.add_argument("--seed", type=int, default=PretrainConfig.seed)
@@ -178,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
         steps=args.steps,
         max_minutes=args.max_minutes,
         batch_size=args.batch_size,
-        max_pairs=args.max_pairs,
+        max_gap=args.max_gap,
         lr=args.lr,
         eval_examples=args.eval_examples,
         seed=args.seed,
