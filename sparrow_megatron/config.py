@@ -680,7 +680,7 @@ def _problems(cfg: JobConfig, check_paths: bool) -> list[str]:
                 need(
                     total <= max_pos,
                     "data.max_response_tokens",
-                    f"prompt + response = {total} tokens exceeds the model's max_position_embeddings {max_pos}",
+                    f"prompt + response = {total} tokens exceeds max_position_embeddings {max_pos}",
                 )
     if check_paths:
         if cfg.data.kind in ("math", "code"):

@@ -151,7 +151,7 @@ def test_tp_checked_against_the_model_config(tmp_path):
         validate(apply_overrides(base, ["trainer.pp=3"]))
     with pytest.raises(UserError, match="field 'rollout.engine_tp'"):
         validate(apply_overrides(base, ["rollout.engine_tp=5"]))
-    with pytest.raises(UserError, match="max_position_embeddings"):
+    with pytest.raises(UserError, match="exceeds max_position_embeddings"):
         validate(apply_overrides(base, ["data.max_response_tokens=41000"]))
 
 
