@@ -1,0 +1,106 @@
+import json
+import logging
+import math
+
+import pytest
+import yaml
+
+from sparrow_megatron.config import JobConfig, load_recipe
+from sparrow_megatron.errors import UserError
+from sparrow_megatron.loop.rundir import RunDir
+from sparrow_megatron.sparsity.schedule import PRESETS, Schedule
+
+
+def test_layout_and_config(tmp_path):
+    cfg = JobConfig(name="layout")
+    run = RunDir(tmp_path / "run").create(cfg)
+    for d in ("checkpoints", "schedules", "plots"):
+        assert (tmp_path / "run" / d).is_dir()
+    assert load_recipe(run.config_path) == cfg
+    assert yaml.safe_load(run.config_path.read_text())["name"] == "layout"
+    assert not run.exists()
+
+
+def test_metrics_append_read_and_torn_line(tmp_path, caplog):
+    run = RunDir(tmp_path).create()
+    run.append_metrics(1, {"reward": 0.5, "tail/p5/bin_00000": 0.9})
+    run.append_metrics(2, {"reward": 0.75, "kl": float("nan")})
+    with open(run.metrics_path, "a") as f:
+        f.write('{"step": 3, "reward": 0.')  # a kill mid-write
+    caplog.set_level(logging.WARNING)
+    rows = run.read_metrics()
+    assert [r["step"] for r in rows] == [1, 2]
+    assert rows[0] == {"step": 1, "reward": 0.5, "tail/p5/bin_00000": 0.9}
+    assert math.isnan(rows[1]["kl"])
+    assert "metrics.jsonl:3: skipping a malformed metrics line" in caplog.text
+    # The file stays strict JSON (no NaN tokens).
+    json.loads(run.metrics_path.read_text().splitlines()[1], parse_constant=lambda c: pytest.fail(c))
+
+
+def test_truncate_metrics_sets_rows_aside(tmp_path):
+    run = RunDir(tmp_path).create()
+    for step in range(1, 6):
+        run.append_metrics(step, {"reward": step / 10})
+    with open(run.metrics_path, "a") as f:
+        f.write('{"step": 6, "rew')
+    assert run.truncate_metrics(keep_through=3) == 3
+    assert [r["step"] for r in run.read_metrics()] == [1, 2, 3]
+    dropped = (tmp_path / "metrics.jsonl.dropped-3").read_text().splitlines()
+    assert len(dropped) == 3 and json.loads(dropped[0])["step"] == 4
+    run.append_metrics(4, {"reward": 0.4})
+    assert [r["step"] for r in run.read_metrics()] == [1, 2, 3, 4]
+    assert run.truncate_metrics(keep_through=10) == 0
+
+
+def test_last_complete_checkpoint_ignores_partial_and_unmarked(tmp_path, caplog):
+    run = RunDir(tmp_path).create()
+    assert run.last_complete_checkpoint() is None
+    for step in (2, 4):
+        d = run.begin_checkpoint(step)
+        (d / "weights.bin").write_bytes(b"x" * step)
+        RunDir.write_loop_state(d, {"monitor": {"streaks": {}}, "cursor": step, "p5": float("nan")})
+        run.commit_checkpoint(step, {"reward": 0.1 * step})
+    # A checkpoint killed mid-write (partial) and a hand-made directory without the marker.
+    (run.begin_checkpoint(6) / "weights.bin").write_bytes(b"half")
+    (run.checkpoints / "step_8").mkdir()
+    (run.checkpoints / "step_9").mkdir()
+    (run.checkpoints / "step_9" / "COMPLETE").write_text("{bad")
+    (run.checkpoints / "notes.txt").write_text("x")
+    caplog.set_level(logging.WARNING)
+    ckpt = run.last_complete_checkpoint()
+    assert ckpt.step == 4 and ckpt.path == tmp_path / "checkpoints" / "step_4"
+    assert ckpt.meta == {"step": 4, "reward": pytest.approx(0.4)}
+    assert (ckpt.path / "weights.bin").read_bytes() == b"xxxx"
+    state = RunDir.read_loop_state(ckpt.path)
+    assert state["cursor"] == 4 and math.isnan(state["p5"])
+    assert "step_8: no COMPLETE marker" in caplog.text and "step_9: unreadable" in caplog.text
+    assert [c.step for c in run.list_checkpoints()] == [2, 4]
+    # Numeric, not lexical, order.
+    run.begin_checkpoint(10)
+    run.commit_checkpoint(10)
+    assert run.last_complete_checkpoint().step == 10
+    assert run.prune_checkpoints(keep_last=2) == [tmp_path / "checkpoints" / "step_2"]
+    assert [c.step for c in run.list_checkpoints()] == [4, 10]
+
+
+def test_commit_requires_begin_and_loop_state_errors(tmp_path):
+    run = RunDir(tmp_path).create()
+    with pytest.raises(FileNotFoundError):
+        run.commit_checkpoint(3)
+    d = run.begin_checkpoint(3)
+    with pytest.raises(UserError, match="has no loop state"):
+        RunDir.read_loop_state(d)
+    (d / "loop_state.json").write_text('{"a": ')
+    with pytest.raises(UserError, match="loop_state.json:1: corrupt loop state"):
+        RunDir.read_loop_state(d)
+
+
+def test_schedule_in_force(tmp_path):
+    run = RunDir(tmp_path).create()
+    assert run.schedule_in_force(5) is None
+    run.save_schedule(PRESETS["qwen3-1.7b-0.86"], 1)
+    changed = Schedule((512, 1280), name="ctl")
+    run.save_schedule(changed, 7)
+    assert run.schedule_in_force(6) == tmp_path / "schedules" / "step_1.json"
+    assert Schedule.load(run.schedule_in_force(7)) == changed
+    assert Schedule.load(run.schedule_in_force(100)) == changed

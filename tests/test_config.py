@@ -1,0 +1,281 @@
+import json
+
+import pytest
+import yaml
+
+from sparrow_megatron.config import (
+    JobConfig,
+    apply_overrides,
+    from_dict,
+    load_config,
+    load_recipe,
+    validate,
+)
+from sparrow_megatron.errors import UserError
+from sparrow_megatron.sparsity.schedule import PRESETS
+
+
+def _model_dir(tmp_path, heads=16, kv_heads=8, layers=28, max_pos=40960):
+    d = tmp_path / "model"
+    d.mkdir()
+    (d / "config.json").write_text(
+        json.dumps(
+            {
+                "num_attention_heads": heads,
+                "num_key_value_heads": kv_heads,
+                "num_hidden_layers": layers,
+                "max_position_embeddings": max_pos,
+            }
+        )
+    )
+    return d
+
+
+def test_defaults_are_valid_and_match_the_paper():
+    cfg = load_config()
+    assert cfg.monitor.tau == 0.86 and cfg.monitor.bin_width == 2000
+    assert (cfg.grpo.eps_low, cfg.grpo.eps_high, cfg.grpo.dual_clip, cfg.grpo.tis_cap) == (
+        0.2,
+        0.28,
+        3.0,
+        2.0,
+    )
+    assert cfg.rollout.top_k_logprobs == 20
+    assert cfg.distill.kl_lambda == 1e-3
+    assert cfg.monitor.controller.enabled is False
+
+
+def test_overrides_are_coerced_to_the_field_types():
+    cfg = apply_overrides(
+        JobConfig(),
+        [
+            "rollout.n_samples=16",
+            "monitor.tau=0.9",
+            "distill.enabled=true",
+            "monitor.controller.ladder=512,768,1024",
+            "distill.target_modules=[q_proj, k_proj, v_proj]",
+            "data.columns={problem: prompt, solution: answer}",
+            "rollout.schedule=qwen3-4b-0.86",
+            "model.name=0.86",
+            "trainer.lr=1e-5",
+            "grpo.loss_agg=seq-mean-token-sum",
+        ],
+    )
+    assert cfg.rollout.n_samples == 16 and isinstance(cfg.rollout.n_samples, int)
+    assert cfg.monitor.tau == 0.9
+    assert cfg.distill.enabled is True
+    assert cfg.monitor.controller.ladder == [512, 768, 1024]
+    assert cfg.distill.target_modules == ["q_proj", "k_proj", "v_proj"]
+    assert cfg.data.columns == {"problem": "prompt", "solution": "answer"}
+    assert cfg.model.name == "0.86"  # a str field keeps the text as written
+    assert cfg.trainer.lr == 1e-5
+    assert cfg.grpo.loss_agg == "seq-mean-token-sum"
+    validate(cfg)
+    # The original is untouched.
+    assert JobConfig().rollout.n_samples == 8
+
+
+@pytest.mark.parametrize(
+    ("override", "needle"),
+    [
+        ("rollout.n_sample=4", "unknown field 'rollout.n_sample'"),
+        ("nope=1", "unknown field 'nope'"),
+        ("rollout.n_samples=four", "expected an integer"),
+        ("distill.enabled=maybe", "expected a boolean"),
+        ("monitor.tau=high", "expected a number"),
+        ("grpo.loss_agg=sum", "field 'grpo.loss_agg'"),
+        ("rollout=3", "is a section"),
+        ("rollout.n_samples.x=3", "has no sub-fields"),
+        ("rollout.n_samples", "expected key.sub=value"),
+        ("monitor.controller.ladder=512,abc", "expected an integer"),
+    ],
+)
+def test_bad_overrides_name_the_field(override, needle):
+    with pytest.raises(UserError, match=None) as err:
+        apply_overrides(JobConfig(), [override])
+    assert needle in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("override", "field"),
+    [
+        ("monitor.tau=1.0", "monitor.tau"),
+        ("monitor.tau=0", "monitor.tau"),
+        ("rollout.n_samples=1", "rollout.n_samples"),
+        ("rollout.top_p=1.5", "rollout.top_p"),
+        ("grpo.dual_clip=0.5", "grpo.dual_clip"),
+        ("loop.steps=0", "loop.steps"),
+        ("rollout.schedule=no-such-preset", "rollout.schedule"),
+        ("rollout.schedule=/nonexistent/s.json", "rollout.schedule"),
+        ("monitor.controller.step_tokens=100", "monitor.controller.step_tokens"),
+        ("monitor.controller.min_budget=16", "monitor.controller.min_budget"),
+        ("data.train_path=/nonexistent/train.jsonl", "data.train_path"),
+        ("model.hf_dir=/nonexistent/model", "model.hf_dir"),
+    ],
+)
+def test_validation_names_the_field(override, field):
+    cfg = apply_overrides(JobConfig(), [override])
+    with pytest.raises(UserError) as err:
+        validate(cfg)
+    assert f"field '{field}'" in str(err.value)
+
+
+def test_all_problems_are_reported_at_once():
+    cfg = apply_overrides(JobConfig(), ["monitor.tau=2", "loop.steps=0"])
+    with pytest.raises(UserError) as err:
+        validate(cfg)
+    assert "2 problems" in str(err.value)
+    assert "monitor.tau" in str(err.value) and "loop.steps" in str(err.value)
+
+
+def test_math_needs_a_train_path(tmp_path):
+    cfg = apply_overrides(JobConfig(), ["data.kind=math"])
+    with pytest.raises(UserError, match="field 'data.train_path': is required"):
+        validate(cfg)
+    train = tmp_path / "train.jsonl"
+    train.write_text("{}\n")
+    validate(apply_overrides(cfg, [f"data.train_path={train}"]))
+
+
+def test_tp_checked_against_the_model_config(tmp_path):
+    model = _model_dir(tmp_path, heads=16, kv_heads=8, layers=28)
+    base = apply_overrides(JobConfig(), [f"model.hf_dir={model}"])
+    validate(apply_overrides(base, ["trainer.tp=8", "trainer.pp=4", "rollout.engine_tp=4"]))
+    with pytest.raises(
+        UserError, match="field 'trainer.tp': 3 does not divide the model's 16 attention heads"
+    ):
+        validate(apply_overrides(base, ["trainer.tp=3"]))
+    with pytest.raises(UserError, match="16 does not divide the model's 8 KV heads"):
+        validate(apply_overrides(base, ["trainer.tp=16"]))
+    with pytest.raises(UserError, match="field 'trainer.pp': 3 does not divide the model's 28 layers"):
+        validate(apply_overrides(base, ["trainer.pp=3"]))
+    with pytest.raises(UserError, match="field 'rollout.engine_tp'"):
+        validate(apply_overrides(base, ["rollout.engine_tp=5"]))
+    with pytest.raises(UserError, match="exceeds max_position_embeddings"):
+        validate(apply_overrides(base, ["data.max_response_tokens=41000"]))
+
+
+def test_parallelism_checked_against_the_cluster():
+    base = apply_overrides(
+        JobConfig(),
+        ["cluster.executor=slurm", "cluster.nodes=3", "cluster.gpus_per_node=8", "cluster.rollout_nodes=1"],
+    )
+    validate(
+        apply_overrides(base, ["trainer.tp=8", "trainer.pp=2", "rollout.engines=4", "rollout.engine_tp=2"])
+    )
+    with pytest.raises(UserError, match="field 'trainer.tp': tp\\*pp = 24 must divide the trainer's 16 GPUs"):
+        validate(apply_overrides(base, ["trainer.tp=8", "trainer.pp=3"]))
+    with pytest.raises(UserError, match="field 'rollout.engines'"):
+        validate(apply_overrides(base, ["rollout.engines=8", "rollout.engine_tp=2"]))
+    with pytest.raises(UserError, match="field 'cluster.rollout_nodes'"):
+        validate(apply_overrides(base, ["cluster.rollout_nodes=3"]))
+
+
+def test_controller_needs_a_sparse_schedule_with_matching_bins():
+    cfg = apply_overrides(JobConfig(), ["monitor.controller.enabled=true"])
+    with pytest.raises(UserError, match="field 'monitor.controller.enabled'"):
+        validate(cfg)
+    cfg = apply_overrides(cfg, ["rollout.schedule=qwen3-1.7b-0.86"])
+    validate(cfg)
+    with pytest.raises(UserError, match="field 'monitor.bin_width'"):
+        validate(apply_overrides(cfg, ["monitor.bin_width=1000"]))
+
+
+def test_yaml_and_json_recipes(tmp_path):
+    data = {"name": "y", "rollout": {"n_samples": 4, "schedule": "qwen3-8b-0.86"}, "monitor": {"tau": 0.9}}
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(data))
+    (tmp_path / "r.json").write_text(json.dumps(data))
+    for name in ("r.yaml", "r.json"):
+        cfg = load_config(tmp_path / name)
+        assert cfg.name == "y" and cfg.rollout.n_samples == 4 and cfg.monitor.tau == 0.9
+        assert cfg.rollout.temperature == 1.0  # missing fields keep defaults
+
+
+def test_bad_recipe_files_name_the_file_and_field(tmp_path):
+    bad_key = tmp_path / "bad_key.yaml"
+    bad_key.write_text("rollout:\n  n_samples: 4\n  tempature: 0.7\n")
+    with pytest.raises(UserError, match=r"bad_key.yaml: unknown field\(s\) 'rollout.tempature'"):
+        load_recipe(bad_key)
+    bad_type = tmp_path / "bad_type.json"
+    bad_type.write_text(json.dumps({"loop": {"steps": "ten"}}))
+    with pytest.raises(UserError, match="bad_type.json: field 'loop.steps': expected int, got 'ten'"):
+        load_recipe(bad_type)
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("rollout: [\n")
+    with pytest.raises(UserError, match="broken.yaml:.*not valid YAML"):
+        load_recipe(broken)
+    broken_json = tmp_path / "broken.json"
+    broken_json.write_text('{"a": \n')
+    with pytest.raises(UserError, match="broken.json:2: not valid JSON"):
+        load_recipe(broken_json)
+    with pytest.raises(UserError, match="recipe file not found"):
+        load_recipe(tmp_path / "missing.yaml")
+    section = tmp_path / "section.yaml"
+    section.write_text("rollout: 3\n")
+    with pytest.raises(UserError, match="field 'rollout': expected a mapping"):
+        load_recipe(section)
+    with pytest.raises(UserError, match="must be a mapping"):
+        from_dict([1, 2], source="x")
+
+
+def test_python_recipe(tmp_path):
+    good = tmp_path / "good.py"
+    good.write_text(
+        "from sparrow_megatron.config import JobConfig\n"
+        "def recipe():\n"
+        "    cfg = JobConfig(name='py')\n"
+        "    cfg.rollout.schedule = 'qwen3-14b-0.86'\n"
+        "    cfg.trainer.tp = 8\n"
+        "    return cfg\n"
+    )
+    cfg = load_config(good, ["loop.steps=3"])
+    assert (cfg.name, cfg.rollout.schedule, cfg.trainer.tp, cfg.loop.steps) == ("py", "qwen3-14b-0.86", 8, 3)
+
+    wrong_type = tmp_path / "wrong_type.py"
+    wrong_type.write_text(
+        "from sparrow_megatron.config import JobConfig\n"
+        "def recipe():\n    cfg = JobConfig()\n    cfg.trainer.tp = '2'\n    return cfg\n"
+    )
+    with pytest.raises(UserError, match="field 'trainer.tp': expected int"):
+        load_recipe(wrong_type)
+    no_fn = tmp_path / "no_fn.py"
+    no_fn.write_text("x = 1\n")
+    with pytest.raises(UserError, match="must define `recipe"):
+        load_recipe(no_fn)
+    raises = tmp_path / "raises.py"
+    raises.write_text("import no_such_module_xyz\n")
+    with pytest.raises(UserError, match="raises.py: the recipe failed to import"):
+        load_recipe(raises)
+    returns = tmp_path / "returns.py"
+    returns.write_text("def recipe():\n    return 3\n")
+    with pytest.raises(UserError, match="returned int"):
+        load_recipe(returns)
+
+
+def test_flat_dict_and_round_trip(tmp_path):
+    cfg = apply_overrides(JobConfig(), ["data.columns={q: prompt}", "monitor.controller.ladder=[512, 1024]"])
+    flat = cfg.to_flat_dict()
+    assert flat["monitor.tau"] == 0.86
+    assert flat["monitor.controller.enabled"] is False
+    assert flat["monitor.controller.ladder"] == "[512, 1024]"
+    assert flat["data.columns"] == '{"q": "prompt"}'
+    assert flat["distill.target_modules"] == '["q_proj", "k_proj", "v_proj", "o_proj"]'
+    assert all(isinstance(v, str | int | float | bool) for v in flat.values())
+    assert all(len(k) <= 250 for k in flat)
+    for suffix in (".yaml", ".json"):
+        path = cfg.save(tmp_path / f"cfg{suffix}")
+        assert load_recipe(path) == cfg
+
+
+def test_mlflow_uri_defaults_to_sqlite_in_run_dir(tmp_path):
+    cfg = apply_overrides(JobConfig(), [f"loop.run_dir={tmp_path / 'run'}"])
+    assert cfg.mlflow_uri == f"sqlite:///{tmp_path / 'run' / 'mlflow.db'}"
+    cfg = apply_overrides(cfg, ["tracking.mlflow_uri=http://127.0.0.1:5000"])
+    assert cfg.mlflow_uri == "http://127.0.0.1:5000"
+
+
+def test_presets_validate():
+    for name in PRESETS:
+        validate(
+            apply_overrides(JobConfig(), [f"rollout.schedule={name}", "monitor.controller.enabled=true"])
+        )
