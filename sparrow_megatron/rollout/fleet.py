@@ -14,6 +14,7 @@ import threading
 import time
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 
 from sparrow_megatron.errors import UserError
@@ -316,6 +317,7 @@ class RolloutFleet:
         def run(job: tuple[int, int]) -> None:
             i, j = job
             prompt = list(prompts[i])
+            job_sampling = sampling if sampling.seed is None else replace(sampling, seed=sampling.seed + i * n + j)
             tried: set[int] = set()
             reasons: list[str] = []
             for attempt in range(1, self.config.max_attempts + 1):
@@ -326,7 +328,7 @@ class RolloutFleet:
                     break
                 start = time.perf_counter()
                 try:
-                    parsed, latency = engine.generate(prompt, sampling, top_k, schedule, lora,
+                    parsed, latency = engine.generate(prompt, job_sampling, top_k, schedule, lora,
                                                       rid=f"{batch_id}-{i}-{j}-{attempt}")  # fmt: skip
                 except RequestRejected:
                     raise

@@ -19,6 +19,9 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
+    # Base sampling seed: sample j of prompt i draws with seed + i * n + j (SGLang's sampling_seed), so
+    # a rerun (a resumed job) samples the same tokens.
+    seed: int | None = None
 
     def to_sglang(self) -> dict[str, Any]:
         params: dict[str, Any] = {
@@ -32,6 +35,8 @@ class SamplingParams:
             params["stop"] = list(self.stop)
         if self.stop_token_ids:
             params["stop_token_ids"] = list(self.stop_token_ids)
+        if self.seed is not None:
+            params["sampling_seed"] = self.seed
         return params
 
 

@@ -1,0 +1,49 @@
+"""`sparrow train [RECIPE] [key=value ...]`: the Sparrow RL loop (no recipe: the embedded default)."""
+
+from __future__ import annotations
+
+import logging
+
+from rich.console import Console
+from rich.table import Table
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("train", help="run the RL loop (no recipe: the embedded tiny CPU default)")
+    p.add_argument("recipe", nargs="?", help="a recipe .py (recipe() -> JobConfig) or a YAML/JSON config")
+    p.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. loop.steps=5")
+    p.add_argument("--resume", action="store_true", help="continue the run in loop.run_dir from its last checkpoint")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from sparrow_megatron.config import load_config
+    from sparrow_megatron.loop.default import tiny_cpu
+    from sparrow_megatron.loop.run import Loop
+
+    recipe, overrides = args.recipe, list(args.overrides)
+    if recipe is not None and "=" in recipe:  # `sparrow train loop.steps=3`: overrides only
+        recipe, overrides = None, [recipe, *overrides]
+    cfg = load_config(recipe if recipe is not None else tiny_cpu(), overrides)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    summary = Loop(cfg, resume=args.resume).train()
+    print_summary(summary, cfg)
+    return 0
+
+
+def print_summary(summary, cfg) -> None:
+    console = Console()
+    steps = summary.steps
+    table = Table(title=f"Sparrow run: {summary.run_dir}")
+    table.add_column("quantity")
+    table.add_column("value", justify="right")
+    if steps:
+        first, last = steps[0].metrics, steps[-1].metrics
+        table.add_row("reward (first -> last step)", f"{first['reward/mean']:.3f} -> {last['reward/mean']:.3f}")
+        for key in sorted(k for k in last if k.startswith("tail/p5/")):
+            table.add_row(f"p5 acceptance {key.split('/')[-1]}", f"{last[key]:.3f} (tau {cfg.monitor.tau})")
+    for key, value in summary.throughput.items():
+        table.add_row(key.replace("_", " "), f"{value:.3f}" if "reward" in key else f"{value:.1f}")
+    table.add_row("MLflow store", summary.mlflow_uri)
+    table.add_row("open the UI", summary.ui_command)
+    console.print(table)

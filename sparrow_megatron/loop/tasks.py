@@ -1,0 +1,89 @@
+"""What the loop trains on: prompts for a step and the reward of a response, for each data kind.
+
+A task is a pure function of (split, index), so a resumed run samples exactly the prompts it would have.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from sparrow_megatron.config import JobConfig
+from sparrow_megatron.errors import UserError
+
+
+@dataclass(frozen=True)
+class Prompt:
+    index: int  # position in the task's split: the group id of its samples
+    text: str  # chat-formatted, ending with the assistant header
+    example: Any  # what the reward needs (the answer, the tests)
+
+
+class Task(Protocol):
+    def prompts(self, split: str, start: int, count: int) -> list[Prompt]: ...
+
+    def reward(self, prompt: Prompt, response: str) -> float: ...
+
+
+class RecallTaskAdapter:
+    """The synthetic multi-query recall task of the embedded default."""
+
+    def __init__(self, tokenizer, seed: int):
+        from sparrow_megatron.data.recall import RecallTask, RecallTaskConfig
+
+        self.task = RecallTask(RecallTaskConfig(seed=seed))
+        self.tokenizer = tokenizer
+
+    def prompts(self, split: str, start: int, count: int) -> list[Prompt]:
+        return [
+            Prompt(i, ex.prompt_text(self.tokenizer), ex)
+            for i, ex in ((i, self.task.example(split, i)) for i in range(start, start + count))
+        ]
+
+    def reward(self, prompt: Prompt, response: str) -> float:
+        from sparrow_megatron.data.recall import recall_reward
+
+        return recall_reward(response, prompt.example).reward
+
+
+class DatasetTask:
+    """Math or code examples from the user's files; the eval split reads data.eval_path."""
+
+    def __init__(self, cfg: JobConfig, tokenizer):
+        from sparrow_megatron.data.datasets import DatasetConfig, load_code_dataset, load_math_dataset
+
+        self.kind = cfg.data.kind
+        self.tokenizer = tokenizer
+        load = load_math_dataset if self.kind == "math" else load_code_dataset
+        self.splits: dict[str, list] = {}
+        for split, path in (("train", cfg.data.train_path), ("eval", cfg.data.eval_path)):
+            if not path:
+                continue
+            examples, report = load(DatasetConfig(path=path, columns=dict(cfg.data.columns)))
+            if not examples:
+                raise UserError(f"{path}: no usable rows ({report.summary()})")
+            self.splits[split] = examples
+
+    def prompts(self, split: str, start: int, count: int) -> list[Prompt]:
+        examples = self.splits.get(split)
+        if not examples:
+            raise UserError(f"data: no {split} examples (set data.{split}_path)")
+        return [
+            Prompt(i, examples[i % len(examples)].prompt_text(self.tokenizer), examples[i % len(examples)])
+            for i in range(start, start + count)
+        ]
+
+    def reward(self, prompt: Prompt, response: str) -> float:
+        if self.kind == "math":
+            from sparrow_megatron.reward.math_reward import math_reward
+
+            return float(math_reward(response, prompt.example.answer).reward)
+        from sparrow_megatron.reward.code_reward import code_reward
+
+        return float(code_reward(response, prompt.example.tests).reward)
+
+
+def make_task(cfg: JobConfig, tokenizer) -> Task:
+    if cfg.data.kind == "synthetic":
+        return RecallTaskAdapter(tokenizer, cfg.loop.seed)
+    return DatasetTask(cfg, tokenizer)
