@@ -200,6 +200,16 @@ PRESETS = {
 }
 
 
+# The embedded default's tiny model reads ~1.1K-token recall prompts: one 256-token budget keeps 16 of
+# their ~70 pages (the sink, the 2 local pages and the 13 best scored), so retrieval has to pick right.
+PRESETS["tiny-recall-256"] = Schedule(
+    budgets=(256,),
+    bin_width=256,
+    name="tiny-recall-256",
+    provenance={"model": "tiny-qwen3 (embedded default)", "source": "set by hand for the recall task"},
+)
+
+
 def resolve_schedule(spec: str | Schedule | None) -> Schedule | None:
     """A preset name, a schedule file path, 'dense' / None (no schedule) or a Schedule."""
     if spec is None or isinstance(spec, Schedule):

@@ -13,7 +13,9 @@ def test_presets_match_the_published_lists():
     assert len(PRESETS["qwen3-4b-0.86"].budgets) == 20
     assert PRESETS["qwen3-8b-0.86"].budgets[-3:] == (6144, 7168, 7168)
     assert PRESETS["qwen3-14b-0.86"].budgets[5:15] == (6144,) * 10
-    for s in PRESETS.values():
+    for name, s in PRESETS.items():
+        if not name.startswith("qwen3"):
+            continue
         assert list(s.budgets) == sorted(s.budgets)
         assert s.provenance["tau"] == 0.86
 
