@@ -142,7 +142,7 @@ class Loop:
             temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p, max_new_tokens=cfg.data.max_response_tokens
         )
         with MlflowTracker.from_config(cfg) as tracker, RolloutFleet(fleet_config(cfg, self.model_dir, self.run)) as fleet:
-            tracker.log_params(cfg.to_flat_dict())
+            tracker.start(params=cfg.to_flat_dict(), resume=start > 0)
             summary.mlflow_uri, summary.ui_command = cfg.mlflow_uri, tracker.ui_command()
             if start > 0:  # the engines start from the base checkpoint: give them the resumed weights
                 fleet.sync_weights(policy.iter_hf_weights())
@@ -214,14 +214,18 @@ class Loop:
         self.run.commit_checkpoint(step)
 
     def _finish(self, policy, monitor: TailMonitor, tracker: MlflowTracker, summary: RunSummary) -> None:
-        from sparrow_megatron.loop.plots import plot_reward_curve, plot_tail_heatmap
+        from sparrow_megatron.loop.plots import plot_rewards, plot_tail_heatmap
 
         plots = self.run.plots
         steps, starts, matrix = monitor.heatmap("p5")
-        artifacts = [plot_tail_heatmap(steps, starts, matrix, plots / "tail_p5_heatmap.png", tau=self.cfg.monitor.tau)]
+        artifacts = [
+            plot_tail_heatmap(plots / "tail_p5_heatmap.png", steps, starts, matrix, self.cfg.monitor.tau,
+                              self.cfg.monitor.bin_width),
+        ]  # fmt: skip
         rows = self.run.read_metrics()
-        artifacts.append(plot_reward_curve([r["step"] for r in rows], [r["reward/mean"] for r in rows],
-                                           plots / "reward.png"))
+        artifacts.append(
+            plot_rewards(plots / "reward.png", [r["step"] for r in rows], {"reward": [r["reward/mean"] for r in rows]})
+        )
         tracker.log_artifacts(artifacts, "plots")
         final = self.run.root / "final_hf"
         shutil.rmtree(final, ignore_errors=True)
