@@ -104,3 +104,19 @@ def test_schedule_in_force(tmp_path):
     assert run.schedule_in_force(6) == tmp_path / "schedules" / "step_1.json"
     assert Schedule.load(run.schedule_in_force(7)) == changed
     assert Schedule.load(run.schedule_in_force(100)) == changed
+
+
+def test_prepare_resume_after_a_kill(tmp_path):
+    run = RunDir(tmp_path).create()
+    assert run.prepare_resume().step == 0 and run.prepare_resume().next_step == 1
+    for step in range(1, 6):
+        run.append_metrics(step, {"reward": step})
+        if step % 2 == 0:
+            d = run.begin_checkpoint(step)
+            RunDir.write_loop_state(d, {"cursor": step * 8})
+            run.commit_checkpoint(step)
+    run.begin_checkpoint(6)  # killed while writing step 6's checkpoint
+    point = run.prepare_resume()
+    assert (point.step, point.next_step, point.checkpoint.step) == (4, 5, 4)
+    assert point.loop_state == {"cursor": 32}
+    assert [r["step"] for r in run.read_metrics()] == [1, 2, 3, 4]
