@@ -426,7 +426,8 @@ def _replaced(obj: Any, parts: list[str], value: Any) -> Any:
 
 
 def load_recipe(path: str | Path) -> JobConfig:
-    """A JobConfig from a Python recipe (`recipe() -> JobConfig`) or a YAML/JSON file."""
+    """A JobConfig from a Python recipe (`recipe()` returning a JobConfig, a NeMo-Run
+    `run.Config(JobConfig, ...)` or a mapping) or a YAML/JSON file."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: recipe file not found")
@@ -442,7 +443,21 @@ def load_recipe(path: str | Path) -> JobConfig:
         fn = getattr(module, "recipe", None)
         if not callable(fn):
             raise UserError(f"{path}: a Python recipe must define `recipe() -> JobConfig`")
-        cfg = fn()
+        try:
+            cfg = fn()
+        except UserError:
+            raise
+        except Exception as err:
+            raise UserError(f"{path}: recipe() failed ({type(err).__name__}: {err})") from err
+        if any(c.__module__.startswith("fiddle") for c in type(cfg).__mro__):
+            import fiddle  # a NeMo-Run `run.Config(JobConfig, ...)` recipe: build it into the dataclass
+
+            try:
+                cfg = fiddle.build(cfg)
+            except Exception as err:
+                raise UserError(
+                    f"{path}: building the recipe's run.Config failed ({type(err).__name__}: {err})"
+                ) from err
         if isinstance(cfg, dict):
             return from_dict(cfg, source=str(path))
         if not isinstance(cfg, JobConfig):

@@ -308,3 +308,34 @@ def test_overrides_work_on_other_components_dataclasses():
         apply_overrides(_Outer(), ["inner.pair=1,b,c"])
     with pytest.raises(UserError, match="override 'inner.maybe=x': expected an integer"):
         apply_overrides(_Outer(), ["inner.maybe=x"])
+
+
+def test_nemo_run_config_recipe(tmp_path):
+    pytest.importorskip("nemo_run")
+    recipe = tmp_path / "nemo.py"
+    recipe.write_text(
+        "import nemo_run as run\n"
+        "from sparrow_megatron.config import JobConfig, LoopConfig\n"
+        "def recipe():\n"
+        "    return run.Config(JobConfig, name='nr', loop=run.Config(LoopConfig, steps=3))\n"
+    )
+    cfg = load_config(recipe, ["loop.seed=7"])
+    assert (cfg.name, cfg.loop.steps, cfg.loop.seed) == ("nr", 3, 7)
+    bad = tmp_path / "bad_nemo.py"
+    bad.write_text(
+        "import nemo_run as run\n"
+        "from sparrow_megatron.config import LoopConfig\n"
+        "def recipe():\n"
+        "    return run.Config(LoopConfig, stepz=3)\n"
+    )
+    with pytest.raises(UserError, match="bad_nemo.py"):
+        load_recipe(bad)
+    built_wrong = tmp_path / "built_wrong.py"
+    built_wrong.write_text(
+        "import nemo_run as run\n"
+        "from sparrow_megatron.config import LoopConfig\n"
+        "def recipe():\n"
+        "    return run.Config(LoopConfig, steps=3)\n"
+    )
+    with pytest.raises(UserError, match="returned LoopConfig, expected a JobConfig"):
+        load_recipe(built_wrong)
