@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from sparrow_megatron.loop.console import REWARD_KEY, LoopProgress
-from sparrow_megatron.loop.controller import BudgetChange
+from sparrow_megatron.loop.controller import BudgetChange, schedule_metrics
 from sparrow_megatron.loop.monitor import TailMonitor
 from sparrow_megatron.loop.plots import plot_rewards, plot_schedules, plot_tail_heatmap
 from sparrow_megatron.loop.rundir import RunDir
@@ -41,7 +41,10 @@ class StepRecorder:
         self.monitor = monitor
         self.plot_every = plot_every
 
-    def record(self, step: int, metrics: Mapping[str, Any]) -> None:
+    def record(self, step: int, metrics: Mapping[str, Any], schedule: Schedule | None = None) -> None:
+        """One completed step; `schedule` = the one its rollout ran under, recorded with its metrics."""
+        if schedule is not None:
+            metrics = {**metrics, **schedule_metrics(schedule)}
         self.run_dir.append_metrics(step, metrics)  # first: the durable record survives an MLflow outage
         if self.tracker is not None:
             try:

@@ -40,11 +40,13 @@ def test_low_tail_stream_through_monitor_controller_and_tracking(tmp_path, mlflo
         recorder = StepRecorder(run, tracker, progress, monitor, plot_every=4)
         recorder.schedule_changed(1, schedule)
         for step in range(1, 5):
+            used = schedule  # the schedule this step's rollout ran under
             tails = monitor.observe(step, *_low_tail_step(rng))
             schedule, changes = controller.update(step, tails.p5_by_bin(), monitor.cfg.bin_width)
             if changes:
                 recorder.schedule_changed(step + 1, schedule, changes)
-            recorder.record(step, {**tails.metrics(), "reward/mean": step / 10, "rollout/tokens_per_s": 10.0})
+            metrics = {**tails.metrics(), "reward/mean": step / 10, "rollout/tokens_per_s": 10.0}
+            recorder.record(step, metrics, used)
         run_id = tracker.run_id
 
     assert schedule.budgets == (512, 1024 + 4 * 256, 1536)
@@ -53,6 +55,9 @@ def test_low_tail_stream_through_monitor_controller_and_tracking(tmp_path, mlflo
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     assert [r["tail/alarm"] for r in rows] == [0.0, 1.0, 1.0, 1.0]
     assert all(r["tail/p5/bin_02000"] < 0.86 < r["tail/p5/bin_00000"] for r in rows)
+    # The schedule each step ran under is recorded with it.
+    assert [r["schedule/budget/bin_02000"] for r in rows] == [1024.0, 1280.0, 1536.0, 1792.0]
+    assert all(r["schedule/budget/bin_00000"] == 512.0 for r in rows)
     assert Schedule.load(run.schedule_in_force(5)).budgets == schedule.budgets
     assert Schedule.load(run.schedule_in_force(1)).budgets == (512, 1024, 1536)
 
