@@ -187,10 +187,11 @@ class JobConfig:
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)
+        data = json.loads(json.dumps(self.to_dict(), default=str))  # tuples -> lists, paths -> str
         text = (
-            json.dumps(self.to_dict(), indent=2) + "\n"
+            json.dumps(data, indent=2) + "\n"
             if path.suffix == ".json"
-            else yaml.safe_dump(self.to_dict(), sort_keys=False)
+            else yaml.safe_dump(data, sort_keys=False)
         )
         path.write_text(text)
         return path
@@ -202,10 +203,12 @@ def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         name = f"{prefix}{key}"
         if isinstance(value, dict) and key != "columns":
             out.update(_flatten(value, name + "."))
-        elif isinstance(value, list | dict):
-            out[name] = json.dumps(value, sort_keys=True)
+        elif isinstance(value, list | tuple | dict):
+            out[name] = json.dumps(value, sort_keys=True, default=str)
         elif value is None:
             out[name] = "None"
+        elif isinstance(value, Path):
+            out[name] = str(value)
         else:
             out[name] = value
     return out
@@ -266,6 +269,21 @@ def _coerce(value: Any, tp: Any, name: str, source: str) -> Any:
             raise bad()
         (item,) = typing.get_args(tp)
         return [_coerce(v, item, f"{name}[{i}]", source) for i, v in enumerate(value)]
+    if origin is tuple:
+        if not isinstance(value, list | tuple):
+            raise bad()
+        args = typing.get_args(tp)
+        if len(args) == 2 and args[1] is Ellipsis:
+            args = (args[0],) * len(value)
+        elif len(args) != len(value):
+            raise bad()
+        return tuple(
+            _coerce(v, a, f"{name}[{i}]", source) for i, (v, a) in enumerate(zip(value, args, strict=True))
+        )
+    if tp is Path:
+        if not isinstance(value, str | Path):
+            raise bad()
+        return Path(value)
     if origin is dict:
         if not isinstance(value, dict):
             raise bad()
@@ -347,12 +365,19 @@ def _parse_text(text: str, tp: Any, name: str) -> Any:
             return float(text)
         except ValueError:
             raise UserError(f"override '{name}={text}': expected a number, got {text!r}") from None
-    if origin is list:
+    if tp is Path:
+        return text
+    if origin in (list, tuple):
         stripped = text.strip()
-        if not stripped.startswith("["):
-            (item,) = typing.get_args(tp)
+        if not stripped.startswith(("[", "(")):
+            args = typing.get_args(tp)
             parts = [p.strip() for p in stripped.split(",") if p.strip()]
-            return [_parse_text(p, item, name) for p in parts]
+            items = args[:1] * len(parts) if origin is list or args[-1:] == (Ellipsis,) else args
+            if len(items) != len(parts):
+                raise UserError(f"override '{name}={text}': expected {len(items)} comma-separated values")
+            return [_parse_text(p, item, name) for p, item in zip(parts, items, strict=True)]
+        if stripped.startswith("("):
+            text = "[" + stripped[1:-1] + "]" if stripped.endswith(")") else text
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError as err:
@@ -363,7 +388,7 @@ def apply_overrides(
     cfg: JobConfig, overrides: list[str] | tuple[str, ...], source: str = "override"
 ) -> JobConfig:
     """A copy of `cfg` with `key.sub=value` overrides applied, each coerced to its field's type."""
-    cfg = copy.deepcopy(cfg)
+    cfg = copy.deepcopy(cfg)  # the result shares nothing mutable with the input
     for item in overrides:
         if "=" not in item:
             raise UserError(f"{source} '{item}': expected key.sub=value")
@@ -388,13 +413,21 @@ def apply_overrides(
                 continue
             if dataclasses.is_dataclass(tp):
                 raise UserError(f"{source} '{item}': field '{key}' is a section; set one of its fields")
-            value = _parse_text(text, tp, key)
-            setattr(target, part, _coerce(value, tp, key, f"{source} '{item}'"))
+            value = _coerce(_parse_text(text, tp, key), tp, key, f"{source} '{item}'")
+            cfg = _replaced(cfg, parts, value)
     return cfg
 
 
+def _replaced(obj: Any, parts: list[str], value: Any) -> Any:
+    """A copy of the dataclass `obj` with the field at `parts` set; works for frozen dataclasses too."""
+    if len(parts) == 1:
+        return dataclasses.replace(obj, **{parts[0]: value})
+    return dataclasses.replace(obj, **{parts[0]: _replaced(getattr(obj, parts[0]), parts[1:], value)})
+
+
 def load_recipe(path: str | Path) -> JobConfig:
-    """A JobConfig from a Python recipe (`recipe() -> JobConfig`) or a YAML/JSON file."""
+    """A JobConfig from a Python recipe (`recipe()` returning a JobConfig, a NeMo-Run
+    `run.Config(JobConfig, ...)` or a mapping) or a YAML/JSON file."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: recipe file not found")
@@ -410,7 +443,21 @@ def load_recipe(path: str | Path) -> JobConfig:
         fn = getattr(module, "recipe", None)
         if not callable(fn):
             raise UserError(f"{path}: a Python recipe must define `recipe() -> JobConfig`")
-        cfg = fn()
+        try:
+            cfg = fn()
+        except UserError:
+            raise
+        except Exception as err:
+            raise UserError(f"{path}: recipe() failed ({type(err).__name__}: {err})") from err
+        if any(c.__module__.startswith("fiddle") for c in type(cfg).__mro__):
+            import fiddle  # a NeMo-Run `run.Config(JobConfig, ...)` recipe: build it into the dataclass
+
+            try:
+                cfg = fiddle.build(cfg)
+            except Exception as err:
+                raise UserError(
+                    f"{path}: building the recipe's run.Config failed ({type(err).__name__}: {err})"
+                ) from err
         if isinstance(cfg, dict):
             return from_dict(cfg, source=str(path))
         if not isinstance(cfg, JobConfig):

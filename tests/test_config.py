@@ -1,4 +1,6 @@
+import dataclasses
 import json
+from pathlib import Path
 
 import pytest
 import yaml
@@ -279,3 +281,61 @@ def test_presets_validate():
         validate(
             apply_overrides(JobConfig(), [f"rollout.schedule={name}", "monitor.controller.enabled=true"])
         )
+
+
+@dataclasses.dataclass(frozen=True)
+class _Inner:
+    dense_layers: tuple[int, ...] = (0, 1)
+    pair: tuple[int, str] = (1, "a")
+    path: Path = Path("x")
+    maybe: int | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class _Outer:
+    inner: _Inner = dataclasses.field(default_factory=_Inner)
+
+
+def test_overrides_work_on_other_components_dataclasses():
+    # The lead composes each package's XConfig into the tree: tuples, paths, optionals and frozen ones.
+    out = apply_overrides(
+        _Outer(), ["inner.dense_layers=0,1,2", "inner.pair=(3, b)", "inner.path=/tmp/m", "inner.maybe=none"]
+    )
+    assert out.inner == _Inner(dense_layers=(0, 1, 2), pair=(3, "b"), path=Path("/tmp/m"), maybe=None)
+    assert apply_overrides(_Outer(), ["inner.maybe=7"]).inner.maybe == 7
+    assert apply_overrides(_Outer(), ["inner.dense_layers=[]"]).inner.dense_layers == ()
+    with pytest.raises(UserError, match="expected 2 comma-separated values"):
+        apply_overrides(_Outer(), ["inner.pair=1,b,c"])
+    with pytest.raises(UserError, match="override 'inner.maybe=x': expected an integer"):
+        apply_overrides(_Outer(), ["inner.maybe=x"])
+
+
+def test_nemo_run_config_recipe(tmp_path):
+    pytest.importorskip("nemo_run")
+    recipe = tmp_path / "nemo.py"
+    recipe.write_text(
+        "import nemo_run as run\n"
+        "from sparrow_megatron.config import JobConfig, LoopConfig\n"
+        "def recipe():\n"
+        "    return run.Config(JobConfig, name='nr', loop=run.Config(LoopConfig, steps=3))\n"
+    )
+    cfg = load_config(recipe, ["loop.seed=7"])
+    assert (cfg.name, cfg.loop.steps, cfg.loop.seed) == ("nr", 3, 7)
+    bad = tmp_path / "bad_nemo.py"
+    bad.write_text(
+        "import nemo_run as run\n"
+        "from sparrow_megatron.config import LoopConfig\n"
+        "def recipe():\n"
+        "    return run.Config(LoopConfig, stepz=3)\n"
+    )
+    with pytest.raises(UserError, match="bad_nemo.py"):
+        load_recipe(bad)
+    built_wrong = tmp_path / "built_wrong.py"
+    built_wrong.write_text(
+        "import nemo_run as run\n"
+        "from sparrow_megatron.config import LoopConfig\n"
+        "def recipe():\n"
+        "    return run.Config(LoopConfig, steps=3)\n"
+    )
+    with pytest.raises(UserError, match="returned LoopConfig, expected a JobConfig"):
+        load_recipe(built_wrong)

@@ -37,6 +37,22 @@ class BudgetChange:
         return asdict(self)
 
 
+def schedule_metrics(schedule: Schedule | None) -> dict[str, float]:
+    """The schedule in force as per-step metrics: `schedule/budget/bin_XXXXX` per explicit bin.
+
+    Dense bins (and a dense rollout, schedule None) have no budget metric; `schedule/dense` says which.
+    """
+    from sparrow_megatron.loop.monitor import bin_key
+
+    if schedule is None:
+        return {"schedule/dense": 1.0}
+    out = {"schedule/dense": 0.0}
+    for i, budget in enumerate(schedule.budgets):
+        if budget is not None:
+            out[f"schedule/budget/{bin_key(i * schedule.bin_width)}"] = float(budget)
+    return out
+
+
 class BudgetController:
     def __init__(self, cfg: ControllerConfig, tau: float, schedule: Schedule):
         if schedule is None:

@@ -42,6 +42,19 @@ class Checkpoint:
     meta: dict[str, Any]
 
 
+@dataclass(frozen=True)
+class ResumePoint:
+    """Where a resumed run continues: after `step` (0 = from scratch), from `checkpoint` if any."""
+
+    step: int
+    checkpoint: Checkpoint | None
+    loop_state: dict[str, Any] | None
+
+    @property
+    def next_step(self) -> int:
+        return self.step + 1
+
+
 def _fsync_dir(path: Path) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -239,6 +252,23 @@ class RunDir:
     def last_complete_checkpoint(self) -> Checkpoint | None:
         found = self.list_checkpoints()
         return found[-1] if found else None
+
+    def prepare_resume(self) -> ResumePoint:
+        """The last complete checkpoint and its loop state; metrics of later steps are set aside."""
+        ckpt = self.last_complete_checkpoint()
+        step = 0 if ckpt is None else ckpt.step
+        state = None
+        if ckpt is not None and (ckpt.path / LOOP_STATE).exists():
+            state = self.read_loop_state(ckpt.path)
+        dropped = self.truncate_metrics(keep_through=step)
+        log.info(
+            "resuming %s after step %d (%s); %d later metrics rows set aside",
+            self.root,
+            step,
+            "no checkpoint" if ckpt is None else ckpt.path.name,
+            dropped,
+        )
+        return ResumePoint(step=step, checkpoint=ckpt, loop_state=state)
 
     def prune_checkpoints(self, keep_last: int) -> list[Path]:
         """Delete all but the newest `keep_last` complete checkpoints (0 = keep all)."""

@@ -5,7 +5,7 @@ import pytest
 
 from sparrow_megatron.config import ControllerConfig
 from sparrow_megatron.errors import UserError
-from sparrow_megatron.loop.controller import BudgetController
+from sparrow_megatron.loop.controller import BudgetController, schedule_metrics
 from sparrow_megatron.sparsity.schedule import PRESETS, Schedule
 
 TAU = 0.86
@@ -110,3 +110,12 @@ def test_state_round_trip_and_preset():
     assert [(c.bin_index, c.new_budget) for c in changes] == [(0, 256)]
     assert schedule.budgets[1] == 1024 + 256
     assert PRESETS["qwen3-1.7b-0.86"].budgets[1] == 1024  # presets are never mutated
+
+
+def test_schedule_metrics():
+    assert schedule_metrics(None) == {"schedule/dense": 1.0}
+    assert schedule_metrics(Schedule((512, None, 1024))) == {
+        "schedule/dense": 0.0,
+        "schedule/budget/bin_00000": 512.0,
+        "schedule/budget/bin_04000": 1024.0,
+    }

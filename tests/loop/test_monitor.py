@@ -147,3 +147,20 @@ def test_heatmap_and_state_round_trip():
     assert resumed.heatmap()[0] == [0, 1]
     np.testing.assert_array_equal(resumed.heatmap()[2], matrix)
     assert resumed.observe(2, *_step_data(rng, low_bins=(1,), bins=2)).alarm is not None
+
+
+def test_empty_step_and_shape_errors():
+    monitor = TailMonitor(MonitorConfig())
+    tails = monitor.observe(0, np.zeros(0), np.zeros(0, dtype=int))
+    m = tails.metrics()
+    assert (
+        tails.bins == []
+        and m["tail/tokens"] == 0
+        and m["tail/populated_bins"] == 0
+        and "tail/p5_min" not in m
+    )
+    assert monitor.heatmap()[2].shape == (1, 0)
+    with pytest.raises(ValueError, match="differ"):
+        monitor.observe(1, np.ones(3), np.arange(3), lower=np.ones(2))
+    with pytest.raises(ValueError, match="differ"):
+        monitor.observe(1, np.ones(3), np.arange(4))

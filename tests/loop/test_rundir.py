@@ -104,3 +104,74 @@ def test_schedule_in_force(tmp_path):
     assert run.schedule_in_force(6) == tmp_path / "schedules" / "step_1.json"
     assert Schedule.load(run.schedule_in_force(7)) == changed
     assert Schedule.load(run.schedule_in_force(100)) == changed
+
+
+def test_prepare_resume_after_a_kill(tmp_path):
+    run = RunDir(tmp_path).create()
+    assert run.prepare_resume().step == 0 and run.prepare_resume().next_step == 1
+    for step in range(1, 6):
+        run.append_metrics(step, {"reward": step})
+        if step % 2 == 0:
+            d = run.begin_checkpoint(step)
+            RunDir.write_loop_state(d, {"cursor": step * 8})
+            run.commit_checkpoint(step)
+    run.begin_checkpoint(6)  # killed while writing step 6's checkpoint
+    point = run.prepare_resume()
+    assert (point.step, point.next_step, point.checkpoint.step) == (4, 5, 4)
+    assert point.loop_state == {"cursor": 32}
+    assert [r["step"] for r in run.read_metrics()] == [1, 2, 3, 4]
+
+
+def _bookkeeping_run(run_dir, steps, checkpoint_every, kill_after=None, resume=False):
+    """The loop's bookkeeping alone (monitor, controller, run dir) on a seeded synthetic tail stream."""
+    import numpy as np
+
+    from sparrow_megatron.config import ControllerConfig, MonitorConfig
+    from sparrow_megatron.loop.controller import BudgetController, schedule_metrics
+    from sparrow_megatron.loop.monitor import TailMonitor
+
+    run = RunDir(run_dir).create()
+    monitor = TailMonitor(MonitorConfig(consecutive_steps=2))
+    controller = BudgetController(
+        ControllerConfig(enabled=True, patience=2), 0.86, Schedule((512, 1024, 1536))
+    )
+    start = 1
+    if resume:
+        point = run.prepare_resume()
+        if point.loop_state is not None:
+            monitor.load_state_dict(point.loop_state["monitor"])
+            controller.load_state_dict(point.loop_state["controller"])
+        start = point.next_step
+    for step in range(start, steps + 1):
+        rng = np.random.default_rng(step)  # per-step seeding: a resumed step sees the same data
+        positions = rng.integers(0, 6000, 900)
+        alpha = rng.uniform(0.95, 1.0, 900)
+        low_bin = 1 if 2 <= step <= 5 else 2  # a streak in bin 1 across the checkpoint at step 3
+        low = (positions // 2000 == low_bin) & (rng.random(900) < 0.3)
+        alpha[low] = 0.5
+        used = controller.schedule
+        tails = monitor.observe(step, alpha, positions)
+        controller.update(step, tails.p5_by_bin(), 2000)
+        run.append_metrics(step, {**tails.metrics(), **schedule_metrics(used)})
+        if step % checkpoint_every == 0:
+            d = run.begin_checkpoint(step)
+            RunDir.write_loop_state(
+                d, {"monitor": monitor.state_dict(), "controller": controller.state_dict()}
+            )
+            run.commit_checkpoint(step)
+        if step == kill_after:
+            run.begin_checkpoint(step + 1)  # killed while writing the next checkpoint
+            return
+
+
+def test_resume_reproduces_the_uninterrupted_record(tmp_path):
+    _bookkeeping_run(tmp_path / "straight", steps=8, checkpoint_every=3)
+    _bookkeeping_run(tmp_path / "killed", steps=8, checkpoint_every=3, kill_after=5)
+    assert [r["step"] for r in RunDir(tmp_path / "killed").read_metrics()] == [1, 2, 3, 4, 5]
+    _bookkeeping_run(tmp_path / "killed", steps=8, checkpoint_every=3, resume=True)
+    straight = RunDir(tmp_path / "straight").read_metrics()
+    resumed = RunDir(tmp_path / "killed").read_metrics()
+    assert [r["step"] for r in resumed] == list(range(1, 9))
+    assert resumed == straight
+    assert any(r["tail/alarm"] == 1.0 for r in straight)  # the stream exercised the streak state
+    assert len({r["schedule/budget/bin_02000"] for r in straight}) > 1  # and the controller's

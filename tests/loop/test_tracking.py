@@ -10,10 +10,9 @@ from sparrow_megatron.loop.tracking import MlflowTracker, default_uri, saved_run
 from sparrow_megatron.sparsity.schedule import PRESETS
 
 
-@pytest.fixture(scope="module")
-def store(tmp_path_factory):
-    """One sqlite store for the module: creating one runs MLflow's migrations (seconds)."""
-    return tmp_path_factory.mktemp("store") / "mlflow.db"
+@pytest.fixture
+def store(mlflow_store):
+    return mlflow_store
 
 
 @pytest.fixture

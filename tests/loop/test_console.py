@@ -1,0 +1,54 @@
+import io
+
+from rich.console import Console
+
+from sparrow_megatron.loop.console import LoopProgress, key_value_table, step_fields, tails_table
+from sparrow_megatron.sparsity.tails import BinStats
+
+
+def _console(terminal: bool) -> tuple[Console, io.StringIO]:
+    buf = io.StringIO()
+    return Console(file=buf, force_terminal=terminal, width=160, color_system=None), buf
+
+
+def test_step_fields_mark_p5_below_tau():
+    fields = step_fields({"reward/mean": 0.5, "tail/p5_min": 0.8, "rollout/tokens_per_s": 1234.6}, tau=0.86)
+    assert fields == {"reward": "0.500", "p5": "[bold red]0.800[/]", "tps": "1235"}
+    assert step_fields({"tail/p5_min": 0.9}, tau=0.86)["p5"] == "0.900"
+    assert step_fields({}, tau=0.86) == {"reward": "-", "p5": "-", "tps": "-"}
+
+
+def test_plain_lines_when_not_a_terminal():
+    console, buf = _console(terminal=False)
+    with LoopProgress(3, console=console) as progress:
+        progress.update(1, {"reward/mean": 0.25, "tail/p5_min": 0.91, "rollout/tokens_per_s": 100.0})
+        progress.update(2, {"reward/mean": 0.5, "tail/p5_min": 0.8})
+    lines = buf.getvalue().splitlines()
+    assert lines == [
+        "step 1/3  reward 0.250  p5 min 0.910  100 tok/s",
+        "step 2/3  reward 0.500  p5 min 0.800  - tok/s",
+    ]
+
+
+def test_live_bar_on_a_terminal():
+    console, buf = _console(terminal=True)
+    with LoopProgress(4, start_step=1, console=console) as progress:
+        assert progress.live
+        progress.update(2, {"reward/mean": 0.75, "tail/p5_min": 0.95, "rollout/tokens_per_s": 50.0})
+        task = progress._progress.tasks[0]
+        assert task.completed == 2 and task.fields["reward"] == "0.750"
+    out = buf.getvalue()
+    assert "2/4" in out and "reward 0.750" in out and "p5 min 0.950" in out
+
+
+def test_tables_render():
+    console, buf = _console(terminal=False)
+    bins = [
+        BinStats(0, 2000, 500, 0.99, 0.8, 0.9, 0.95, 0.88, 0.92, 0.01),
+        BinStats(2000, 4000, 300, 0.97, 0.6, 0.7, 0.8, None, None, 0.12),
+    ]
+    console.print(tails_table(bins, tau=0.86))
+    console.print(key_value_table("summary", [("reward first -> last", "0.10 -> 0.80"), ("steps", 20)]))
+    out = buf.getvalue()
+    assert "[2000, 4000)" in out and "0.700" in out and "12.0%" in out
+    assert "reward first -> last" in out and "0.10 -> 0.80" in out and "20" in out

@@ -1,0 +1,87 @@
+import io
+
+import numpy as np
+from mlflow.tracking import MlflowClient
+from rich.console import Console
+
+from sparrow_megatron.config import ControllerConfig, MonitorConfig
+from sparrow_megatron.loop.console import LoopProgress
+from sparrow_megatron.loop.controller import BudgetController
+from sparrow_megatron.loop.monitor import TailMonitor
+from sparrow_megatron.loop.recorder import StepRecorder
+from sparrow_megatron.loop.rundir import RunDir
+from sparrow_megatron.loop.tracking import MlflowTracker
+from sparrow_megatron.sparsity.schedule import Schedule
+
+
+def _low_tail_step(rng, low_bin=1, bins=3, n=300):
+    positions = np.concatenate([b * 2000 + rng.integers(0, 2000, n) for b in range(bins)])
+    alpha = rng.uniform(0.97, 1.0, positions.size)
+    idx = np.flatnonzero(positions // 2000 == low_bin)
+    alpha[idx[: n // 4]] = rng.uniform(0.3, 0.6, n // 4)
+    return alpha, positions
+
+
+def test_low_tail_stream_through_monitor_controller_and_tracking(tmp_path, mlflow_store):
+    """The loop's bookkeeping on a low-tail stream: the controller raises exactly the failing bin,
+    the warning fires after k steps, and every number lands in metrics.jsonl, MLflow and the plots."""
+    rng = np.random.default_rng(0)
+    run = RunDir(tmp_path / "run").create()
+    monitor = TailMonitor(MonitorConfig(consecutive_steps=2))
+    schedule = Schedule((512, 1024, 1536), name="start")
+    controller = BudgetController(ControllerConfig(enabled=True), 0.86, schedule)
+    buf = io.StringIO()
+    console = Console(file=buf, force_terminal=False, width=200, color_system=None)
+    with (
+        MlflowTracker(f"sqlite:///{mlflow_store}", "recorder", run.root) as tracker,
+        LoopProgress(4, console=console) as progress,
+    ):
+        tracker.start({"monitor.tau": 0.86})
+        recorder = StepRecorder(run, tracker, progress, monitor, plot_every=4)
+        recorder.schedule_changed(1, schedule)
+        for step in range(1, 5):
+            used = schedule  # the schedule this step's rollout ran under
+            tails = monitor.observe(step, *_low_tail_step(rng))
+            schedule, changes = controller.update(step, tails.p5_by_bin(), monitor.cfg.bin_width)
+            if changes:
+                recorder.schedule_changed(step + 1, schedule, changes)
+            metrics = {**tails.metrics(), "reward/mean": step / 10, "rollout/tokens_per_s": 10.0}
+            recorder.record(step, metrics, used)
+        run_id = tracker.run_id
+
+    assert schedule.budgets == (512, 1024 + 4 * 256, 1536)
+    assert [c.bin_start for c in controller.changes] == [2000] * 4
+    rows = run.read_metrics()
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert [r["tail/alarm"] for r in rows] == [0.0, 1.0, 1.0, 1.0]
+    assert all(r["tail/p5/bin_02000"] < 0.86 < r["tail/p5/bin_00000"] for r in rows)
+    # The schedule each step ran under is recorded with it.
+    assert [r["schedule/budget/bin_02000"] for r in rows] == [1024.0, 1280.0, 1536.0, 1792.0]
+    assert all(r["schedule/budget/bin_00000"] == 512.0 for r in rows)
+    assert Schedule.load(run.schedule_in_force(5)).budgets == schedule.budgets
+    assert Schedule.load(run.schedule_in_force(1)).budgets == (512, 1024, 1536)
+
+    client = MlflowClient(tracker.uri)
+    history = sorted(client.get_metric_history(run_id, "tail/p5/bin_02000"), key=lambda m: m.step)
+    assert [m.step for m in history] == [1, 2, 3, 4]
+    np.testing.assert_allclose([m.value for m in history], [r["tail/p5/bin_02000"] for r in rows])
+    plots = {a.path for a in client.list_artifacts(run_id, "plots")}
+    assert plots == {"plots/tail_p5_heatmap.png", "plots/reward.png", "plots/schedules.png"}
+    assert {a.path for a in client.list_artifacts(run_id, "schedules")} == {
+        f"schedules/step_{s}.json" for s in range(1, 6)
+    }
+    assert client.get_run(run_id).data.tags["schedule_in_force"] == "start-ctl (from step 5)"
+    out = buf.getvalue()
+    assert "step 1/4  reward 0.100" in out
+    assert out.count("controller step") == 4 and "budget 1024 -> 1280" in out
+
+
+def test_record_survives_a_tracking_failure(tmp_path, caplog):
+    class Broken:
+        def log_metrics(self, step, metrics):
+            raise ConnectionError("server down")
+
+    run = RunDir(tmp_path).create()
+    StepRecorder(run, tracker=Broken()).record(1, {"reward/mean": 0.5})
+    assert run.read_metrics() == [{"step": 1, "reward/mean": 0.5}]
+    assert "MLflow logging failed (server down)" in caplog.text
