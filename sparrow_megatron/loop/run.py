@@ -21,8 +21,10 @@ import torch
 
 from sparrow_megatron.config import JobConfig, validate
 from sparrow_megatron.errors import UserError
+from sparrow_megatron.loop.console import LoopProgress
 from sparrow_megatron.loop.controller import BudgetController
 from sparrow_megatron.loop.monitor import TailMonitor
+from sparrow_megatron.loop.recorder import StepRecorder
 from sparrow_megatron.loop.rundir import RunDir
 from sparrow_megatron.loop.tasks import Prompt, make_task
 from sparrow_megatron.loop.tracking import MlflowTracker
@@ -106,7 +108,9 @@ class Loop:
         self.cfg = cfg
         self.run = RunDir(cfg.run_dir)
         if self.run.exists() and not resume and self.run.read_metrics():
-            raise UserError(f"{cfg.run_dir} already holds a run: pass --resume to continue it, or another run_dir")
+            raise UserError(
+                f"{cfg.run_dir} already holds a run: pass --resume to continue it, or another run_dir"
+            )
         self.run.create(cfg)
         self.model_dir = resolve_model_dir(cfg, self.run)
 
@@ -125,112 +129,106 @@ class Loop:
             else None
         )
         policy = Policy(trainer_config(cfg, self.model_dir))
-        start = 0
-        checkpoint = self.run.last_complete_checkpoint()
-        if checkpoint is not None:
-            state = policy.load_checkpoint(checkpoint.path / "policy")
-            loop_state = RunDir.read_loop_state(checkpoint.path)
-            start = loop_state["next_step"]
-            monitor.load_state_dict(loop_state["monitor"])
+        resume = self.run.prepare_resume()
+        if resume.checkpoint is not None:
+            policy.load_checkpoint(resume.checkpoint.path / "policy")
+            monitor.load_state_dict(resume.loop_state["monitor"])
             if controller is not None:
-                controller.load_state_dict(loop_state["controller"])
+                controller.load_state_dict(resume.loop_state["controller"])
                 schedule = controller.schedule
-            self.run.truncate_metrics(keep_through=start - 1)
-            log.info("resumed from %s at step %d (trainer step %s)", checkpoint.path, start, state.get("step"))
-        summary = RunSummary(run_dir=self.run.root)
+        summary = RunSummary(run_dir=self.run.root, mlflow_uri=cfg.mlflow_uri)
         sampling = SamplingParams(
-            temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p, max_new_tokens=cfg.data.max_response_tokens
+            temperature=cfg.rollout.temperature,
+            top_p=cfg.rollout.top_p,
+            max_new_tokens=cfg.data.max_response_tokens,
         )
-        with MlflowTracker.from_config(cfg) as tracker, RolloutFleet(fleet_config(cfg, self.model_dir, self.run)) as fleet:
-            tracker.start(params=cfg.to_flat_dict(), resume=start > 0)
-            summary.mlflow_uri, summary.ui_command = cfg.mlflow_uri, tracker.ui_command()
-            if start > 0:  # the engines start from the base checkpoint: give them the resumed weights
+        fleet = RolloutFleet(fleet_config(cfg, self.model_dir, self.run))
+        tracker = MlflowTracker.from_config(cfg)
+        progress = LoopProgress(cfg.loop.steps, resume.step, cfg.monitor.tau)
+        with tracker, fleet, progress:
+            tracker.start(params=cfg.to_flat_dict(), resume=resume.checkpoint is not None)
+            summary.ui_command = tracker.ui_command()
+            recorder = StepRecorder(
+                self.run, tracker, progress, monitor, plot_every=cfg.loop.checkpoint_every
+            )
+            if (
+                resume.checkpoint is not None
+            ):  # the engines start from the base model: push the resumed weights
                 fleet.sync_weights(policy.iter_hf_weights())
-            progress = _progress(cfg.loop.steps, start)
-            for step in range(start, cfg.loop.steps):
-                t0 = time.perf_counter()
-                prompts = task.prompts("train", step * cfg.loop.prompts_per_step, cfg.loop.prompts_per_step)
-                prompt_ids = [tokenizer(p.text, add_special_tokens=False)["input_ids"] for p in prompts]
-                rollout = fleet.generate(
-                    prompt_ids, _seeded(sampling, cfg.loop.seed, step), n=cfg.rollout.n_samples, schedule=schedule
-                )
-                samples, dropped = usable(rollout.flat())
-                rewards = [
-                    task.reward(prompts[s.prompt_index], tokenizer.decode(s.output_ids, skip_special_tokens=False))
-                    for s in samples
-                ]
-                batch = to_trainer_batch(
-                    samples, rewards, [prompts[s.prompt_index].index for s in samples], cfg.grpo.adv_eps
-                )
-                score = policy.score(batch)
-                batch.old_logprobs = score.logprobs
-                tails = monitor.observe_topk(
-                    step,
-                    torch.cat(score.topk_ids),
-                    torch.cat(score.topk_logprobs).double(),
-                    *map(torch.cat, zip(*(topk_tensors(s, cfg.rollout.top_k_logprobs) for s in samples), strict=True)),
-                    np.concatenate([len(s.prompt_ids) + np.arange(s.response_len) for s in samples]),
-                )
-                metrics = {f"train/{k}": v for k, v in policy.train_step(batch).items()}
-                fleet.sync_weights(policy.iter_hf_weights())
-                metrics.update(
-                    {
-                        "reward/mean": float(np.mean(rewards)) if rewards else 0.0,
-                        "rollout/response_len": float(np.mean([s.response_len for s in samples])),
-                        "rollout/tokens_per_s": rollout.tokens_per_s,
-                        "rollout/dropped_samples": float(dropped),
-                        "rollout/weight_version": float(fleet.weight_version),
-                        "time/step_s": time.perf_counter() - t0,
-                        **tails.metrics(),
-                    }
-                )
-                if schedule is not None:
-                    metrics["schedule/mean_budget"] = float(np.mean([b or 0 for b in schedule.budgets]))
-                if controller is not None:
-                    schedule, changes = controller.update(step, tails.p5_by_bin(), cfg.monitor.bin_width)
-                    for change in changes:
-                        log.warning("schedule change at step %d: %s", step, change.to_dict())
-                    if changes:
-                        tracker.log_schedule(schedule, step)
-                self.run.append_metrics(step, metrics)
-                tracker.log_metrics(step, metrics)
+            elif schedule is not None:
+                recorder.schedule_changed(1, schedule)
+            for step in range(resume.next_step, cfg.loop.steps + 1):
+                metrics = self._step(step, task, tokenizer, fleet, policy, monitor, schedule, sampling)
+                recorder.record(step, metrics, schedule)
                 summary.steps.append(StepResult(step, metrics, schedule))
-                progress.update(step, metrics)
+                if controller is not None:
+                    schedule, changes = controller.update(
+                        step, monitor.history[-1].p5_by_bin(), cfg.monitor.bin_width
+                    )
+                    if changes:
+                        recorder.schedule_changed(step + 1, schedule, changes)
                 every = cfg.loop.checkpoint_every
-                if (every and (step + 1) % every == 0) or step + 1 == cfg.loop.steps:
+                if (every and step % every == 0) or step == cfg.loop.steps:
                     self._checkpoint(policy, step, monitor, controller)
-            progress.close()
             summary.throughput = _measure_throughput(fleet, task, tokenizer, cfg, schedule)
-            self._finish(policy, monitor, tracker, summary)
+            recorder.plots()
+            final = self.run.root / "final_hf"
+            shutil.rmtree(final, ignore_errors=True)
+            policy.export_hf(final)
+            tracker.log_artifact(final, "final_hf")
         return summary
 
-    def _checkpoint(self, policy, step: int, monitor: TailMonitor, controller: BudgetController | None) -> None:
+    def _step(self, step, task, tokenizer, fleet, policy, monitor, schedule, sampling) -> dict[str, float]:
+        """One RL step: rollout -> reward -> dense score -> tails -> GRPO update -> weight sync."""
+        cfg = self.cfg
+        t0 = time.perf_counter()
+        prompts = task.prompts("train", (step - 1) * cfg.loop.prompts_per_step, cfg.loop.prompts_per_step)
+        prompt_ids = [tokenizer(p.text, add_special_tokens=False)["input_ids"] for p in prompts]
+        rollout = fleet.generate(prompt_ids, _seeded(sampling, cfg.loop.seed, step), n=cfg.rollout.n_samples,
+                                 schedule=schedule)  # fmt: skip
+        samples, dropped = usable(rollout.flat())
+        if dropped:
+            log.warning("step %d: %d samples without a usable response left out of the update", step, dropped)
+        rewards = [task.reward(prompts[s.prompt_index], tokenizer.decode(s.output_ids)) for s in samples]
+        batch = to_trainer_batch(
+            samples, rewards, [prompts[s.prompt_index].index for s in samples], cfg.grpo.adv_eps
+        )
+        score = policy.score(batch)
+        batch.old_logprobs = score.logprobs
+        rollout_ids, rollout_lps = zip(
+            *(topk_tensors(s, cfg.rollout.top_k_logprobs) for s in samples), strict=True
+        )
+        tails = monitor.observe_topk(
+            step,
+            torch.cat(score.topk_ids),
+            torch.cat(score.topk_logprobs).double(),
+            torch.cat(rollout_ids),
+            torch.cat(rollout_lps),
+            np.concatenate([len(s.prompt_ids) + np.arange(s.response_len) for s in samples]),
+        )
+        metrics = {f"train/{k}": v for k, v in policy.train_step(batch).items()}
+        fleet.sync_weights(policy.iter_hf_weights())
+        metrics.update(tails.metrics())
+        metrics.update({
+            "reward/mean": float(np.mean(rewards)) if rewards else 0.0,
+            "rollout/response_len": float(np.mean([s.response_len for s in samples])),
+            "rollout/tokens_per_s": rollout.tokens_per_s,
+            "rollout/dropped_samples": float(dropped),
+            "rollout/weight_version": float(fleet.weight_version),
+            "time/step_s": time.perf_counter() - t0,
+        })  # fmt: skip
+        return metrics
+
+    def _checkpoint(
+        self, policy, step: int, monitor: TailMonitor, controller: BudgetController | None
+    ) -> None:
         path = self.run.begin_checkpoint(step)
-        policy.save_checkpoint(path / "policy", step=step + 1)
-        state: dict[str, Any] = {"next_step": step + 1, "monitor": monitor.state_dict()}
+        policy.save_checkpoint(path / "policy", step=step)
+        state: dict[str, Any] = {"monitor": monitor.state_dict()}
         if controller is not None:
             state["controller"] = controller.state_dict()
         RunDir.write_loop_state(path, state)
         self.run.commit_checkpoint(step)
-
-    def _finish(self, policy, monitor: TailMonitor, tracker: MlflowTracker, summary: RunSummary) -> None:
-        from sparrow_megatron.loop.plots import plot_rewards, plot_tail_heatmap
-
-        plots = self.run.plots
-        steps, starts, matrix = monitor.heatmap("p5")
-        artifacts = [
-            plot_tail_heatmap(plots / "tail_p5_heatmap.png", steps, starts, matrix, self.cfg.monitor.tau,
-                              self.cfg.monitor.bin_width),
-        ]  # fmt: skip
-        rows = self.run.read_metrics()
-        artifacts.append(
-            plot_rewards(plots / "reward.png", [r["step"] for r in rows], {"reward": [r["reward/mean"] for r in rows]})
-        )
-        tracker.log_artifacts(artifacts, "plots")
-        final = self.run.root / "final_hf"
-        shutil.rmtree(final, ignore_errors=True)
-        policy.export_hf(final)
-        tracker.log_artifact(final, "final_hf")
 
 
 def _seeded(sampling: SamplingParams, seed: int, step: int) -> SamplingParams:
@@ -254,26 +252,3 @@ def _measure_throughput(fleet, task, tokenizer, cfg: JobConfig, schedule) -> dic
         out[f"{name}_tokens_per_s"] = batch.tokens_per_s
         out[f"{name}_greedy_reward"] = float(np.mean(rewards))
     return out
-
-
-class _progress:
-    """A rich progress bar with the numbers people watch: reward, worst p5, throughput."""
-
-    def __init__(self, total: int, start: int):
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-        self.bar = Progress(
-            TextColumn("[bold]RL"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-            TextColumn("{task.fields[info]}"),
-        )  # fmt: skip
-        self.task = self.bar.add_task("steps", total=total, completed=start, info="")
-        self.bar.start()
-
-    def update(self, step: int, metrics: dict[str, float]) -> None:
-        p5 = metrics.get("tail/p5_min")
-        info = f"reward {metrics['reward/mean']:.3f}  p5 {'n/a' if p5 is None else f'{p5:.3f}'}  " \
-               f"{metrics['rollout/tokens_per_s']:.0f} tok/s"
-        self.bar.update(self.task, completed=step + 1, info=info)
-
-    def close(self) -> None:
-        self.bar.stop()
