@@ -43,7 +43,7 @@ class PretrainConfig:
     # lookup carry over (imperfectly: the partial accuracy we want) to the task's full length.
     max_gap: int = 8
     curriculum_frac: float = 0.5  # fraction of steps over which pairs and gap grow to their maximum
-    train_queries: int = 4  # more queries per training prompt = more supervised tokens per step
+    train_queries: int = 16  # more queries per training prompt = more lookups supervised per step
     max_minutes: float = 8.0  # stop early (and still save) past this wall time
     # One thread: on shared cores two OpenMP threads spin on barriers and ran ~10x slower here.
     threads: int = 1
@@ -58,7 +58,7 @@ def _shape_at(step: int, cfg: PretrainConfig, full_pairs: int, rng: random.Rando
     # Half of the batches at the current maximum, half below it: keeps the short-prompt skill.
     if rng.random() < 0.5:
         pairs, gap = rng.randint(cfg.min_pairs, pairs), rng.randint(0, gap)
-    return max(pairs, cfg.train_queries), gap
+    return pairs, gap
 
 
 def _batch(task: RecallTask, tokenizer, start: int, size: int, num_pairs: int, gap: int):
@@ -174,6 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=PretrainConfig.batch_size)
     parser.add_argument("--max-gap", type=int, default=PretrainConfig.max_gap)
     parser.add_argument("--lr", type=float, default=PretrainConfig.lr)
+    parser.add_argument("--train-queries", type=int, default=PretrainConfig.train_queries)
     parser.add_argument("--eval-examples", type=int, default=PretrainConfig.eval_examples)
     parser.add_argument("--seed", type=int, default=PretrainConfig.seed)
     args = parser.parse_args(argv)
@@ -183,6 +184,7 @@ def main(argv: list[str] | None = None) -> int:
         batch_size=args.batch_size,
         max_gap=args.max_gap,
         lr=args.lr,
+        train_queries=args.train_queries,
         eval_examples=args.eval_examples,
         seed=args.seed,
     )
