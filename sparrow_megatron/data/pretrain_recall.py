@@ -75,32 +75,32 @@ def _batch(task: RecallTask, tokenizer, start: int, size: int, num_pairs: int, g
     return torch.tensor(ids), torch.tensor(masks, dtype=torch.bool)
 
 
-def greedy_accuracy(model, tokenizer, task: RecallTask, count: int, batch_size: int = 16) -> float:
-    """Mean fraction of query values recalled exactly with dense greedy decoding on the eval split."""
+def greedy_rewards(model, tokenizer, task: RecallTask, count: int, batch_size: int = 16) -> list[float]:
+    """Per-example recall reward of dense greedy decoding on the first `count` eval examples."""
     import torch
 
+    was_training = model.training
     model.eval()
-    scores = []
+    scores: list[float] = []
     examples = task.examples(EVAL, count)
     with torch.no_grad():
         for b in range(0, count, batch_size):
             chunk = examples[b : b + batch_size]
-            prompts = [
-                tokenizer(ex.prompt_text(tokenizer), add_special_tokens=False)["input_ids"] for ex in chunk
-            ]
-            input_ids = torch.tensor(prompts)
+            texts = [ex.prompt_text(tokenizer) for ex in chunk]
+            # Every prompt of the task has the same length: no padding needed.
+            input_ids = torch.tensor([tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts])
             out = model.generate(
                 input_ids,
                 attention_mask=torch.ones_like(input_ids),
-                max_new_tokens=len(chunk[0].answer) + 2,
+                max_new_tokens=len(chunk[0].answer) + 1,
                 do_sample=False,
                 eos_token_id=tokenizer.eos_token_id,
                 pad_token_id=tokenizer.pad_token_id,
             )
             for ex, row in zip(chunk, out[:, input_ids.shape[1] :], strict=True):
                 scores.append(recall_reward(tokenizer.decode(row, skip_special_tokens=False), ex).reward)
-    model.train()
-    return sum(scores) / len(scores)
+    model.train(was_training)
+    return scores
 
 
 def pretrain(
@@ -150,7 +150,8 @@ def pretrain(
         steps_done = step + 1
         bar.set_postfix(loss=f"{loss.item():.3f}", pairs=n, gap=gap)
     train_minutes = (time.time() - t0) / 60
-    accuracy = greedy_accuracy(model, tokenizer, task, cfg.eval_examples)
+    rewards = greedy_rewards(model, tokenizer, task, cfg.eval_examples)
+    accuracy = sum(rewards) / len(rewards)
     model.save_pretrained(str(out_dir), safe_serialization=True)
     report = {
         "task": asdict(task_cfg),
@@ -160,6 +161,7 @@ def pretrain(
         "final_loss": round(loss.item(), 4),
         "dense_greedy_accuracy": round(accuracy, 4),
         "eval_examples": cfg.eval_examples,
+        "eval_rewards": rewards,
         "torch": torch.__version__,
     }
     (out_dir / "recall_pretrain.json").write_text(json.dumps(report, indent=2) + "\n")
@@ -177,6 +179,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train-queries", type=int, default=PretrainConfig.train_queries)
     parser.add_argument("--eval-examples", type=int, default=PretrainConfig.eval_examples)
     parser.add_argument("--seed", type=int, default=PretrainConfig.seed)
+    parser.add_argument("--num-queries", type=int, default=RecallTaskConfig.num_queries)
+    parser.add_argument("--value-first", action="store_true")
     args = parser.parse_args(argv)
     cfg = PretrainConfig(
         steps=args.steps,
@@ -188,7 +192,8 @@ def main(argv: list[str] | None = None) -> int:
         eval_examples=args.eval_examples,
         seed=args.seed,
     )
-    report = pretrain(args.out, cfg)
+    task_cfg = RecallTaskConfig(num_queries=args.num_queries, value_first=args.value_first)
+    report = pretrain(args.out, cfg, task_cfg)
     print(json.dumps(report, indent=2))
     return 0
 

@@ -18,12 +18,15 @@ from __future__ import annotations
 import random
 import string
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 TRAIN = "train"
 EVAL = "eval"
 SPLITS = (TRAIN, EVAL)
 QUERY_MARK = "?"
+# The tiny Qwen3 pretrained on this task (scripts/pretrain_tiny.py), installed with the package.
+TINY_RECALL_DIR = Path(__file__).resolve().parents[1] / "assets" / "tiny_recall"
 
 
 @dataclass(frozen=True)
@@ -34,6 +37,7 @@ class RecallTaskConfig:
     key_alphabet: str = string.ascii_lowercase + string.digits
     value_alphabet: str = string.ascii_uppercase
     filler_alphabet: str = ".,;:-+*/=_"
+    value_first: bool = False  # write each pair as value then key in the listing
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -53,6 +57,7 @@ class RecallExample:
     pairs: tuple[tuple[str, str], ...]
     queries: tuple[str, ...]
     fillers: tuple[str, ...]
+    value_first: bool = False
 
     @property
     def values(self) -> tuple[str, ...]:
@@ -62,7 +67,8 @@ class RecallExample:
     @property
     def question(self) -> str:
         """The user message: the pairs with filler between them, then the keys to recall."""
-        listing = "".join(k + v + f for (k, v), f in zip(self.pairs, self.fillers, strict=True))
+        order = (lambda k, v: v + k) if self.value_first else (lambda k, v: k + v)
+        listing = "".join(order(k, v) + f for (k, v), f in zip(self.pairs, self.fillers, strict=True))
         return f"{listing}\n{QUERY_MARK}{''.join(self.queries)}"
 
     @property
@@ -101,10 +107,16 @@ class RecallTask:
         fillers = tuple("".join(rng.choice(c.filler_alphabet) for _ in range(g)) for _ in keys)
         queries = tuple(rng.sample(keys, min(c.num_queries, n)))
         pairs = tuple(zip(keys, values, strict=True))
-        return RecallExample(split=split, index=index, pairs=pairs, queries=queries, fillers=fillers)
+        return RecallExample(split, index, pairs, queries, fillers, value_first=c.value_first)
 
     def examples(self, split: str, count: int, start: int = 0) -> list[RecallExample]:
         return [self.example(split, i) for i in range(start, start + count)]
+
+    def prompts(
+        self, tokenizer: Any, split: str, count: int, start: int = 0
+    ) -> list[tuple[str, RecallExample]]:
+        """(chat-formatted prompt, example) pairs for a rollout batch; score with recall_reward."""
+        return [(ex.prompt_text(tokenizer), ex) for ex in self.examples(split, count, start)]
 
 
 @dataclass(frozen=True)
