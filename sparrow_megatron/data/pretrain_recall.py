@@ -2,8 +2,8 @@
 
 `python -m sparrow_megatron.data.pretrain_recall --out DIR` (or scripts/pretrain_tiny.py) reproduces
 the committed checkpoint `sparrow_megatron/assets/tiny_recall/` (seeded; same torch build -> same
-weights). Loss is on the response tokens only: the pairs are random and carry no signal. A curriculum
-grows the number of pairs so the model first learns the lookup on short prompts, then on long ones.
+weights). Loss is on the response tokens only: the haystack is random and carries no signal. A curriculum
+grows the haystack so the model first learns the search on short prompts, then on longer ones.
 """
 
 from __future__ import annotations
@@ -13,10 +13,16 @@ import json
 import math
 import random
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from sparrow_megatron.data.recall import EVAL, TRAIN, RecallTask, RecallTaskConfig, recall_reward
+from sparrow_megatron.data.recall import (
+    EVAL,
+    TRAIN,
+    RecallTask,
+    RecallTaskConfig,
+    recall_reward,
+)
 from sparrow_megatron.models.tiny import TinyQwen3Shape, make_tiny_qwen3
 
 RECALL_SHAPE = TinyQwen3Shape(
@@ -38,12 +44,11 @@ class PretrainConfig:
     lr: float = 3e-3
     warmup: int = 50
     weight_decay: float = 0.01
-    min_pairs: int = 4
-    # Long prompts cost too much on shared cores: train on shorter gaps and fewer pairs, and let the
-    # lookup carry over (imperfectly: the partial accuracy we want) to the task's full length.
-    max_gap: int = 8
-    curriculum_frac: float = 0.5  # fraction of steps over which pairs and gap grow to their maximum
-    train_queries: int = 16  # more queries per training prompt = more lookups supervised per step
+    # Long prompts cost too much on shared cores: train on haystacks up to max_len and let the search
+    # carry over (imperfectly: the partial accuracy we want) to the task's full haystack_len.
+    min_len: int = 16
+    max_len: int = 256
+    curriculum_frac: float = 0.6  # fraction of steps over which the haystack grows to max_len
     max_minutes: float = 8.0  # stop early (and still save) past this wall time
     # One thread: on shared cores two OpenMP threads spin on barriers and ran ~10x slower here.
     threads: int = 1
@@ -51,27 +56,24 @@ class PretrainConfig:
     eval_examples: int = 64
 
 
-def _shape_at(step: int, cfg: PretrainConfig, full_pairs: int, rng: random.Random) -> tuple[int, int]:
+def _length_at(step: int, cfg: PretrainConfig, rng: random.Random) -> int:
     ramp = min(1.0, step / max(1, cfg.curriculum_frac * cfg.steps))
-    pairs = int(cfg.min_pairs + ramp * (full_pairs - cfg.min_pairs))
-    gap = int(ramp * cfg.max_gap)
+    longest = int(cfg.min_len + ramp * (cfg.max_len - cfg.min_len))
     # Half of the batches at the current maximum, half below it: keeps the short-prompt skill.
-    if rng.random() < 0.5:
-        pairs, gap = rng.randint(cfg.min_pairs, pairs), rng.randint(0, gap)
-    return pairs, gap
+    return longest if rng.random() < 0.5 else rng.randint(cfg.min_len, longest)
 
 
-def _batch(task: RecallTask, tokenizer, start: int, size: int, num_pairs: int, gap: int):
+def _batch(task: RecallTask, tokenizer, start: int, size: int, haystack_len: int):
     import torch
 
     ids, masks = [], []
     for i in range(start, start + size):
-        ex = task.example(TRAIN, i, num_pairs=num_pairs, gap=gap)
+        ex = task.example(TRAIN, i, haystack_len=haystack_len)
         prompt = tokenizer(ex.prompt_text(tokenizer), add_special_tokens=False)["input_ids"]
         answer = tokenizer(ex.answer + "<|im_end|>", add_special_tokens=False)["input_ids"]
         ids.append(prompt + answer)
         masks.append([0] * len(prompt) + [1] * len(answer))
-    # Same num_pairs and gap -> same length for every example of the batch (fixed-width keys and values).
+    # Same haystack length -> same length for every example of the batch.
     return torch.tensor(ids), torch.tensor(masks, dtype=torch.bool)
 
 
@@ -119,7 +121,6 @@ def pretrain(
     model = Qwen3ForCausalLM.from_pretrained(str(out_dir), local_files_only=True, torch_dtype=torch.float32)
     model.train()
     task = RecallTask(task_cfg)
-    train_task = RecallTask(replace(task_cfg, num_queries=cfg.train_queries))
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98))
 
     def lr_at(step: int) -> float:
@@ -135,8 +136,8 @@ def pretrain(
     for step in bar:
         if (time.time() - t0) / 60 > cfg.max_minutes:
             break
-        n, gap = _shape_at(step, cfg, task_cfg.num_pairs, rng)
-        ids, mask = _batch(train_task, tokenizer, step * cfg.batch_size, cfg.batch_size, n, gap)
+        length = _length_at(step, cfg, rng)
+        ids, mask = _batch(task, tokenizer, step * cfg.batch_size, cfg.batch_size, length)
         logits = model(input_ids=ids).logits[:, :-1]
         targets = ids[:, 1:]
         loss_mask = mask[:, 1:]
@@ -148,7 +149,7 @@ def pretrain(
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         steps_done = step + 1
-        bar.set_postfix(loss=f"{loss.item():.3f}", pairs=n, gap=gap)
+        bar.set_postfix(loss=f"{loss.item():.3f}", length=length)
     train_minutes = (time.time() - t0) / 60
     rewards = greedy_rewards(model, tokenizer, task, cfg.eval_examples)
     accuracy = sum(rewards) / len(rewards)
@@ -174,25 +175,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=PretrainConfig.steps)
     parser.add_argument("--max-minutes", type=float, default=PretrainConfig.max_minutes)
     parser.add_argument("--batch-size", type=int, default=PretrainConfig.batch_size)
-    parser.add_argument("--max-gap", type=int, default=PretrainConfig.max_gap)
+    parser.add_argument("--max-len", type=int, default=PretrainConfig.max_len)
     parser.add_argument("--lr", type=float, default=PretrainConfig.lr)
-    parser.add_argument("--train-queries", type=int, default=PretrainConfig.train_queries)
     parser.add_argument("--eval-examples", type=int, default=PretrainConfig.eval_examples)
     parser.add_argument("--seed", type=int, default=PretrainConfig.seed)
     parser.add_argument("--num-queries", type=int, default=RecallTaskConfig.num_queries)
-    parser.add_argument("--value-first", action="store_true")
     args = parser.parse_args(argv)
     cfg = PretrainConfig(
         steps=args.steps,
         max_minutes=args.max_minutes,
         batch_size=args.batch_size,
-        max_gap=args.max_gap,
+        max_len=args.max_len,
         lr=args.lr,
-        train_queries=args.train_queries,
         eval_examples=args.eval_examples,
         seed=args.seed,
     )
-    task_cfg = RecallTaskConfig(num_queries=args.num_queries, value_first=args.value_first)
+    task_cfg = RecallTaskConfig(num_queries=args.num_queries)
     report = pretrain(args.out, cfg, task_cfg)
     print(json.dumps(report, indent=2))
     return 0

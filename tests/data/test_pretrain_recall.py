@@ -36,8 +36,8 @@ def test_committed_checkpoint_has_partial_dense_accuracy():
 
 
 def test_pretrain_script_writes_a_loadable_checkpoint(tmp_path):
-    cfg = PretrainConfig(steps=2, batch_size=2, eval_examples=2, max_gap=2)
-    report = pretrain(tmp_path, cfg, RecallTaskConfig(num_pairs=8, num_queries=1, gap=4))
+    cfg = PretrainConfig(steps=2, batch_size=2, eval_examples=2, max_len=32)
+    report = pretrain(tmp_path, cfg, RecallTaskConfig(haystack_len=64))
     assert report["steps_done"] == 2
     assert len(report["eval_rewards"]) == 2
     written = json.loads((tmp_path / "recall_pretrain.json").read_text())
