@@ -106,7 +106,10 @@ def greedy_rewards(model, tokenizer, task: RecallTask, count: int, batch_size: i
 
 
 def pretrain(
-    out_dir: str | Path, cfg: PretrainConfig = PretrainConfig(), task_cfg: RecallTaskConfig | None = None
+    out_dir: str | Path,
+    cfg: PretrainConfig = PretrainConfig(),
+    task_cfg: RecallTaskConfig | None = None,
+    init_from: str | Path | None = None,
 ) -> dict:
     import torch
     from tqdm import tqdm
@@ -118,7 +121,9 @@ def pretrain(
     out_dir = Path(out_dir)
     make_tiny_qwen3(out_dir, RECALL_SHAPE, seed=cfg.seed)
     tokenizer = AutoTokenizer.from_pretrained(str(out_dir), local_files_only=True)
-    model = Qwen3ForCausalLM.from_pretrained(str(out_dir), local_files_only=True, torch_dtype=torch.float32)
+    # init_from continues an earlier stage (same shape): a longer schedule split into reproducible runs.
+    weights = str(init_from) if init_from else str(out_dir)
+    model = Qwen3ForCausalLM.from_pretrained(weights, local_files_only=True, dtype=torch.float32)
     model.train()
     task = RecallTask(task_cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98))
@@ -163,6 +168,7 @@ def pretrain(
         "dense_greedy_accuracy": round(accuracy, 4),
         "eval_examples": cfg.eval_examples,
         "eval_rewards": rewards,
+        "init_from": str(init_from) if init_from else None,
         "torch": torch.__version__,
     }
     (out_dir / "recall_pretrain.json").write_text(json.dumps(report, indent=2) + "\n")
@@ -180,6 +186,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--eval-examples", type=int, default=PretrainConfig.eval_examples)
     parser.add_argument("--seed", type=int, default=PretrainConfig.seed)
     parser.add_argument("--num-queries", type=int, default=RecallTaskConfig.num_queries)
+    parser.add_argument(
+        "--init-from", help="continue from this checkpoint (an earlier stage) instead of random"
+    )
     args = parser.parse_args(argv)
     cfg = PretrainConfig(
         steps=args.steps,
@@ -191,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
         seed=args.seed,
     )
     task_cfg = RecallTaskConfig(num_queries=args.num_queries)
-    report = pretrain(args.out, cfg, task_cfg)
+    report = pretrain(args.out, cfg, task_cfg, init_from=args.init_from)
     print(json.dumps(report, indent=2))
     return 0
 

@@ -2,10 +2,11 @@
 
 The prompt is a haystack of `haystack_len` filler characters (1100 by default, one token per character
 with the tiny char tokenizer) with one needle of each class hidden at a random place: a digit, an
-uppercase letter, a lowercase letter. Then `?` and the class markers asked for (`#` digit, `@`
-uppercase, `&` lowercase). The answer repeats each marker followed by the needle of that class:
-`#7@Q`. The needle sits in one page of 16 tokens among ~70: a KV budget (sink + local + top-k pages)
-that drops that page cannot answer, so sparse and dense rollouts really differ. Checked exactly.
+uppercase letter, a lowercase letter. Then `?` and the class markers asked for, in class order (`#`
+digit, `@` uppercase, `&` lowercase; all three by default). The answer repeats each marker followed by
+the needle of that class: `#7@Q&x`. Each needle sits in one page of 16 tokens among ~70: a KV budget
+(sink + local + top-k pages) that drops that page cannot answer, so sparse and dense rollouts really
+differ. Checked exactly.
 
 Why needles and not key/value pairs: key -> value lookup needs an induction circuit, which a tiny model
 did not form within the ~10 CPU-minutes the pretraining may take here (tried; loss stayed at chance).
@@ -35,7 +36,7 @@ NEEDLE_CLASSES = (("#", string.digits), ("@", string.ascii_uppercase), ("&", str
 @dataclass(frozen=True)
 class RecallTaskConfig:
     haystack_len: int = 1100
-    num_queries: int = 1
+    num_queries: int = 3  # needles asked per prompt (reward = fraction recalled exactly)
     needle_classes: tuple[tuple[str, str], ...] = NEEDLE_CLASSES
     filler_alphabet: str = ".,;:-+*/=_"
     seed: int = 0
@@ -107,7 +108,10 @@ class RecallTask:
         for (marker, alphabet), pos in zip(c.needle_classes, positions, strict=True):
             chars[pos] = rng.choice(alphabet)
             needles.append((marker, chars[pos], pos))
-        queries = tuple(rng.sample([m for m, _ in c.needle_classes], c.num_queries))
+        # Asked in the fixed class order: the answer's markers are then known from the format alone and
+        # only the needles themselves must be retrieved.
+        chosen = set(rng.sample([m for m, _ in c.needle_classes], c.num_queries))
+        queries = tuple(m for m, _ in c.needle_classes if m in chosen)
         return RecallExample(split, index, "".join(chars), tuple(needles), queries)
 
     def examples(self, split: str, count: int, start: int = 0) -> list[RecallExample]:

@@ -28,6 +28,8 @@ def test_prompt_structure_and_answer():
     haystack, query = ex.question.split("\n")
     assert len(haystack) == cfg.haystack_len
     assert query == "?" + "".join(ex.queries) and len(set(ex.queries)) == 2
+    order = [m for m, _ in NEEDLE_CLASSES]
+    assert sorted(ex.queries, key=order.index) == list(ex.queries)  # asked in class order
     # Exactly one needle per class, at its recorded position; everything else is filler.
     for (marker, alphabet), (needle_marker, char, pos) in zip(NEEDLE_CLASSES, ex.needles, strict=True):
         assert marker == needle_marker and char in alphabet and haystack[pos] == char
