@@ -50,6 +50,9 @@ class PretrainConfig:
     max_len: int = 256
     curriculum_frac: float = 0.6  # fraction of steps over which the haystack grows to max_len
     max_minutes: float = 8.0  # stop early (and still save) past this wall time
+    # Stop after this many steps of the `steps`-long schedule (0 = run it all). A run cut by
+    # max_minutes after k steps is reproduced exactly by stop_after=k (recorded as steps_done).
+    stop_after: int = 0
     # One thread: on shared cores two OpenMP threads spin on barriers and ran ~10x slower here.
     threads: int = 1
     seed: int = 0
@@ -139,7 +142,7 @@ def pretrain(
     steps_done = 0
     bar = tqdm(range(cfg.steps), desc="pretrain recall")
     for step in bar:
-        if (time.time() - t0) / 60 > cfg.max_minutes:
+        if (time.time() - t0) / 60 > cfg.max_minutes or (cfg.stop_after and step >= cfg.stop_after):
             break
         length = _length_at(step, cfg, rng)
         ids, mask = _batch(task, tokenizer, step * cfg.batch_size, cfg.batch_size, length)
@@ -180,6 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="output checkpoint directory")
     parser.add_argument("--steps", type=int, default=PretrainConfig.steps)
     parser.add_argument("--max-minutes", type=float, default=PretrainConfig.max_minutes)
+    parser.add_argument("--stop-after", type=int, default=0, help="stop after N steps of the schedule")
     parser.add_argument("--batch-size", type=int, default=PretrainConfig.batch_size)
     parser.add_argument("--max-len", type=int, default=PretrainConfig.max_len)
     parser.add_argument("--lr", type=float, default=PretrainConfig.lr)
@@ -193,6 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = PretrainConfig(
         steps=args.steps,
         max_minutes=args.max_minutes,
+        stop_after=args.stop_after,
         batch_size=args.batch_size,
         max_len=args.max_len,
         lr=args.lr,
