@@ -4,7 +4,9 @@
     HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 .venv/bin/python scripts/pretrain_tiny.py \
         --out sparrow_megatron/assets/tiny_recall
 
-Seeded; the options that produced the committed checkpoint are recorded in its recall_pretrain.json.
+The defaults are the settings of the committed run (seeded, one thread: the same torch build gives the
+same weights). Its recall_pretrain.json records every option, the steps done, the wall time and the
+dense greedy accuracy on the eval split. About 11 minutes on a busy 2-core machine.
 """
 
 import sys
