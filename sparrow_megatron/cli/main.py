@@ -15,6 +15,7 @@ COMMAND_MODULES = [
     "sparrow_megatron.cli.schedule",
     "sparrow_megatron.cli.cost",
     "sparrow_megatron.cli.train",
+    "sparrow_megatron.cli.reward",
 ]
 
 

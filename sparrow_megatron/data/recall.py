@@ -1,14 +1,17 @@
-"""The synthetic task of the embedded default: multi-query associative recall over a long prompt.
+"""The synthetic task of the embedded default: needle recall over a long prompt.
 
-The prompt lists `num_pairs` key/value pairs, each a key character followed by its value character,
-separated by `gap` filler characters (about 1.2K characters with the defaults, one token per character
-with the tiny char tokenizer), then `?` and the `num_queries` keys to recall. The answer repeats each
-query key followed by its value: `kVmW`. To produce a value the model must attend back to the one page
-that holds its pair, so a KV budget that drops that page changes the answer: sparse and dense rollouts
-really differ. Checked exactly, value by value.
+The prompt is a haystack of `haystack_len` filler characters (1100 by default, one token per character
+with the tiny char tokenizer) with one needle of each class hidden at a random place: a digit, an
+uppercase letter, a lowercase letter. Then `?` and the class markers asked for, in class order (`#`
+digit, `@` uppercase, `&` lowercase; all three by default). The answer repeats each marker followed by
+the needle of that class: `#7@Q&x`. Each needle sits in one page of 16 tokens among ~70: a KV budget
+(sink + local + top-k pages) that drops that page cannot answer, so sparse and dense rollouts really
+differ. Checked exactly.
 
-Keys, values and filler use disjoint alphabets, so a value follows its key exactly once in the prompt:
-the lookup is a one-token induction that a 4-layer char-level model learns in minutes on a CPU core.
+Why needles and not key/value pairs: key -> value lookup needs an induction circuit, which a tiny model
+did not form within the ~10 CPU-minutes the pretraining may take here (tried; loss stayed at chance).
+A needle is found by matching its class directly, which a 4-layer model learns in minutes, and the
+accuracy at full length stays partial when training used shorter haystacks: room for RL.
 Examples are a pure function of (seed, split, index), so every process (rollout workers, evaluation,
 the pretraining script) sees the same data without shipping files around.
 """
@@ -18,57 +21,63 @@ from __future__ import annotations
 import random
 import string
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 TRAIN = "train"
 EVAL = "eval"
 SPLITS = (TRAIN, EVAL)
 QUERY_MARK = "?"
+# The tiny Qwen3 pretrained on this task (scripts/pretrain_tiny.py), installed with the package.
+TINY_RECALL_DIR = Path(__file__).resolve().parents[1] / "assets" / "tiny_recall"
+NEEDLE_CLASSES = (("#", string.digits), ("@", string.ascii_uppercase), ("&", string.ascii_lowercase))
 
 
 @dataclass(frozen=True)
 class RecallTaskConfig:
-    num_pairs: int = 32
-    num_queries: int = 2
-    gap: int = 32  # filler characters after each pair: spreads the pairs over the pages
-    key_alphabet: str = string.ascii_lowercase + string.digits
-    value_alphabet: str = string.ascii_uppercase
+    haystack_len: int = 1100
+    num_queries: int = 3  # needles asked per prompt (reward = fraction recalled exactly)
+    needle_classes: tuple[tuple[str, str], ...] = NEEDLE_CLASSES
     filler_alphabet: str = ".,;:-+*/=_"
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if not 1 <= self.num_queries <= self.num_pairs:
-            raise ValueError(f"need 1 <= num_queries ({self.num_queries}) <= num_pairs ({self.num_pairs})")
-        if self.num_pairs > len(self.key_alphabet):
-            raise ValueError(f"num_pairs {self.num_pairs} > {len(self.key_alphabet)} distinct keys")
-        key, value, filler = set(self.key_alphabet), set(self.value_alphabet), set(self.filler_alphabet)
-        if key & value or key & filler or value & filler or QUERY_MARK in key | value | filler:
-            raise ValueError("key, value and filler alphabets must be disjoint and exclude '?'")
+        if not 1 <= self.num_queries <= len(self.needle_classes):
+            raise ValueError(
+                f"need 1 <= num_queries ({self.num_queries}) <= {len(self.needle_classes)} classes"
+            )
+        if self.haystack_len < len(self.needle_classes):
+            raise ValueError(
+                f"haystack_len {self.haystack_len} cannot hold {len(self.needle_classes)} needles"
+            )
+        sets = [set(self.filler_alphabet)] + [set(a) for _, a in self.needle_classes]
+        sets.append({m for m, _ in self.needle_classes} | {QUERY_MARK})
+        if sum(len(x) for x in sets) != len(set().union(*sets)):
+            raise ValueError("filler, needle alphabets and markers (plus '?') must be disjoint")
 
 
 @dataclass(frozen=True)
 class RecallExample:
     split: str
     index: int
-    pairs: tuple[tuple[str, str], ...]
-    queries: tuple[str, ...]
-    fillers: tuple[str, ...]
+    haystack: str  # filler with the needles in place
+    needles: tuple[tuple[str, str, int], ...]  # (class marker, needle character, position)
+    queries: tuple[str, ...]  # class markers asked for, in answer order
 
     @property
     def values(self) -> tuple[str, ...]:
-        table = dict(self.pairs)
-        return tuple(table[k] for k in self.queries)
+        table = {marker: char for marker, char, _ in self.needles}
+        return tuple(table[m] for m in self.queries)
 
     @property
     def question(self) -> str:
-        """The user message: the pairs with filler between them, then the keys to recall."""
-        listing = "".join(k + v + f for (k, v), f in zip(self.pairs, self.fillers, strict=True))
-        return f"{listing}\n{QUERY_MARK}{''.join(self.queries)}"
+        """The user message: the haystack, then the class markers to recall."""
+        return f"{self.haystack}\n{QUERY_MARK}{''.join(self.queries)}"
 
     @property
     def answer(self) -> str:
-        """The reference response (without the end-of-turn token): each query key, then its value."""
-        return "".join(k + v for k, v in zip(self.queries, self.values, strict=True))
+        """The reference response (without the end-of-turn token): each marker, then its needle."""
+        return "".join(m + v for m, v in zip(self.queries, self.values, strict=True))
 
     @property
     def messages(self) -> list[dict[str, str]]:
@@ -85,26 +94,34 @@ class RecallTask:
     def __init__(self, config: RecallTaskConfig = RecallTaskConfig()):
         self.config = config
 
-    def example(
-        self, split: str, index: int, num_pairs: int | None = None, gap: int | None = None
-    ) -> RecallExample:
-        """Example `index` of `split`; num_pairs / gap override the config (pretraining curriculum)."""
+    def example(self, split: str, index: int, haystack_len: int | None = None) -> RecallExample:
+        """Example `index` of `split`; haystack_len overrides the config (pretraining curriculum)."""
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
         c = self.config
-        n = c.num_pairs if num_pairs is None else num_pairs
-        g = c.gap if gap is None else gap
+        n = c.haystack_len if haystack_len is None else haystack_len
         # A string seed is hashed with SHA-512 by random.Random: stable across processes and versions.
-        rng = random.Random(f"recall/{c.seed}/{split}/{index}/{n}/{g}")
-        keys = rng.sample(c.key_alphabet, n)
-        values = [rng.choice(c.value_alphabet) for _ in keys]
-        fillers = tuple("".join(rng.choice(c.filler_alphabet) for _ in range(g)) for _ in keys)
-        queries = tuple(rng.sample(keys, min(c.num_queries, n)))
-        pairs = tuple(zip(keys, values, strict=True))
-        return RecallExample(split=split, index=index, pairs=pairs, queries=queries, fillers=fillers)
+        rng = random.Random(f"recall/{c.seed}/{split}/{index}/{n}")
+        chars = [rng.choice(c.filler_alphabet) for _ in range(n)]
+        positions = rng.sample(range(n), len(c.needle_classes))
+        needles = []
+        for (marker, alphabet), pos in zip(c.needle_classes, positions, strict=True):
+            chars[pos] = rng.choice(alphabet)
+            needles.append((marker, chars[pos], pos))
+        # Asked in the fixed class order: the answer's markers are then known from the format alone and
+        # only the needles themselves must be retrieved.
+        chosen = set(rng.sample([m for m, _ in c.needle_classes], c.num_queries))
+        queries = tuple(m for m, _ in c.needle_classes if m in chosen)
+        return RecallExample(split, index, "".join(chars), tuple(needles), queries)
 
     def examples(self, split: str, count: int, start: int = 0) -> list[RecallExample]:
         return [self.example(split, i) for i in range(start, start + count)]
+
+    def prompts(
+        self, tokenizer: Any, split: str, count: int, start: int = 0
+    ) -> list[tuple[str, RecallExample]]:
+        """(chat-formatted prompt, example) pairs for a rollout batch; score with recall_reward."""
+        return [(ex.prompt_text(tokenizer), ex) for ex in self.examples(split, count, start)]
 
 
 @dataclass(frozen=True)

@@ -127,20 +127,19 @@ class _UidSlot:
 
 
 def processes_of_uid(uid: int) -> list[int]:
-    """PIDs whose real uid is `uid` (from /proc)."""
+    """Live (non-zombie) PIDs whose real uid is `uid` (from /proc)."""
     pids = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
         try:
             with open(f"/proc/{entry}/status") as f:
-                for line in f:
-                    if line.startswith("Uid:"):
-                        if int(line.split()[1]) == uid:
-                            pids.append(int(entry))
-                        break
+                fields = dict(line.split(":", 1) for line in f if ":" in line)
         except OSError:
             continue
+        # Zombies hold nothing and cannot act; their parent (or init) reaps them.
+        if int(fields["Uid"].split()[0]) == uid and not fields["State"].strip().startswith("Z"):
+            pids.append(int(entry))
     return pids
 
 

@@ -8,7 +8,8 @@ so a program cannot fake one.
 
 Isolation modes (see sandbox.py for how one is picked):
 - "namespaces" (root): new mount, network, PID, IPC and UTS namespaces; private tmpfs on /tmp (the
-  empty work dir), /var/tmp and /dev/shm (read-only for the program); a fresh /proc that shows only the
+  empty work dir), /var/tmp and /dev/shm (read-only for the program); every other mount remounted
+  read-only in the namespace (closes world-writable places like /run/lock); a fresh /proc that shows only the
   sandbox's own processes; the program runs as an unprivileged uid reserved for this run, with
   no_new_privs, so RLIMIT_NPROC is enforced (it is not for root) and it cannot signal host processes.
   When the program (PID 1 of its namespace) exits or is killed, the kernel kills every process left in
@@ -31,9 +32,12 @@ CLONE_NEWUTS = 0x04000000
 CLONE_NEWIPC = 0x08000000
 CLONE_NEWPID = 0x20000000
 CLONE_NEWNET = 0x40000000
+MS_RDONLY = 1
 MS_NOSUID = 2
 MS_NODEV = 4
 MS_NOEXEC = 8
+MS_REMOUNT = 32
+MS_BIND = 4096
 MS_REC = 16384
 MS_PRIVATE = 1 << 18
 PR_SET_PDEATHSIG = 1
@@ -103,6 +107,7 @@ def _namespaces(spec: dict) -> int:
     uid, gid = spec["uid"], spec["gid"]
     _check(_libc.unshare(CLONE_NEWNS | CLONE_NEWNET | CLONE_NEWPID | CLONE_NEWIPC | CLONE_NEWUTS), "unshare")
     _mount("none", "/", None, MS_REC | MS_PRIVATE, None)
+    _read_only_mounts()
     tmp_opts = f"size={spec['tmpfs_mb']}m,nr_inodes=4096,mode=0700,uid={uid},gid={gid}"
     _mount("tmpfs", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, tmp_opts)
     for path in ("/var/tmp", "/dev/shm"):
@@ -138,6 +143,23 @@ def _drop_privileges_and_exec(spec: dict, uid: int, gid: int) -> None:
         _exec_program(spec, "/tmp")
     except BaseException as err:  # noqa: BLE001
         _fail(spec, err)
+
+
+def _read_only_mounts() -> None:
+    """Make every mount of this namespace read-only (bind remount: the host's mounts are untouched),
+    so world-writable places such as /run/lock are closed too. /proc, /sys and /dev are left alone:
+    writing there needs root or a device node."""
+    with open("/proc/self/mountinfo") as f:
+        points = [line.split()[4] for line in f]
+    for point in points:
+        point = point.encode().decode("unicode_escape")  # mountinfo escapes spaces as \040
+        if point.startswith(("/proc", "/sys", "/dev")):
+            continue
+        try:
+            _mount("none", point, None, MS_REMOUNT | MS_BIND | MS_RDONLY, None)
+        except OSError:
+            if point == "/":
+                raise  # without a read-only root the sandbox is not what it claims
 
 
 def _fail(spec: dict, err: BaseException) -> None:

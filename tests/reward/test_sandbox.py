@@ -211,6 +211,8 @@ def test_writes_outside_work_dir_do_not_reach_host(contained, tmp_path):
         tmp_path / name,
         Path("/var/tmp") / name,
         Path("/dev/shm") / name,
+        Path("/run/lock") / name,
+        Path("/") / name,
         Path.cwd() / name,
         Path(sandbox.__file__).parent / name,
     ]
