@@ -151,21 +151,26 @@ own_pids() {
     for daemon in "${DAEMONS[@]}"; do pid_of "$daemon"; done
 }
 
+# A pid still runs when it exists and is not a zombie (reaping is the parent's business).
+running() { local st; st=$(awk '{print $3}' "/proc/$1/stat" 2>/dev/null) && [ -n "$st" ] && [ "$st" != Z ]; }
+live() { while read -r p; do if [ -n "$p" ] && running "$p"; then echo "$p"; fi; done; }
+
 stop() {
     local pids
     # Daemons first, in reverse start order, so nothing restarts a step while we stop it.
+    pids=$(own_pids | sort -u | live)
     for ((i = ${#DAEMONS[@]} - 1; i >= 0; i--)); do
         pid=$(pid_of "${DAEMONS[$i]}")
         [ -n "$pid" ] && kill "$pid" 2>/dev/null || true
     done
-    for _ in $(seq 1 40); do
-        pids=$(own_pids | sort -u | while read -r p; do kill -0 "$p" 2>/dev/null && echo "$p"; done)
+    for _ in $(seq 1 60); do
+        # The pids found before the kill stay watched: daemons delete their pid files on the way out.
+        pids=$( (echo "$pids"; own_pids) | sort -u | live)
         [ -z "$pids" ] && break
         # shellcheck disable=SC2086
         kill $pids 2>/dev/null || true
         sleep 0.25
     done
-    pids=$(own_pids | sort -u | while read -r p; do kill -0 "$p" 2>/dev/null && echo "$p"; done)
     # shellcheck disable=SC2086
     [ -n "$pids" ] && kill -9 $pids 2>/dev/null || true
     rm -rf "$STATE"
