@@ -24,7 +24,19 @@ int bind(int fd, const struct sockaddr *addr, socklen_t len) {
         struct sockaddr_in6 in6;
         memcpy(&in6, addr, sizeof in6);
         if (IN6_IS_ADDR_UNSPECIFIED(&in6.sin6_addr)) {
-            in6.sin6_addr = in6addr_loopback;
+            /* A dual-stack socket (e.g. torch's TCPStore binds "::") serves IPv4 clients that dial
+             * 127.0.0.1: give it the v4-mapped loopback. A v6-only socket gets ::1. */
+            int v6only = 0;
+            socklen_t optlen = sizeof v6only;
+            if (getsockopt(fd, IPPROTO_IPV6, IPV6_V6ONLY, &v6only, &optlen) == 0 && v6only) {
+                in6.sin6_addr = in6addr_loopback;
+            } else {
+                memset(&in6.sin6_addr, 0, sizeof in6.sin6_addr);
+                in6.sin6_addr.s6_addr[10] = 0xff;
+                in6.sin6_addr.s6_addr[11] = 0xff;
+                in6.sin6_addr.s6_addr[12] = 127;
+                in6.sin6_addr.s6_addr[15] = 1;
+            }
             return real_bind(fd, (const struct sockaddr *)&in6, sizeof in6);
         }
     }
