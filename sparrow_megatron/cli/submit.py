@@ -25,7 +25,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     ]:
         q = subparsers.add_parser(name, help=text)
         q.add_argument("experiment_id", help="the id `sparrow submit` printed (<name>_<number>)")
-        q.add_argument("--job-dir", default=DEFAULT_JOB_DIR, help=f"where experiments live [{DEFAULT_JOB_DIR}]")
+        q.add_argument(
+            "--job-dir", default=DEFAULT_JOB_DIR, help=f"where experiments live [{DEFAULT_JOB_DIR}]"
+        )
         q.set_defaults(func=func)
 
 

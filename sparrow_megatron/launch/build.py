@@ -69,9 +69,13 @@ def batch_setup_lines(spec: LaunchSpec) -> str:
     return "\n".join(
         [
             "# sparrow: addresses of the two het groups (NodeAddr, since node names need not resolve)",
-            "sparrow_node_addr() { timeout 20 scontrol show node \"$1\" | grep -o 'NodeAddr=[^ ]*' | cut -d= -f2; }",
-            'export SPARROW_ROLLOUT_HOSTS=$(scontrol show hostnames "$SLURM_JOB_NODELIST_HET_GROUP_0" | paste -sd, -)',
-            'export SPARROW_TRAINER_HOSTS=$(scontrol show hostnames "$SLURM_JOB_NODELIST_HET_GROUP_1" | paste -sd, -)',
+            "sparrow_node_addr() {",
+            "  timeout 20 scontrol show node \"$1\" | grep -o 'NodeAddr=[^ ]*' | cut -d= -f2",
+            "}",
+            "export SPARROW_ROLLOUT_HOSTS="
+            '$(scontrol show hostnames "$SLURM_JOB_NODELIST_HET_GROUP_0" | paste -sd, -)',
+            "export SPARROW_TRAINER_HOSTS="
+            '$(scontrol show hostnames "$SLURM_JOB_NODELIST_HET_GROUP_1" | paste -sd, -)',
             'export SPARROW_ROLLOUT_HEAD=$(sparrow_node_addr "${SPARROW_ROLLOUT_HOSTS%%,*}")',
             'export SPARROW_TRAINER_HEAD=$(sparrow_node_addr "${SPARROW_TRAINER_HOSTS%%,*}")',
             'export SPARROW_ROUTER_URL="http://${SPARROW_ROLLOUT_HEAD}:${SPARROW_ROUTER_PORT}"',
@@ -169,5 +173,9 @@ def add_jobs(exp: run.Experiment, spec: LaunchSpec) -> None:
             name=spec.name,
         )
     else:
-        exp.add(task(spec, ROLLOUT, quote=False), executor=local_executor(spec), name=f"{spec.name}-{ROLLOUT}")
-        exp.add(task(spec, TRAINER, quote=False), executor=local_executor(spec), name=f"{spec.name}-{TRAINER}")
+        exp.add(
+            task(spec, ROLLOUT, quote=False), executor=local_executor(spec), name=f"{spec.name}-{ROLLOUT}"
+        )
+        exp.add(
+            task(spec, TRAINER, quote=False), executor=local_executor(spec), name=f"{spec.name}-{TRAINER}"
+        )

@@ -98,12 +98,16 @@ def status(experiment_id: str, job_dir: str | Path) -> list[JobStatus]:
     exp = _load(experiment_id, job_dir)
     info = exp.status(return_dict=True) or {}
     return [
-        JobStatus(name=name, state=d["status"], slurm_job_id=str(d.get("job_id", "")), local_dir=d["local_dir"])
+        JobStatus(
+            name=name, state=d["status"], slurm_job_id=str(d.get("job_id", "")), local_dir=d["local_dir"]
+        )
         for name, d in sorted(info.items())
     ]
 
 
-def wait(experiment_id: str, job_dir: str | Path, *, timeout_s: float, poll_s: float = 2.0) -> list[JobStatus]:
+def wait(
+    experiment_id: str, job_dir: str | Path, *, timeout_s: float, poll_s: float = 2.0
+) -> list[JobStatus]:
     """Poll until every job is SUCCEEDED/FAILED/CANCELLED; raises TimeoutError with the last states."""
     deadline = time.monotonic() + timeout_s
     while True:

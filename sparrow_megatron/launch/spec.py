@@ -116,7 +116,9 @@ class LaunchSpec:
 def _resolve(cmd: Command, spec: LaunchSpec, name: str) -> list[str]:
     argv = cmd(spec) if callable(cmd) else cmd
     if not isinstance(argv, list | tuple) or not argv or not all(isinstance(a, str) for a in argv):
-        raise UserError(f"spec '{spec.name}': field '{name}' must be a non-empty list of strings, got {argv!r}")
+        raise UserError(
+            f"spec '{spec.name}': field '{name}' must be a non-empty list of strings, got {argv!r}"
+        )
     return list(argv)
 
 
@@ -190,7 +192,9 @@ def validate(spec: LaunchSpec) -> LaunchSpec:
         if not _ENV_KEY.match(key):
             fail("cluster.env", f"{key!r} is not a valid environment variable name")
     if c.requeue_signal_s >= _seconds(c.time_limit):
-        fail("cluster.requeue_signal_s", f"{c.requeue_signal_s}s is not shorter than time_limit {c.time_limit}")
+        fail(
+            "cluster.requeue_signal_s", f"{c.requeue_signal_s}s is not shorter than time_limit {c.time_limit}"
+        )
     if c.requeue_signal_s < 0 or c.max_retries < 0:
         fail("cluster.requeue_signal_s" if c.requeue_signal_s < 0 else "cluster.max_retries", "must be >= 0")
     spec.resolved_rollout_cmd()

@@ -1,4 +1,5 @@
-"""The real local Slurm (slurm/local_cluster.sh) for `@pytest.mark.slurm` tests: up once per session, down at the end."""
+"""The real local Slurm (slurm/local_cluster.sh) for `@pytest.mark.slurm` tests: up once per session,
+down at the end."""
 
 from __future__ import annotations
 
@@ -18,7 +19,12 @@ def local_slurm():
     """SLURM_CONF of a running two-node cluster. Skips only when Slurm cannot be installed at all."""
     env = dict(os.environ, CI=os.environ.get("CI", "true"))
     up = subprocess.run(
-        ["bash", str(SCRIPT), "up"], env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=1500
+        ["bash", str(SCRIPT), "up"],
+        env=env,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=1500,
     )
     if up.returncode == UNAVAILABLE:
         pytest.skip(f"local Slurm unavailable: {up.stderr.strip().splitlines()[-1]}")

@@ -28,7 +28,13 @@ def big_spec(tmp_path, **cluster) -> LaunchSpec:
         trainer_cmd=["sparrow", "train-worker", "--config", "/cfg/run config.yaml"],
         rollout=RolloutGroupConfig(nodes=2, gpus_per_node=8, engine_tp=2),
         trainer=TrainerGroupConfig(nodes=2, gpus_per_node=8, tp=4, pp=2),
-        cluster=ClusterConfig(account="acct", partition="batch", time_limit="1-00:00:00", job_dir=str(tmp_path / "jobs"), **cluster),
+        cluster=ClusterConfig(
+            account="acct",
+            partition="batch",
+            time_limit="1-00:00:00",
+            job_dir=str(tmp_path / "jobs"),
+            **cluster,
+        ),
         run_dir="/lustre/runs/q14b",
         mlflow_uri="http://mlflow.internal:5000",
     )
@@ -49,7 +55,10 @@ def test_dry_run_sbatch_for_14b_spec(tmp_path):
     sruns = [line for line in script.splitlines() if line.startswith("srun --het-group")]
     assert [re.search(r"--het-group=(\d)", s).group(1) for s in sruns] == ["0", "1"]
     rollout, trainer = sruns
-    assert "sparrow_megatron.launch.task rollout -- sparrow rollout-node --model /models/Qwen3-14B --engine-tp 2" in rollout
+    assert (
+        "sparrow_megatron.launch.task rollout -- sparrow rollout-node --model /models/Qwen3-14B --engine-tp 2"
+        in rollout
+    )
     assert (
         "sparrow_megatron.launch.task trainer --launcher=torchrun --nnodes=2 --nproc-per-node=8 "
         "--rdzv-port=29500 --resume-flag=--resume -- sparrow train-worker --config '/cfg/run config.yaml'"
@@ -85,8 +94,17 @@ def test_local_executor_runs_both_commands(tmp_path):
     marker.mkdir()
     spec = LaunchSpec(
         name="local_small",
-        rollout_cmd=["bash", "-c", 'echo "$SPARROW_ROLE $SPARROW_ROUTER_URL" > "$SPARROW_RUN_DIR/rollout.txt"'],
-        trainer_cmd=["bash", "-c", 'echo "$SPARROW_ROLE $SPARROW_TP $*" > "$SPARROW_RUN_DIR/trainer.txt"', "x"],
+        rollout_cmd=[
+            "bash",
+            "-c",
+            'echo "$SPARROW_ROLE $SPARROW_ROUTER_URL" > "$SPARROW_RUN_DIR/rollout.txt"',
+        ],
+        trainer_cmd=[
+            "bash",
+            "-c",
+            'echo "$SPARROW_ROLE $SPARROW_TP $*" > "$SPARROW_RUN_DIR/trainer.txt"',
+            "x",
+        ],
         rollout=RolloutGroupConfig(nodes=1, gpus_per_node=0),
         trainer=TrainerGroupConfig(nodes=1, gpus_per_node=0, procs_per_node=1, launcher="none"),
         cluster=ClusterConfig(job_dir=str(tmp_path / "jobs"), python=sys.executable),

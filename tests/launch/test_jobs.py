@@ -43,7 +43,9 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def small_spec(tmp_path: Path, name: str, rollout_cmd: list[str], trainer_cmd: list[str], **trainer) -> LaunchSpec:
+def small_spec(
+    tmp_path: Path, name: str, rollout_cmd: list[str], trainer_cmd: list[str], **trainer
+) -> LaunchSpec:
     return LaunchSpec(
         name=name,
         rollout_cmd=rollout_cmd,
@@ -101,10 +103,17 @@ def test_heterogeneous_job_runs_both_groups_concurrently_and_succeeds(local_slur
     # torchrun over the trainer group: 2 ranks, rendezvous at the trainer head.
     assert sorted(t["RANK"] for t in trainers) == ["0", "1"]
     assert {t["WORLD_SIZE"] for t in trainers} == {"2"}
-    assert {t["MASTER_ADDR"] for t in trainers} <= {"127.0.0.1", "localhost", "vm", trainers[0]["MASTER_ADDR"]}
+    assert {t["MASTER_ADDR"] for t in trainers} <= {
+        "127.0.0.1",
+        "localhost",
+        "vm",
+        trainers[0]["MASTER_ADDR"],
+    }
     assert len(rollout["CUDA_VISIBLE_DEVICES"].split(",")) == 2  # the fake GPUs were allocated
     # A fresh job: no --resume on the trainer command line.
-    trainer_log = next(text for path, text in logs.items() if "-1_" in path.name and path.name.startswith("log-"))
+    trainer_log = next(
+        text for path, text in logs.items() if "-1_" in path.name and path.name.startswith("log-")
+    )
     assert "sparrow task [trainer node 0]" in trainer_log and "--resume" not in trainer_log.split("--")[-1]
 
 
