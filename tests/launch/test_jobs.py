@@ -4,7 +4,9 @@ groups run concurrently on node1 and node2, and a failing job whose log is retri
 from __future__ import annotations
 
 import socket
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -131,3 +133,50 @@ def test_failing_job_is_reported_failed_with_its_log(local_slurm, tmp_path):
     logs = jobs.logs(sub.experiment_id, spec.cluster.job_dir)
     assert any("sparrow-failure-marker" in text for text in logs.values()), list(logs)
     assert any("job exited with code 3" in text for text in logs.values())
+
+
+RESUMABLE_TRAINER = """
+d=$SPARROW_RUN_DIR
+case " $* " in
+  *" --resume "*) echo "restart=$SPARROW_RESTART_COUNT args=$*" > "$d/resumed"; exit 0 ;;
+esac
+touch "$d/first_run"
+sleep 240
+"""
+
+
+def test_requeued_job_resumes_the_trainer_with_resume_flag(local_slurm, tmp_path):
+    spec = small_spec(
+        tmp_path,
+        "hetresume",
+        ["bash", "-c", "sleep 240"],
+        ["bash", "-c", RESUMABLE_TRAINER, "trainer"],
+        launcher="none",
+    )
+    sub = jobs.submit(spec)
+    run = tmp_path / "run"
+    deadline = time.monotonic() + 120
+    while not (run / "first_run").exists():
+        assert time.monotonic() < deadline, "the first run never started"
+        time.sleep(0.5)
+    slurm_id = jobs.status(sub.experiment_id, spec.cluster.job_dir)[0].slurm_job_id
+    # What Slurm does on preemption of a requeueable job (and what the USR1 trap does near the limit).
+    subprocess.run(["scontrol", "requeue", slurm_id], check=True, timeout=20)
+    # Slurm holds a requeued job back for ~2 minutes (Reason=BeginTime): once it is held, start it now.
+    for _ in range(120):
+        reason = subprocess.run(
+            ["squeue", "-h", "-j", slurm_id, "-o", "%r"], capture_output=True, text=True, timeout=20
+        ).stdout
+        if "BeginTime" in reason:
+            start_now = ["scontrol", "update", f"JobId={slurm_id}", "StartTime=now"]
+            subprocess.run(start_now, timeout=20, check=True)
+            break
+        time.sleep(0.5)
+    final = jobs.wait(sub.experiment_id, spec.cluster.job_dir, timeout_s=300)
+    logs = jobs.logs(sub.experiment_id, spec.cluster.job_dir)
+    assert [s.state for s in final] == [AppState.SUCCEEDED], "\n".join(logs.values())
+    assert (run / "resumed").read_text().split() == ["restart=1", "args=--resume"]
+    # One log per restart: the first run's log is kept.
+    names = {p.name for p in logs}
+    assert any(n.endswith("_0.out") and n.startswith("log-sparrow.hetresume-1") for n in names)
+    assert any(n.endswith("_1.out") and n.startswith("log-sparrow.hetresume-1") for n in names)
