@@ -75,7 +75,7 @@ render() {  # render TEMPLATE OUTPUT
 nodes_ready() {
     local states
     states=$(client sinfo -h -N -o '%N %t' 2>/dev/null) || return 1
-    [ "$(grep -cE '^node[12] (idle|mix|alloc)' <<<"$states")" -eq 2 ]
+    [ "$(grep -cE '^node[12] (idle|mix|alloc|comp)' <<<"$states")" -eq 2 ]
 }
 
 healthy() {
