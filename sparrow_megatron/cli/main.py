@@ -16,6 +16,7 @@ COMMAND_MODULES = [
     "sparrow_megatron.cli.cost",
     "sparrow_megatron.cli.train",
     "sparrow_megatron.cli.reward",
+    "sparrow_megatron.cli.submit",
 ]
 
 

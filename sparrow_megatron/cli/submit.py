@@ -1,0 +1,75 @@
+"""`sparrow submit|status|logs|cancel`: a LaunchSpec on Slurm (or locally) through NeMo-Run."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from sparrow_megatron.launch.spec import ClusterConfig
+
+DEFAULT_JOB_DIR = os.environ.get("SPARROW_JOB_DIR", ClusterConfig.job_dir)
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("submit", help="validate a launch spec and submit it (Slurm het job or local)")
+    p.add_argument("spec", help="spec file (.py) or module defining SPEC or spec()")
+    p.add_argument("overrides", nargs="*", help="key=value, e.g. trainer.tp=4 cluster.account=myacct")
+    p.add_argument("--executor", choices=["slurm", "local"], help="override the spec's executor")
+    p.add_argument("--dry-run", action="store_true", help="write the sbatch script, submit nothing")
+    p.set_defaults(func=cmd_submit)
+
+    for name, func, text in [
+        ("status", cmd_status, "state of a submitted experiment"),
+        ("logs", cmd_logs, "print the log files of a submitted experiment"),
+        ("cancel", cmd_cancel, "cancel a submitted experiment"),
+    ]:
+        q = subparsers.add_parser(name, help=text)
+        q.add_argument("experiment_id", help="the id `sparrow submit` printed (<name>_<number>)")
+        q.add_argument(
+            "--job-dir", default=DEFAULT_JOB_DIR, help=f"where experiments live [{DEFAULT_JOB_DIR}]"
+        )
+        q.set_defaults(func=func)
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from sparrow_megatron.launch import jobs
+    from sparrow_megatron.launch.spec import apply_overrides, load_spec, validate
+
+    overrides = list(args.overrides) + ([f"executor={args.executor}"] if args.executor else [])
+    spec = validate(apply_overrides(load_spec(args.spec), overrides))
+    sub = jobs.submit(spec, dry_run=args.dry_run)
+    print(f"experiment: {sub.experiment_id}")
+    print(f"job dir:    {spec.cluster.job_dir}")
+    if sub.sbatch_script:
+        print(f"sbatch:     {sub.sbatch_script}")
+    if not sub.dry_run:
+        print(f"watch:      sparrow status {sub.experiment_id} --job-dir {spec.cluster.job_dir}")
+    return 0
+
+
+def _print_states(states) -> None:
+    for s in states:
+        print(f"{s.name}\t{s.state.name}\tslurm job {s.slurm_job_id or '-'}\t{s.local_dir}")
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from sparrow_megatron.launch import jobs
+
+    _print_states(jobs.status(args.experiment_id, args.job_dir))
+    return 0
+
+
+def cmd_logs(args: argparse.Namespace) -> int:
+    from sparrow_megatron.launch import jobs
+
+    for path, text in jobs.logs(args.experiment_id, args.job_dir).items():
+        print(f"==> {path} <==")
+        print(text)
+    return 0
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    from sparrow_megatron.launch import jobs
+
+    _print_states(jobs.cancel(args.experiment_id, args.job_dir))
+    return 0
