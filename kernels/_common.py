@@ -29,3 +29,16 @@ def mma(a, b, FP32_DOT: tl.constexpr):
 
 def next_pow2(n: int, minimum: int = 1) -> int:
     return max(minimum, triton.next_power_of_2(n))
+
+
+@triton.jit
+def round_bf16_rne(x):
+    """fp32 -> the nearest bf16 value (ties to even), still as fp32.
+
+    The interpreter's fp32 -> bf16 cast truncates (and ignores fp_downcast_rounding); GPUs round to
+    nearest even. Stores that must be bit-exact (landmarks) pre-round with this when interpreting, so
+    the later cast is exact. Finite inputs only.
+    """
+    bits = x.to(tl.int32, bitcast=True)
+    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536
+    return bits.to(tl.float32, bitcast=True)

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 import torch
 import triton
 import triton.language as tl
-from sparrow_kernels._common import next_pow2
+from sparrow_kernels._common import interpreting, next_pow2, round_bf16_rne
 
 
 @triton.jit
@@ -38,6 +38,7 @@ def _landmark_kernel(
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
     PAGE_SIZE: tl.constexpr,
+    ROUND_BF16: tl.constexpr,
 ):
     b = tl.program_id(0)
     h = tl.program_id(1)
@@ -54,6 +55,8 @@ def _landmark_kernel(
             other=0.0,
         )
         mean = tl.sum(k.to(tl.float32), axis=0) / PAGE_SIZE
+        if ROUND_BF16:
+            mean = round_bf16_rne(mean)
         dst = Landmarks + req * stride_lm_row + page.to(tl.int64) * stride_lm_page + h * stride_lm_head
         tl.store(dst + offs_d, mean.to(Landmarks.dtype.element_ty), mask=mask_d)
 
@@ -101,6 +104,7 @@ def update_landmarks(
         HEAD_DIM=head_dim,
         BLOCK_D=next_pow2(head_dim, 16),
         PAGE_SIZE=page_size,
+        ROUND_BF16=interpreting() and landmarks.dtype == torch.bfloat16,
     )
 
 

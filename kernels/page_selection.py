@@ -36,7 +36,7 @@ class BatchPlan:
     num_pages: torch.Tensor  # [B] int32
     cand_start: torch.Tensor  # [B] int32
     cand_end: torch.Tensor  # [B] int32 (== cand_start for dense requests)
-    top_k: torch.Tensor  # [B] int32 (0 for dense requests)
+    top_k: torch.Tensor  # [B] int32 (-1 for dense requests; 0 is a valid sparse k)
     num_selected: torch.Tensor  # [B] int32
     max_candidates: int
     max_selected: int
@@ -60,7 +60,7 @@ def plan_batch(
             p.num_pages,
             p.candidate_start,
             p.candidate_end if not p.dense else p.candidate_start,
-            p.top_k,
+            -1 if p.dense else p.top_k,
             p.num_selected,
         )
         for p in plans
@@ -93,6 +93,7 @@ def _score_kernel(
     stride_lm_head,
     stride_s_b,
     stride_s_h,
+    width,
     GROUP: tl.constexpr,
     BLOCK_G: tl.constexpr,
     HEAD_DIM: tl.constexpr,
@@ -126,7 +127,9 @@ def _score_kernel(
         other=0.0,
     ).to(tl.float32)
     s = tl.sum(lm * q_mean[None, :], axis=1)
-    tl.store(Scores + b * stride_s_b + h * stride_s_h + offs, tl.where(valid, s, float("-inf")))
+    tl.store(
+        Scores + b * stride_s_b + h * stride_s_h + offs, tl.where(valid, s, float("-inf")), mask=offs < width
+    )
 
 
 def score_pages(
@@ -160,6 +163,7 @@ def score_pages(
         landmarks.stride(2),
         scores.stride(0),
         scores.stride(1),
+        width,
         GROUP=group,
         BLOCK_G=next_pow2(group),
         HEAD_DIM=head_dim,
@@ -201,7 +205,7 @@ def _topk_kernel(
     row = Scores + b * stride_s_b + h * stride_s_h
     out = PageTable + b * stride_p_b + h * stride_p_h
     offs = tl.arange(0, BLOCK_N)
-    if k == 0:
+    if k < 0:
         # dense request: every page, in order
         for p0 in range(0, num_pages, BLOCK_N):
             tl.store(out + p0 + offs, p0 + offs, mask=p0 + offs < num_pages)
