@@ -42,3 +42,8 @@ def round_bf16_rne(x):
     bits = x.to(tl.int32, bitcast=True)
     bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536
     return bits.to(tl.float32, bitcast=True)
+
+
+def dot_min() -> int:
+    """Smallest tl.dot tile side: 16 on GPUs; the interpreter takes any size, and small tiles run faster."""
+    return 1 if interpreting() else 16

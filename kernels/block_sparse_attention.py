@@ -22,7 +22,7 @@ from collections.abc import Sequence
 import torch
 import triton
 import triton.language as tl
-from sparrow_kernels._common import interpreting, mma, next_pow2
+from sparrow_kernels._common import dot_min, interpreting, mma, next_pow2
 from sparrow_kernels.landmarks import update_landmarks
 from sparrow_kernels.page_selection import plan_batch, score_pages, top_k_pages
 
@@ -257,7 +257,7 @@ class BlockSparseAttention(torch.autograd.Function):
         lse = torch.empty(seq_len, num_q_heads, dtype=torch.float32, device=q.device)
         meta = dict(
             GROUP=group,
-            BLOCK_G=next_pow2(group, 16),
+            BLOCK_G=next_pow2(group, dot_min()),
             HEAD_DIM=head_dim,
             BLOCK_D=next_pow2(head_dim, 16),
             PAGE_SIZE=page_size,

@@ -29,7 +29,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from sparrow_kernels._common import interpreting, mma, next_pow2
+from sparrow_kernels._common import dot_min, interpreting, mma, next_pow2
 
 
 @triton.jit
@@ -249,7 +249,7 @@ def paged_decode_attention(
         scale,
         pages_per_split,
         GROUP=group,
-        BLOCK_G=next_pow2(group, 16),
+        BLOCK_G=next_pow2(group, dot_min()),
         HEAD_DIM=head_dim,
         BLOCK_D=next_pow2(head_dim, 16),
         PAGE_SIZE=page_size,

@@ -9,7 +9,8 @@ range, k) comes from its `plan_pages`; these kernels implement its math on the G
 - `top_k_pages`: per (request, KV head), the k best candidates with ties to the LOWER page index (the
   rule's stable descending sort), with no upper limit on the number of pages: the k-th largest score is
   found by bisection on the order-preserving integer image of the fp32 scores (32 counting passes), then
-  one pass writes sink + chosen + local pages in ascending page order. Dense requests get 0..n-1.
+  one pass writes sink + chosen + local pages in ascending page order; up to `small_n` candidates, each
+  candidate's rank is counted from all pairs in one tile instead. Dense requests get 0..n-1.
 
 Layouts: q [B, Hq, D]; landmarks [pool_size, max_pages, Hkv, D] (see `landmarks.py`); scores
 [B, Hkv, max_candidates] fp32; page_table [B, Hkv, max_selected] int32 (ascending page ids, the first
@@ -194,6 +195,7 @@ def _topk_kernel(
     stride_p_b,
     stride_p_h,
     BLOCK_N: tl.constexpr,
+    SMALL_N: tl.constexpr,
 ):
     b = tl.program_id(0)
     h = tl.program_id(1)
@@ -210,49 +212,62 @@ def _topk_kernel(
         for p0 in range(0, num_pages, BLOCK_N):
             tl.store(out + p0 + offs, p0 + offs, mask=p0 + offs < num_pages)
     else:
-        # The k-th largest key: the largest t with count(key >= t) >= k, by bisection over int32.
-        lo = tl.full((), -2147483648, tl.int64)
-        hi = tl.full((), 2147483647, tl.int64)
-        for _ in range(32):
-            mid = lo + (hi - lo + 1) // 2
-            count = tl.zeros((), tl.int32)
+        for p0 in range(0, start, BLOCK_N):  # sink pages first
+            tl.store(out + p0 + offs, p0 + offs, mask=p0 + offs < start)
+        if num_cand <= SMALL_N:
+            # Few candidates: each one's rank in the stable descending order, from all pairs at once.
+            offs_s = tl.arange(0, SMALL_N)
+            valid = offs_s < num_cand
+            key = _ordered_key(tl.load(row + offs_s, mask=valid, other=0.0))
+            key_i = key[:, None]
+            key_j = tl.where(valid, key, -(2**40))[None, :]
+            beats = (key_j > key_i) | ((key_j == key_i) & (offs_s[None, :] < offs_s[:, None]))
+            rank = tl.sum(beats.to(tl.int32), axis=1)
+            chosen = valid & (rank < k)
+            chosen_i = chosen.to(tl.int32)
+            tl.store(out + start + tl.cumsum(chosen_i, axis=0) - chosen_i, start + offs_s, mask=chosen)
+        else:
+            # The k-th largest key: the largest t with count(key >= t) >= k, by bisection over int32.
+            lo = tl.full((), -2147483648, tl.int64)
+            hi = tl.full((), 2147483647, tl.int64)
+            for _ in range(32):
+                mid = lo + (hi - lo + 1) // 2
+                count = tl.zeros((), tl.int32)
+                for c0 in range(0, num_cand, BLOCK_N):
+                    valid = c0 + offs < num_cand
+                    key = _ordered_key(tl.load(row + c0 + offs, mask=valid, other=0.0))
+                    count += tl.sum((valid & (key >= mid)).to(tl.int32), axis=0)
+                take = count >= k
+                lo = tl.where(take, mid, lo)
+                hi = tl.where(take, hi, mid - 1)
+            threshold = lo
+            above = tl.zeros((), tl.int32)
             for c0 in range(0, num_cand, BLOCK_N):
                 valid = c0 + offs < num_cand
                 key = _ordered_key(tl.load(row + c0 + offs, mask=valid, other=0.0))
-                count += tl.sum((valid & (key >= mid)).to(tl.int32), axis=0)
-            take = count >= k
-            lo = tl.where(take, mid, lo)
-            hi = tl.where(take, hi, mid - 1)
-        threshold = lo
-        above = tl.zeros((), tl.int32)
-        for c0 in range(0, num_cand, BLOCK_N):
-            valid = c0 + offs < num_cand
-            key = _ordered_key(tl.load(row + c0 + offs, mask=valid, other=0.0))
-            above += tl.sum((valid & (key > threshold)).to(tl.int32), axis=0)
-        ties_wanted = k - above
-        # sink pages, then the chosen candidates in page order, then the local pages
-        for p0 in range(0, start, BLOCK_N):
-            tl.store(out + p0 + offs, p0 + offs, mask=p0 + offs < start)
-        written = tl.zeros((), tl.int32)
-        ties_seen = tl.zeros((), tl.int32)
-        for c0 in range(0, num_cand, BLOCK_N):
-            valid = c0 + offs < num_cand
-            key = _ordered_key(tl.load(row + c0 + offs, mask=valid, other=0.0))
-            tie = (valid & (key == threshold)).to(tl.int32)
-            tie_rank = ties_seen + tl.cumsum(tie, axis=0) - tie
-            chosen = (valid & (key > threshold)) | ((tie == 1) & (tie_rank < ties_wanted))
-            chosen_i = chosen.to(tl.int32)
-            slot = written + tl.cumsum(chosen_i, axis=0) - chosen_i
-            tl.store(out + start + slot, start + c0 + offs, mask=chosen)
-            written += tl.sum(chosen_i, axis=0)
-            ties_seen += tl.sum(tie, axis=0)
+                above += tl.sum((valid & (key > threshold)).to(tl.int32), axis=0)
+            ties_wanted = k - above
+            # the chosen candidates in page order: all above the threshold, the first ties_wanted ties
+            written = tl.zeros((), tl.int32)
+            ties_seen = tl.zeros((), tl.int32)
+            for c0 in range(0, num_cand, BLOCK_N):
+                valid = c0 + offs < num_cand
+                key = _ordered_key(tl.load(row + c0 + offs, mask=valid, other=0.0))
+                tie = (valid & (key == threshold)).to(tl.int32)
+                tie_rank = ties_seen + tl.cumsum(tie, axis=0) - tie
+                chosen = (valid & (key > threshold)) | ((tie == 1) & (tie_rank < ties_wanted))
+                chosen_i = chosen.to(tl.int32)
+                slot = written + tl.cumsum(chosen_i, axis=0) - chosen_i
+                tl.store(out + start + slot, start + c0 + offs, mask=chosen)
+                written += tl.sum(chosen_i, axis=0)
+                ties_seen += tl.sum(tie, axis=0)
         for p0 in range(end, num_pages, BLOCK_N):
             p = p0 + offs
             tl.store(out + start + k + (p - end), p, mask=p < num_pages)
 
 
 def top_k_pages(
-    scores: torch.Tensor, plan: BatchPlan, block_n: int = 1024
+    scores: torch.Tensor, plan: BatchPlan, block_n: int = 1024, small_n: int = 128
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(page_table [B, Hkv, max_selected] int32 ascending, num_selected [B] int32) from the scores."""
     batch, num_kv_heads, _ = scores.shape
@@ -272,6 +287,7 @@ def top_k_pages(
             page_table.stride(0),
             page_table.stride(1),
             BLOCK_N=block_n,
+            SMALL_N=small_n,
         )
     return page_table, plan.num_selected
 
