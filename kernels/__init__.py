@@ -4,11 +4,11 @@ The page-selection rule itself lives in `sparrow_megatron.sparsity.selection`; t
 page plans from it and implement its math. Layouts are documented in each module's docstring.
 """
 
-from sparrow_kernels.block_sparse_attention import block_sparse_attention, select_rows
 from sparrow_kernels.decode_attention import paged_decode_attention
 from sparrow_kernels.landmarks import landmark_buffer, update_landmarks
 from sparrow_kernels.page_selection import BatchPlan, plan_batch, score_pages, select_pages, top_k_pages
 from sparrow_kernels.sparse_decode import sparse_paged_decode
+from sparrow_kernels.training_attention import block_sparse_attention, select_rows
 
 __all__ = [
     "BatchPlan",

@@ -1,6 +1,6 @@
 import pytest
 import torch
-from sparrow_kernels.block_sparse_attention import block_sparse_attention, select_rows
+from sparrow_kernels.training_attention import block_sparse_attention, select_rows
 
 from sparrow_megatron.sparsity.reference import position_budgets, sparse_causal_attention_reference
 from sparrow_megatron.sparsity.schedule import Schedule
