@@ -218,10 +218,11 @@ def _topk_kernel(
             # Few candidates: each one's rank in the stable descending order, from all pairs at once.
             offs_s = tl.arange(0, SMALL_N)
             valid = offs_s < num_cand
-            key = _ordered_key(tl.load(row + offs_s, mask=valid, other=0.0))
+            key = _ordered_key(tl.load(row + offs_s, mask=valid, other=0.0)).to(tl.int32)  # fits: int32 image
             key_i = key[:, None]
-            key_j = tl.where(valid, key, -(2**40))[None, :]
-            beats = (key_j > key_i) | ((key_j == key_i) & (offs_s[None, :] < offs_s[:, None]))
+            key_j = key[None, :]
+            earlier = offs_s[None, :] < offs_s[:, None]
+            beats = valid[None, :] & ((key_j > key_i) | ((key_j == key_i) & earlier))
             rank = tl.sum(beats.to(tl.int32), axis=1)
             chosen = valid & (rank < k)
             chosen_i = chosen.to(tl.int32)
