@@ -7,6 +7,7 @@ e.g. an invalid schedule) is the caller's mistake and is raised at once.
 
 from __future__ import annotations
 
+import json
 import math
 import threading
 import time
@@ -58,8 +59,6 @@ def generate_payload(
 ) -> dict[str, Any]:
     params = sampling.to_sglang()
     spec = schedule_spec(schedule)
-    if spec is not None:
-        params["custom_params"] = {SCHEDULE_PARAM: spec}
     payload: dict[str, Any] = {
         "input_ids": list(prompt_ids),
         "sampling_params": params,
@@ -67,6 +66,11 @@ def generate_payload(
         "top_logprobs_num": top_logprobs,
         "logprob_start_len": -1,
     }
+    if spec is not None:
+        params["custom_params"] = {SCHEDULE_PARAM: spec}
+        # Past the first sparse layer the KV a sparse decode writes differs from dense KV: a radix-cache
+        # namespace per schedule keeps dense requests (and other schedules) from reusing it.
+        payload["extra_key"] = "sparrow:" + json.dumps(spec, sort_keys=True, separators=(",", ":"))
     if adapter is not None:
         payload["lora_path"] = adapter
     if rid is not None:
@@ -140,6 +144,25 @@ def parse_generate_response(body: Any, url: str) -> ParsedOutput:
         matched_stop=finish.get("matched") if isinstance(finish, dict) else None,
         weight_version=parse_weight_version(meta.get("weight_version")),
     )
+
+
+def parse_score_response(body: Any, url: str, response_len: int) -> ParsedOutput:
+    """Unpack the input log-probs of a teacher-forced request started at the last prompt token: SGLang
+    returns one entry per token from there, the first (that prompt token) without a log-prob."""
+    if not isinstance(body, dict) or not isinstance(body.get("meta_info"), dict):
+        raise EngineFailure(f"{url}/generate: answer without 'meta_info': {str(body)[:200]}")
+    meta = body["meta_info"]
+    token_lps = meta.get("input_token_logprobs")
+    top = meta.get("input_top_logprobs")
+    if token_lps is None or top is None or len(token_lps) != response_len + 1 or len(top) != response_len + 1:
+        n = None if token_lps is None else len(token_lps)
+        raise EngineFailure(f"{url}/generate: expected {response_len + 1} input log-prob entries, got {n}")
+    body = {
+        "output_ids": [e[1] for e in token_lps[1:]],
+        "meta_info": {"output_token_logprobs": token_lps[1:], "output_top_logprobs": top[1:],
+                      "finish_reason": {"type": "score"}, "weight_version": meta.get("weight_version")},
+    }  # fmt: skip
+    return parse_generate_response(body, url)
 
 
 class Engine:
@@ -220,6 +243,28 @@ class Engine:
         start = time.perf_counter()
         body = self.post("generate", payload)
         return parse_generate_response(body, self.url), time.perf_counter() - start
+
+    def score(
+        self,
+        prompt_ids: list[int],
+        output_ids: list[int],
+        top_logprobs: int,
+        schedule: str | Schedule | None = None,
+        adapter: str | None = None,
+    ) -> ParsedOutput:
+        """Log-probs and top-K of output_ids given the prompt, in one prefill (no generation)."""
+        payload = generate_payload(
+            list(prompt_ids) + list(output_ids),
+            SamplingParams(max_new_tokens=0),
+            top_logprobs,
+            schedule,
+            adapter,
+        )
+        payload["logprob_start_len"] = len(prompt_ids) - 1
+        parsed = parse_score_response(self.post("generate", payload), self.url, len(output_ids))
+        if parsed.output_ids != [int(x) for x in output_ids]:
+            raise EngineFailure(f"{self.url}/generate: scored ids differ from the given response ids")
+        return parsed
 
     def to_sample(self, parsed: ParsedOutput, latency_s: float, prompt_ids: list[int], prompt_index: int,
                   sample_index: int, schedule, adapter: str | None, attempts: int) -> Sample:  # fmt: skip

@@ -20,7 +20,7 @@ from sparrow_megatron.errors import UserError
 from sparrow_megatron.rollout.config import RolloutConfig
 from sparrow_megatron.rollout.engine import Engine, EngineFailure, RequestRejected, schedule_label
 from sparrow_megatron.rollout.server import ServerProcess, free_port
-from sparrow_megatron.rollout.types import EngineStats, RolloutBatch, Sample, SamplingParams
+from sparrow_megatron.rollout.types import EngineStats, RolloutBatch, Sample, SamplingParams, ScoredTokens
 from sparrow_megatron.rollout.weights import (
     Bucket,
     DistributedGroupSpec,
@@ -285,6 +285,53 @@ class RolloutFleet:
             raise UserError(f"adapter '{adapter}' is not loaded (loaded: {sorted(self.adapters) or 'none'})")
         return adapter
 
+    def _with_retries(self, call, label: str, on_stats=None):
+        """Run call(engine) on routed engines until one answers, avoiding engines that already failed.
+        Returns (result, engine, attempts); raises RolloutError listing every attempt's reason."""
+        tried: set[int] = set()
+        reasons: list[str] = []
+        for attempt in range(1, self.config.max_attempts + 1):
+            try:
+                engine = self._acquire(tried)
+            except NoEngineAvailable as err:
+                reasons.append(str(err))
+                break
+            try:
+                return call(engine), engine, attempt
+            except RequestRejected:
+                raise
+            except EngineFailure as err:
+                reasons.append(f"attempt {attempt} on engine {engine.engine_id}: {err}")
+                tried.add(engine.engine_id)
+                if on_stats is not None:
+                    on_stats(engine)
+                if not engine.check_health(timeout_s=5.0):
+                    self._mark_dead(engine, str(err))
+            finally:
+                self._release(engine)
+        raise RolloutError(f"{label}: " + ("; ".join(reasons) or "no attempt made"))
+
+    def score(
+        self,
+        prompt_ids: Sequence[int],
+        output_ids: Sequence[int],
+        schedule: str | Schedule | None = None,
+        adapter: str | None = None,
+        top_logprobs: int | None = None,
+    ) -> ScoredTokens:
+        """Teacher-forced log-probs + top-K of output_ids after prompt_ids (dense unless a schedule is
+        given): the engine-side reference distribution at exactly the positions of a rollout."""
+        if len(prompt_ids) == 0 or len(output_ids) == 0:
+            raise UserError("score: prompt and response must be non-empty")
+        top_k = self.config.top_logprobs if top_logprobs is None else top_logprobs
+        lora = self.resolve_adapter(schedule, adapter)
+        parsed, engine, _ = self._with_retries(
+            lambda e: e.score(list(prompt_ids), list(output_ids), top_k, schedule, lora), "score"
+        )
+        version = parsed.weight_version if parsed.weight_version is not None else engine.weight_version
+        return ScoredTokens(list(prompt_ids), parsed.output_ids, parsed.logprobs, parsed.top_ids,
+                            parsed.top_logprobs, engine.engine_id, version)  # fmt: skip
+
     def generate(
         self,
         prompts: Sequence[Sequence[int]],
@@ -313,43 +360,38 @@ class RolloutFleet:
         failures: dict[tuple[int, int], str] = {}
         batch_id = f"{time.time_ns():x}"
 
+        def count_failure(engine: Engine) -> None:
+            with stats_lock:
+                stats[engine.engine_id].failures += 1
+
         def run(job: tuple[int, int]) -> None:
             i, j = job
             prompt = list(prompts[i])
-            tried: set[int] = set()
-            reasons: list[str] = []
-            for attempt in range(1, self.config.max_attempts + 1):
-                try:
-                    engine = self._acquire(tried)
-                except NoEngineAvailable as err:
-                    reasons.append(str(err))
-                    break
-                start = time.perf_counter()
-                try:
-                    parsed, latency = engine.generate(prompt, sampling, top_k, schedule, lora,
-                                                      rid=f"{batch_id}-{i}-{j}-{attempt}")  # fmt: skip
-                except RequestRejected:
-                    raise
-                except EngineFailure as err:
-                    reasons.append(f"attempt {attempt} on engine {engine.engine_id}: {err}")
-                    tried.add(engine.engine_id)
-                    with stats_lock:
-                        stats[engine.engine_id].failures += 1
-                    if not engine.check_health(timeout_s=5.0):
-                        self._mark_dead(engine, str(err))
-                    continue
-                finally:
-                    self._release(engine)
-                end = time.perf_counter()
-                with stats_lock:
-                    st = stats[engine.engine_id]
-                    st.requests += 1
-                    st.output_tokens += len(parsed.output_ids)
-                    st.first_start = start if st.first_start is None else min(st.first_start, start)
-                    st.last_end = end if st.last_end is None else max(st.last_end, end)
-                results[job] = engine.to_sample(parsed, latency, prompt, i, j, schedule, lora, attempt)
+            times = {}
+
+            def call(engine: Engine):
+                times["start"] = time.perf_counter()
+                return engine.generate(
+                    prompt, sampling, top_k, schedule, lora, rid=f"{batch_id}-{i}-{j}-{time.time_ns()}"
+                )
+
+            try:
+                (parsed, latency), engine, attempts = self._with_retries(
+                    call, f"prompt {i} sample {j}", count_failure
+                )
+            except RolloutError as err:
+                failures[job] = str(err).split(": ", 1)[1]
                 return
-            failures[job] = "; ".join(reasons) or "no attempt made"
+            end = time.perf_counter()
+            with stats_lock:
+                st = stats[engine.engine_id]
+                st.requests += 1
+                st.output_tokens += len(parsed.output_ids)
+                st.first_start = (
+                    times["start"] if st.first_start is None else min(st.first_start, times["start"])
+                )
+                st.last_end = end if st.last_end is None else max(st.last_end, end)
+            results[job] = engine.to_sample(parsed, latency, prompt, i, j, schedule, lora, attempts)
 
         workers = max(1, min(len(jobs), len(self.engines) * self.config.max_inflight_per_engine))
         t0 = time.perf_counter()
