@@ -14,6 +14,7 @@ COMMAND_MODULES = [
     "sparrow_megatron.cli.tail",
     "sparrow_megatron.cli.schedule",
     "sparrow_megatron.cli.cost",
+    "sparrow_megatron.cli.serve",
 ]
 
 

@@ -21,9 +21,10 @@ from sparrow_megatron.rollout.server import ServerProcess
 from sparrow_megatron.rollout.types import Sample, SamplingParams
 from sparrow_megatron.sparsity.schedule import Schedule
 
-# Key of the per-request schedule inside SGLang's `sampling_params.custom_params` (the one per-request
-# field SGLang carries untouched to the scheduler and the attention backend's forward batch).
+# The per-request schedule (sglang_patches/schedules.py): `sampling_params.custom_params.sparrow_schedule`,
+# a string: a preset name, "dense", a schedule file on the server, or an inline JSON schedule.
 SCHEDULE_PARAM = "sparrow_schedule"
+DENSE = "dense"
 
 
 class EngineFailure(RuntimeError):
@@ -34,13 +35,16 @@ class RequestRejected(UserError):
     """The engine refused the request itself (HTTP 4xx): retrying elsewhere would fail the same way."""
 
 
-def schedule_spec(schedule: str | Schedule | None) -> str | dict | None:
-    """What a request carries for its schedule: None (dense), a preset/file name, or a schedule dict."""
-    if schedule is None or schedule == "dense":
-        return None
+def schedule_spec(schedule: str | Schedule | None) -> str:
+    """What a request carries for its schedule: "dense", a preset/file name, or a Schedule as JSON.
+
+    Dense is sent explicitly: a server started with a default schedule (SPARROW_SCHEDULE) would
+    otherwise decode a "dense" request sparsely."""
+    if schedule is None or schedule == DENSE:
+        return DENSE
     if isinstance(schedule, Schedule):
-        return schedule.to_dict()
-    return schedule
+        return json.dumps(schedule.to_dict(), sort_keys=True, separators=(",", ":"))
+    return str(schedule)
 
 
 def schedule_label(schedule: str | Schedule | None) -> str | None:
@@ -66,11 +70,11 @@ def generate_payload(
         "top_logprobs_num": top_logprobs,
         "logprob_start_len": -1,
     }
-    if spec is not None:
-        params["custom_params"] = {SCHEDULE_PARAM: spec}
+    params["custom_params"] = {SCHEDULE_PARAM: spec}
+    if spec != DENSE:
         # Past the first sparse layer the KV a sparse decode writes differs from dense KV: a radix-cache
         # namespace per schedule keeps dense requests (and other schedules) from reusing it.
-        payload["extra_key"] = "sparrow:" + json.dumps(spec, sort_keys=True, separators=(",", ":"))
+        payload["extra_key"] = "sparrow:" + spec
     if adapter is not None:
         payload["lora_path"] = adapter
     if rid is not None:

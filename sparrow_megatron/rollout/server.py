@@ -95,8 +95,10 @@ def server_command(config: RolloutConfig, port: int, model_path: str) -> list[st
         cmd += ["--enable-lora", "--max-lora-rank", str(lora.max_rank),
                 "--lora-target-modules", *lora.target_modules,
                 "--max-loras-per-batch", str(lora.max_loras_per_batch)]  # fmt: skip
-        if lora.backend:
-            cmd += ["--lora-backend", lora.backend]
+        # SGLang's default LoRA kernels are Triton (GPU); the pure-torch backend serves on CPU.
+        backend = lora.backend or ("torch_native" if cpu else None)
+        if backend:
+            cmd += ["--lora-backend", backend]
     return cmd + list(config.extra_server_args)
 
 

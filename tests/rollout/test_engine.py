@@ -1,3 +1,4 @@
+import json
 import math
 
 import pytest
@@ -50,9 +51,10 @@ def test_unusable_answers_are_engine_failures_naming_the_problem(body, problem):
         parse_generate_response(body, "http://e")
 
 
-def test_dense_request_carries_no_schedule_and_no_cache_namespace():
+def test_dense_request_says_dense_explicitly_and_has_no_cache_namespace():
     payload = generate_payload([1, 2], SamplingParams(), 20, schedule=None)
-    assert "custom_params" not in payload["sampling_params"]
+    # explicit: a server-wide default schedule must not turn the dense path sparse
+    assert payload["sampling_params"]["custom_params"] == {SCHEDULE_PARAM: "dense"}
     assert "extra_key" not in payload
     assert payload["top_logprobs_num"] == 20 and payload["return_logprob"] is True
 
@@ -62,7 +64,7 @@ def test_sparse_request_carries_its_schedule_and_its_own_cache_namespace():
     assert by_name["sampling_params"]["custom_params"] == {SCHEDULE_PARAM: "qwen3-1.7b-0.86"}
     assert by_name["lora_path"] == "distill-v1"
     inline = generate_payload([1], SamplingParams(), 20, schedule=Schedule.fixed(64))
-    assert inline["sampling_params"]["custom_params"][SCHEDULE_PARAM]["budgets"] == [64]
+    assert json.loads(inline["sampling_params"]["custom_params"][SCHEDULE_PARAM])["budgets"] == [64]
     # Sparse KV differs from dense KV past layer 0: the radix cache must not share it across schedules.
     assert by_name["extra_key"] != inline["extra_key"]
     assert generate_payload([1], SamplingParams(), 20, schedule=PRESETS["qwen3-1.7b-0.86"])["extra_key"]
