@@ -182,6 +182,7 @@ class Engine:
         self.client = httpx.Client(timeout=httpx.Timeout(timeout_s, connect=10.0))
         self.inflight = 0
         self.healthy = True
+        self.strikes = 0  # consecutive failed health probes
         self.weight_version = 0
         self.lock = threading.Lock()  # guards inflight / healthy / restarts
 

@@ -162,15 +162,30 @@ class RolloutFleet:
         for engine in self.engines:
             if engine.engine_id in self._restarting:
                 continue
-            ok = engine.check_health()
-            if not ok:
+            if not self._probe(engine, "periodic health check"):
                 dead.append(engine.engine_id)
-                self._mark_dead(engine, "health check failed")
-            elif not engine.healthy:
-                with self._cond:
-                    engine.healthy = True
-                    self._cond.notify_all()
         return dead
+
+    def _probe(self, engine: Engine, context: str) -> bool:
+        """Is the engine alive? An exited process is dead at once; a live one after `health_strikes`
+        consecutive failed /health probes. A dead one is marked (and restarted if we launched it)."""
+        if not engine.process_alive():
+            self._mark_dead(
+                engine, f"process exited with code {engine.server.process.returncode} ({context})"
+            )
+            return False
+        if engine.check_health():
+            engine.strikes = 0
+            if not engine.healthy and engine.engine_id not in self._restarting:
+                with self._cond:
+                    engine.healthy = True  # an attached engine that answers again
+                    self._cond.notify_all()
+            return engine.healthy
+        engine.strikes += 1
+        if engine.strikes >= self.config.health_strikes or not engine.healthy:
+            self._mark_dead(engine, f"{engine.strikes} failed health checks ({context})")
+            return False
+        return True
 
     def _mark_dead(self, engine: Engine, reason: str) -> None:
         with self._cond:
@@ -204,6 +219,7 @@ class RolloutFleet:
                 engine.control("load_lora_adapter", {"lora_name": name, "lora_path": path, "pinned": False})
             with self._cond:
                 engine.weight_version = version
+                engine.strikes = 0
                 engine.healthy = True
                 self._restart_log.append((engine.engine_id, time.time(), reason))
                 self._cond.notify_all()
@@ -305,8 +321,7 @@ class RolloutFleet:
                 tried.add(engine.engine_id)
                 if on_stats is not None:
                     on_stats(engine)
-                if not engine.check_health(timeout_s=5.0):
-                    self._mark_dead(engine, str(err))
+                self._probe(engine, str(err))
             finally:
                 self._release(engine)
         raise RolloutError(f"{label}: " + ("; ".join(reasons) or "no attempt made"))
