@@ -19,8 +19,9 @@ class DownEngine(Engine):
 
 
 def fleet_of(n: int, **kw) -> RolloutFleet:
-    fleet = RolloutFleet(RolloutConfig(urls=[f"http://127.0.0.1:{9 + i}" for i in range(n)], health_interval_s=0,
-                                       startup_timeout_s=1, request_timeout_s=1, **kw))  # fmt: skip
+    urls = [f"http://127.0.0.1:{9 + i}" for i in range(n)]
+    config = RolloutConfig(urls=urls, health_interval_s=0, startup_timeout_s=1, request_timeout_s=1, **kw)
+    fleet = RolloutFleet(config)
     fleet.engines = [DownEngine(i, url) for i, url in enumerate(fleet.config.urls)]
     return fleet
 
