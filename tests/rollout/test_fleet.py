@@ -61,34 +61,43 @@ def test_greedy_token_is_top1_and_matches_hf(fleet, tiny_model):
 
 def test_acceptance_tails_dense_vs_sparse_on_real_output(fleet):
     """Sparse rollout, then the dense distribution at the same positions (teacher-forced on the sparse
-    tokens); acceptance from the two top-K lists, tails by position, all from real server output."""
+    tokens); acceptance and its tails by position, all from real server output.
+
+    The tiny random model is nearly uniform (top-20 holds ~20% of the mass), so the lists here cover the
+    whole vocabulary (K = 128): alpha is then exact, and the production K = 20 bounds must bracket it.
+    """
+    vocab = 128
     prompt = [(7 * i) % 90 + 5 for i in range(60)]  # past the 48-token budget: every decode step is sparse
-    sparse = fleet.generate([prompt], SamplingParams(temperature=1.0, max_new_tokens=24, ignore_eos=True),
-                            n=2, schedule=TINY_BUDGET).flat()  # fmt: skip
+    sampling = SamplingParams(temperature=1.0, max_new_tokens=24, ignore_eos=True)
+    sparse = fleet.generate([prompt], sampling, n=2, schedule=TINY_BUDGET, top_logprobs=vocab).flat()
     alphas, lowers, uppers = [], [], []
     for s in sparse:
         assert s.schedule == "tiny-48"
-        dense = fleet.score(s.prompt_ids, s.output_ids)  # no schedule: dense
-        assert len(dense.top_ids) == s.response_len
+        dense = fleet.score(s.prompt_ids, s.output_ids, top_logprobs=vocab)  # no schedule: dense
+        assert dense.output_ids == s.output_ids and len(dense.top_ids) == s.response_len
         q_ids, q_lps = topk_tensors(s)
         p_ids, p_lps = dense.topk_tensors()
-        est, lo, up = acceptance_from_topk(p_ids, p_lps, q_ids, q_lps)
+        exact, lo_full, up_full = acceptance_from_topk(p_ids, p_lps, q_ids, q_lps)
+        assert torch.allclose(lo_full, up_full, atol=1e-4)  # full lists: the bounds meet
+        est, lo, up = acceptance_from_topk(p_ids[:, :20], p_lps[:, :20], q_ids[:, :20], q_lps[:, :20])
+        assert torch.all(lo <= exact + 1e-6) and torch.all(exact <= up + 1e-6)
         assert torch.all(lo <= est + 1e-9) and torch.all(est <= up + 1e-9)
-        alphas.append(est.numpy())
+        alphas.append(exact.numpy())
         lowers.append(lo.numpy())
         uppers.append(up.numpy())
-        # Dense scoring of dense samples reproduces their own lists: alpha 1 up to float noise.
-        d = fleet.generate([s.prompt_ids], GREEDY).flat()[0]
-        rescored = fleet.score(d.prompt_ids, d.output_ids)
-        self_alpha, _, _ = acceptance_from_topk(*rescored.topk_tensors(), *topk_tensors(d))
-        assert float(self_alpha.min()) > 0.999
+    # Dense rescoring of a dense sample reproduces its distribution: alpha 1 up to float noise.
+    d = fleet.generate([prompt], GREEDY, top_logprobs=vocab).flat()[0]
+    rescored = fleet.score(d.prompt_ids, d.output_ids, top_logprobs=vocab)
+    self_alpha, _, _ = acceptance_from_topk(*rescored.topk_tensors(), *topk_tensors(d))
+    assert float(self_alpha.min()) > 0.999
+
     positions = token_positions([len(prompt)] * len(sparse), [s.response_len for s in sparse])
     report = tail_report(np.concatenate(alphas), positions, bin_width=16,
                          lower=np.concatenate(lowers), upper=np.concatenate(uppers), tau=0.86)  # fmt: skip
-    assert report.tokens == 48
-    assert sum(b.count for b in report.bins) == 48
+    assert report.tokens == 48 and sum(b.count for b in report.bins) == 48
+    assert [b.start for b in report.bins] == [48, 64, 80]
     for b in report.bins:
-        assert 0.0 <= b.p5_lower <= b.p5 + 1e-9 <= b.p5_upper + 2e-9 <= 1.0 + 2e-9
+        assert 0.0 <= b.p5_lower <= b.p5 + 1e-6 and b.p5 <= b.p5_upper + 1e-6 <= 1.0 + 1e-6
 
 
 def test_invalid_request_raises_without_retry_and_fleet_keeps_serving(fleet):
