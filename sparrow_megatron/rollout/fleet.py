@@ -19,7 +19,7 @@ from pathlib import Path
 from sparrow_megatron.errors import UserError
 from sparrow_megatron.rollout.config import RolloutConfig
 from sparrow_megatron.rollout.engine import Engine, EngineFailure, RequestRejected, schedule_label
-from sparrow_megatron.rollout.server import ServerProcess, free_port
+from sparrow_megatron.rollout.server import EngineStartError, ServerProcess, free_port
 from sparrow_megatron.rollout.types import EngineStats, RolloutBatch, Sample, SamplingParams, ScoredTokens
 from sparrow_megatron.rollout.weights import (
     Bucket,
@@ -110,9 +110,22 @@ class RolloutFleet:
             servers.append(server)
             self.engines.append(Engine(i, server.url, server, timeout_s=self.config.request_timeout_s))
             logger.info("engine %d: pid %d, %s, log %s", i, server.pid, server.url, server.log_path)
-        # Start-up runs in parallel; wait for all, the first failure raises with its log tail.
-        for server in servers:
-            server.wait_healthy(self.config.startup_timeout_s)
+        # Start-up runs in parallel. A server that dies while starting gets one more try (start-up on a
+        # shared machine can fail on transient memory pressure); a second failure raises with its log tail.
+        for engine in self.engines:
+            try:
+                engine.server.wait_healthy(self.config.startup_timeout_s)
+            except EngineStartError as err:
+                if engine.server.alive():
+                    raise  # timed out: retrying would only double the wait
+                logger.warning("engine %d failed to start, retrying once: %s", engine.engine_id, err)
+                engine.server.kill(grace_s=2.0)
+                server = ServerProcess.launch(
+                    self._engine_config(), engine.server.port, self._log_path(engine.engine_id),
+                    self._restart_model_path,
+                )  # fmt: skip
+                engine.server, engine.url = server, server.url
+                server.wait_healthy(self.config.startup_timeout_s)
 
     def _engine_config(self, version: int = 0) -> RolloutConfig:
         from dataclasses import replace

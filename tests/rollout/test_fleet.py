@@ -183,3 +183,20 @@ def test_a_request_that_fails_everywhere_raises_with_the_reason(fleet):
             e.timeout_s = fleet.config.request_timeout_s
     fleet.check_engines()
     assert fleet.generate([[1, 2, 3]], GREEDY).flat()[0].response_len == 12
+
+
+def test_weight_update_over_a_process_group(fleet, tiny_model, tiny_model_b):
+    """The update_weights_from_distributed path. GPU fleets use NCCL (not testable here); on CPU the
+    same code runs over gloo: the engines join the trainer's group and receive each bucket by broadcast."""
+    from sparrow_megatron.rollout import DistributedGroupSpec
+    from sparrow_megatron.rollout.server import free_port
+
+    want_b = [hf_greedy(load_hf(tiny_model_b), p, GREEDY.max_new_tokens) for p in PROMPTS]
+    spec = DistributedGroupSpec("127.0.0.1", free_port(), group_name="sparrow_test_sync", backend="gloo")
+    group = fleet.init_distributed_sync(spec)
+    version = fleet.sync_weights_distributed(state_buckets(tiny_model_b, bucket_size=7), group)
+    batch = fleet.generate(PROMPTS, GREEDY, n=2)
+    assert {s.engine_id for s in batch.flat()} == {0, 1}
+    for s in batch.flat():
+        assert s.weight_version == version
+        assert s.output_ids == want_b[s.prompt_index]
