@@ -271,12 +271,15 @@ class RolloutFleet:
                 if self._stop.is_set():
                     raise NoEngineAvailable("fleet is shut down")
                 cap = self.config.max_inflight_per_engine
-                candidates = [e for e in self.engines if self._routable(e) and e.inflight < cap]
-                preferred = [e for e in candidates if e.engine_id not in avoid] or candidates
-                if preferred:
+                routable = [e for e in self.engines if self._routable(e)]
+                # A retry waits for an engine it has not failed on while one is routable (even if busy):
+                # the engine that just failed is likely dead but not yet declared so.
+                pool = [e for e in routable if e.engine_id not in avoid] or routable
+                free = [e for e in pool if e.inflight < cap]
+                if free:
                     turn = next(self._rr)
                     n = len(self.engines)
-                    engine = min(preferred, key=lambda e: (e.inflight, (e.engine_id - turn) % n))
+                    engine = min(free, key=lambda e: (e.inflight, (e.engine_id - turn) % n))
                     engine.inflight += 1
                     return engine
                 coming = self._restarting or any(self._routable(e) for e in self.engines)

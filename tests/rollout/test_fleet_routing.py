@@ -74,3 +74,18 @@ def test_bad_config_is_a_user_error():
         RolloutFleet(RolloutConfig())
     with pytest.raises(UserError, match="loopback"):
         RolloutFleet(RolloutConfig(model_path="m", host="0.0.0.0"))
+
+
+def test_retry_waits_for_a_busy_engine_rather_than_the_one_that_failed():
+    import threading
+
+    fleet = fleet_of(2, max_inflight_per_engine=1)
+    fleet.engines[1].inflight = 1  # engine 1 is full; engine 0 just failed this request
+    got = {}
+    t = threading.Thread(target=lambda: got.setdefault("engine", fleet._acquire({0})))
+    t.start()
+    t.join(timeout=0.3)
+    assert t.is_alive()  # not handed back to engine 0
+    fleet._release(fleet.engines[1])
+    t.join(timeout=5)
+    assert got["engine"].engine_id == 1
