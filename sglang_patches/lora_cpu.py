@@ -79,11 +79,10 @@ class _PatchOnImport(importlib.abc.MetaPathFinder):
             spec = finder.find_spec(fullname, path, target)
             if spec is not None and spec.loader is not None:
                 exec_module = spec.loader.exec_module
-                proxy = self.proxy
 
-                def exec_and_patch(module, _exec=exec_module):
+                def exec_and_patch(module, _exec=exec_module, _proxy=self.proxy):
                     _exec(module)
-                    _patch_module(module, proxy)
+                    _patch_module(module, _proxy)
 
                 spec.loader.exec_module = exec_and_patch
                 return spec
