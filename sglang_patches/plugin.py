@@ -1,6 +1,13 @@
 """Entry point of group `sglang.srt.plugins`: SGLang calls `register()` in every process it starts.
 
-Keep it cheap and idempotent: it only registers names and hooks; the heavy modules load when used.
+It registers the `sparrow` attention backend and its CLI choice, two hooks through SGLang's
+HookRegistry (applied by SGLang right after the plugins run) and, without CUDA, the LoRA CPU fix:
+- `SamplingParams.verify` (tokenizer process): a request's `custom_params.sparrow_schedule` is parsed
+  there, so a bad schedule becomes HTTP 400 naming the problem and the server keeps running;
+- `ForwardBatch.init_new` (scheduler process): the resolved schedule of each request of the batch
+  (request override, else the server default) is noted by request id; the backend looks it up through
+  `forward_batch.rids` (the runner may rebuild the ForwardBatch with `dataclasses.replace`, which keeps
+  its fields but drops any attribute we would add).
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ def register() -> None:
 
     from sglang.srt.arg_groups.choices import ATTENTION_BACKEND_CHOICES, add_attention_backend_choices
     from sglang.srt.layers.attention.attention_registry import register_attention_backend
+    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
     @register_attention_backend(BACKEND_NAME)
     def _create_sparrow_backend(model_runner):
@@ -30,3 +38,31 @@ def register() -> None:
 
     if BACKEND_NAME not in ATTENTION_BACKEND_CHOICES:
         add_attention_backend_choices([BACKEND_NAME])
+
+    HookRegistry.register(
+        "sglang.srt.sampling.sampling_params.SamplingParams.verify", _verify_schedule, HookType.AFTER
+    )
+    HookRegistry.register(
+        "sglang.srt.model_executor.forward_batch_info.ForwardBatch.init_new",
+        _attach_schedules,
+        HookType.AFTER,
+    )
+
+    from sglang_patches.lora_cpu import apply_lora_cpu_fix
+
+    if apply_lora_cpu_fix():
+        logger.info("sparrow: no CUDA, LoRA pin-memory requests are no-ops")
+
+
+def _verify_schedule(result, sampling_params, *args, **kwargs):
+    from sglang_patches.schedules import validate_request
+
+    validate_request(sampling_params.custom_params)
+    return result
+
+
+def _attach_schedules(forward_batch, cls, batch, *args, **kwargs):
+    from sglang_patches.schedules import note_request_schedules
+
+    note_request_schedules(getattr(batch, "reqs", None) or [])
+    return forward_batch

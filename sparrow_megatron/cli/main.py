@@ -17,6 +17,7 @@ COMMAND_MODULES = [
     "sparrow_megatron.cli.train",
     "sparrow_megatron.cli.reward",
     "sparrow_megatron.cli.submit",
+    "sparrow_megatron.cli.serve",
 ]
 
 

@@ -70,6 +70,9 @@ class RolloutConfig:
     max_inflight_per_engine: int = 64
     restart_dead: bool = True
     health_interval_s: float = 5.0
+    # Consecutive failed /health probes before a live process counts as dead (SGLang's /health runs a
+    # one-token generation, which a busy CPU engine can be slow to answer); an exited process is dead at once.
+    health_strikes: int = 3
     top_logprobs: int = 20
     # "client": least-loaded routing in this process (needed for engine ids, per-engine weight
     # versions and retries); sglang-router would hide the engine behind one URL.

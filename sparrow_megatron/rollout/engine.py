@@ -7,6 +7,7 @@ e.g. an invalid schedule) is the caller's mistake and is raised at once.
 
 from __future__ import annotations
 
+import json
 import math
 import threading
 import time
@@ -20,9 +21,10 @@ from sparrow_megatron.rollout.server import ServerProcess
 from sparrow_megatron.rollout.types import Sample, SamplingParams
 from sparrow_megatron.sparsity.schedule import Schedule
 
-# Key of the per-request schedule inside SGLang's `sampling_params.custom_params` (the one per-request
-# field SGLang carries untouched to the scheduler and the attention backend's forward batch).
+# The per-request schedule (sglang_patches/schedules.py): `sampling_params.custom_params.sparrow_schedule`,
+# a string: a preset name, "dense", a schedule file on the server, or an inline JSON schedule.
 SCHEDULE_PARAM = "sparrow_schedule"
+DENSE = "dense"
 
 
 class EngineFailure(RuntimeError):
@@ -33,13 +35,16 @@ class RequestRejected(UserError):
     """The engine refused the request itself (HTTP 4xx): retrying elsewhere would fail the same way."""
 
 
-def schedule_spec(schedule: str | Schedule | None) -> str | dict | None:
-    """What a request carries for its schedule: None (dense), a preset/file name, or a schedule dict."""
-    if schedule is None or schedule == "dense":
-        return None
+def schedule_spec(schedule: str | Schedule | None) -> str:
+    """What a request carries for its schedule: "dense", a preset/file name, or a Schedule as JSON.
+
+    Dense is sent explicitly: a server started with a default schedule (SPARROW_SCHEDULE) would
+    otherwise decode a "dense" request sparsely."""
+    if schedule is None or schedule == DENSE:
+        return DENSE
     if isinstance(schedule, Schedule):
-        return schedule.to_dict()
-    return schedule
+        return json.dumps(schedule.to_dict(), sort_keys=True, separators=(",", ":"))
+    return str(schedule)
 
 
 def schedule_label(schedule: str | Schedule | None) -> str | None:
@@ -58,8 +63,6 @@ def generate_payload(
 ) -> dict[str, Any]:
     params = sampling.to_sglang()
     spec = schedule_spec(schedule)
-    if spec is not None:
-        params["custom_params"] = {SCHEDULE_PARAM: spec}
     payload: dict[str, Any] = {
         "input_ids": list(prompt_ids),
         "sampling_params": params,
@@ -67,6 +70,11 @@ def generate_payload(
         "top_logprobs_num": top_logprobs,
         "logprob_start_len": -1,
     }
+    params["custom_params"] = {SCHEDULE_PARAM: spec}
+    if spec != DENSE:
+        # Past the first sparse layer the KV a sparse decode writes differs from dense KV: a radix-cache
+        # namespace per schedule keeps dense requests (and other schedules) from reusing it.
+        payload["extra_key"] = "sparrow:" + spec
     if adapter is not None:
         payload["lora_path"] = adapter
     if rid is not None:
@@ -142,6 +150,25 @@ def parse_generate_response(body: Any, url: str) -> ParsedOutput:
     )
 
 
+def parse_score_response(body: Any, url: str, response_len: int) -> ParsedOutput:
+    """Unpack the input log-probs of a teacher-forced request started at the last prompt token: SGLang
+    returns one entry per token from there, the first (that prompt token) without a log-prob."""
+    if not isinstance(body, dict) or not isinstance(body.get("meta_info"), dict):
+        raise EngineFailure(f"{url}/generate: answer without 'meta_info': {str(body)[:200]}")
+    meta = body["meta_info"]
+    token_lps = meta.get("input_token_logprobs")
+    top = meta.get("input_top_logprobs")
+    if token_lps is None or top is None or len(token_lps) != response_len + 1 or len(top) != response_len + 1:
+        n = None if token_lps is None else len(token_lps)
+        raise EngineFailure(f"{url}/generate: expected {response_len + 1} input log-prob entries, got {n}")
+    body = {
+        "output_ids": [e[1] for e in token_lps[1:]],
+        "meta_info": {"output_token_logprobs": token_lps[1:], "output_top_logprobs": top[1:],
+                      "finish_reason": {"type": "score"}, "weight_version": meta.get("weight_version")},
+    }  # fmt: skip
+    return parse_generate_response(body, url)
+
+
 class Engine:
     """One SGLang server, launched by us (`server` set) or attached by URL."""
 
@@ -155,6 +182,7 @@ class Engine:
         self.client = httpx.Client(timeout=httpx.Timeout(timeout_s, connect=10.0))
         self.inflight = 0
         self.healthy = True
+        self.strikes = 0  # consecutive failed health probes
         self.weight_version = 0
         self.lock = threading.Lock()  # guards inflight / healthy / restarts
 
@@ -220,6 +248,28 @@ class Engine:
         start = time.perf_counter()
         body = self.post("generate", payload)
         return parse_generate_response(body, self.url), time.perf_counter() - start
+
+    def score(
+        self,
+        prompt_ids: list[int],
+        output_ids: list[int],
+        top_logprobs: int,
+        schedule: str | Schedule | None = None,
+        adapter: str | None = None,
+    ) -> ParsedOutput:
+        """Log-probs and top-K of output_ids given the prompt, in one prefill (no generation)."""
+        payload = generate_payload(
+            list(prompt_ids) + list(output_ids),
+            SamplingParams(max_new_tokens=0),
+            top_logprobs,
+            schedule,
+            adapter,
+        )
+        payload["logprob_start_len"] = len(prompt_ids) - 1
+        parsed = parse_score_response(self.post("generate", payload), self.url, len(output_ids))
+        if parsed.output_ids != [int(x) for x in output_ids]:
+            raise EngineFailure(f"{self.url}/generate: scored ids differ from the given response ids")
+        return parsed
 
     def to_sample(self, parsed: ParsedOutput, latency_s: float, prompt_ids: list[int], prompt_index: int,
                   sample_index: int, schedule, adapter: str | None, attempts: int) -> Sample:  # fmt: skip

@@ -20,8 +20,8 @@ from pathlib import Path
 from sparrow_megatron.errors import UserError
 from sparrow_megatron.rollout.config import RolloutConfig
 from sparrow_megatron.rollout.engine import Engine, EngineFailure, RequestRejected, schedule_label
-from sparrow_megatron.rollout.server import ServerProcess, free_port
-from sparrow_megatron.rollout.types import EngineStats, RolloutBatch, Sample, SamplingParams
+from sparrow_megatron.rollout.server import EngineStartError, ServerProcess, free_port
+from sparrow_megatron.rollout.types import EngineStats, RolloutBatch, Sample, SamplingParams, ScoredTokens
 from sparrow_megatron.rollout.weights import (
     Bucket,
     DistributedGroupSpec,
@@ -111,12 +111,24 @@ class RolloutFleet:
             servers.append(server)
             self.engines.append(Engine(i, server.url, server, timeout_s=self.config.request_timeout_s))
             logger.info("engine %d: pid %d, %s, log %s", i, server.pid, server.url, server.log_path)
-        # Start-up runs in parallel; wait for all, the first failure raises with its log tail.
-        for server in servers:
-            server.wait_healthy(self.config.startup_timeout_s)
+        # Start-up runs in parallel. A server that dies while starting gets one more try (start-up on a
+        # shared machine can fail on transient memory pressure); a second failure raises with its log tail.
+        for engine in self.engines:
+            try:
+                engine.server.wait_healthy(self.config.startup_timeout_s)
+            except EngineStartError as err:
+                if engine.server.alive():
+                    raise  # timed out: retrying would only double the wait
+                logger.warning("engine %d failed to start, retrying once: %s", engine.engine_id, err)
+                engine.server.kill(grace_s=2.0)
+                server = ServerProcess.launch(
+                    self._engine_config(), engine.server.port, self._log_path(engine.engine_id),
+                    self._restart_model_path,
+                )  # fmt: skip
+                engine.server, engine.url = server, server.url
+                server.wait_healthy(self.config.startup_timeout_s)
 
     def _engine_config(self, version: int = 0) -> RolloutConfig:
-        from dataclasses import replace
 
         cfg = self.config
         return replace(cfg, extra_server_args=[*cfg.extra_server_args, "--weight-version", str(version)])
@@ -163,15 +175,30 @@ class RolloutFleet:
         for engine in self.engines:
             if engine.engine_id in self._restarting:
                 continue
-            ok = engine.check_health()
-            if not ok:
+            if not self._probe(engine, "periodic health check"):
                 dead.append(engine.engine_id)
-                self._mark_dead(engine, "health check failed")
-            elif not engine.healthy:
-                with self._cond:
-                    engine.healthy = True
-                    self._cond.notify_all()
         return dead
+
+    def _probe(self, engine: Engine, context: str) -> bool:
+        """Is the engine alive? An exited process is dead at once; a live one after `health_strikes`
+        consecutive failed /health probes. A dead one is marked (and restarted if we launched it)."""
+        if not engine.process_alive():
+            self._mark_dead(
+                engine, f"process exited with code {engine.server.process.returncode} ({context})"
+            )
+            return False
+        if engine.check_health():
+            engine.strikes = 0
+            if not engine.healthy and engine.engine_id not in self._restarting:
+                with self._cond:
+                    engine.healthy = True  # an attached engine that answers again
+                    self._cond.notify_all()
+            return engine.healthy
+        engine.strikes += 1
+        if engine.strikes >= self.config.health_strikes or not engine.healthy:
+            self._mark_dead(engine, f"{engine.strikes} failed health checks ({context})")
+            return False
+        return True
 
     def _mark_dead(self, engine: Engine, reason: str) -> None:
         with self._cond:
@@ -205,6 +232,7 @@ class RolloutFleet:
                 engine.control("load_lora_adapter", {"lora_name": name, "lora_path": path, "pinned": False})
             with self._cond:
                 engine.weight_version = version
+                engine.strikes = 0
                 engine.healthy = True
                 self._restart_log.append((engine.engine_id, time.time(), reason))
                 self._cond.notify_all()
@@ -243,12 +271,15 @@ class RolloutFleet:
                 if self._stop.is_set():
                     raise NoEngineAvailable("fleet is shut down")
                 cap = self.config.max_inflight_per_engine
-                candidates = [e for e in self.engines if self._routable(e) and e.inflight < cap]
-                preferred = [e for e in candidates if e.engine_id not in avoid] or candidates
-                if preferred:
+                routable = [e for e in self.engines if self._routable(e)]
+                # A retry waits for an engine it has not failed on while one is routable (even if busy):
+                # the engine that just failed is likely dead but not yet declared so.
+                pool = [e for e in routable if e.engine_id not in avoid] or routable
+                free = [e for e in pool if e.inflight < cap]
+                if free:
                     turn = next(self._rr)
                     n = len(self.engines)
-                    engine = min(preferred, key=lambda e: (e.inflight, (e.engine_id - turn) % n))
+                    engine = min(free, key=lambda e: (e.inflight, (e.engine_id - turn) % n))
                     engine.inflight += 1
                     return engine
                 coming = self._restarting or any(self._routable(e) for e in self.engines)
@@ -286,6 +317,52 @@ class RolloutFleet:
             raise UserError(f"adapter '{adapter}' is not loaded (loaded: {sorted(self.adapters) or 'none'})")
         return adapter
 
+    def _with_retries(self, call, label: str, on_stats=None):
+        """Run call(engine) on routed engines until one answers, avoiding engines that already failed.
+        Returns (result, engine, attempts); raises RolloutError listing every attempt's reason."""
+        tried: set[int] = set()
+        reasons: list[str] = []
+        for attempt in range(1, self.config.max_attempts + 1):
+            try:
+                engine = self._acquire(tried)
+            except NoEngineAvailable as err:
+                reasons.append(str(err))
+                break
+            try:
+                return call(engine), engine, attempt
+            except RequestRejected:
+                raise
+            except EngineFailure as err:
+                reasons.append(f"attempt {attempt} on engine {engine.engine_id}: {err}")
+                tried.add(engine.engine_id)
+                if on_stats is not None:
+                    on_stats(engine)
+                self._probe(engine, str(err))
+            finally:
+                self._release(engine)
+        raise RolloutError(f"{label}: " + ("; ".join(reasons) or "no attempt made"))
+
+    def score(
+        self,
+        prompt_ids: Sequence[int],
+        output_ids: Sequence[int],
+        schedule: str | Schedule | None = None,
+        adapter: str | None = None,
+        top_logprobs: int | None = None,
+    ) -> ScoredTokens:
+        """Teacher-forced log-probs + top-K of output_ids after prompt_ids (dense unless a schedule is
+        given): the engine-side reference distribution at exactly the positions of a rollout."""
+        if len(prompt_ids) == 0 or len(output_ids) == 0:
+            raise UserError("score: prompt and response must be non-empty")
+        top_k = self.config.top_logprobs if top_logprobs is None else top_logprobs
+        lora = self.resolve_adapter(schedule, adapter)
+        parsed, engine, _ = self._with_retries(
+            lambda e: e.score(list(prompt_ids), list(output_ids), top_k, schedule, lora), "score"
+        )
+        version = parsed.weight_version if parsed.weight_version is not None else engine.weight_version
+        return ScoredTokens(list(prompt_ids), parsed.output_ids, parsed.logprobs, parsed.top_ids,
+                            parsed.top_logprobs, engine.engine_id, version)  # fmt: skip
+
     def generate(
         self,
         prompts: Sequence[Sequence[int]],
@@ -314,44 +391,40 @@ class RolloutFleet:
         failures: dict[tuple[int, int], str] = {}
         batch_id = f"{time.time_ns():x}"
 
+        def count_failure(engine: Engine) -> None:
+            with stats_lock:
+                stats[engine.engine_id].failures += 1
+
         def run(job: tuple[int, int]) -> None:
             i, j = job
             prompt = list(prompts[i])
+            times = {}
+            # Distinct, reproducible seeds per sample: equal seeds would make a GRPO group identical.
             job_sampling = sampling if sampling.seed is None else replace(sampling, seed=sampling.seed + i * n + j)
-            tried: set[int] = set()
-            reasons: list[str] = []
-            for attempt in range(1, self.config.max_attempts + 1):
-                try:
-                    engine = self._acquire(tried)
-                except NoEngineAvailable as err:
-                    reasons.append(str(err))
-                    break
-                start = time.perf_counter()
-                try:
-                    parsed, latency = engine.generate(prompt, job_sampling, top_k, schedule, lora,
-                                                      rid=f"{batch_id}-{i}-{j}-{attempt}")  # fmt: skip
-                except RequestRejected:
-                    raise
-                except EngineFailure as err:
-                    reasons.append(f"attempt {attempt} on engine {engine.engine_id}: {err}")
-                    tried.add(engine.engine_id)
-                    with stats_lock:
-                        stats[engine.engine_id].failures += 1
-                    if not engine.check_health(timeout_s=5.0):
-                        self._mark_dead(engine, str(err))
-                    continue
-                finally:
-                    self._release(engine)
-                end = time.perf_counter()
-                with stats_lock:
-                    st = stats[engine.engine_id]
-                    st.requests += 1
-                    st.output_tokens += len(parsed.output_ids)
-                    st.first_start = start if st.first_start is None else min(st.first_start, start)
-                    st.last_end = end if st.last_end is None else max(st.last_end, end)
-                results[job] = engine.to_sample(parsed, latency, prompt, i, j, schedule, lora, attempt)
+
+            def call(engine: Engine):
+                times["start"] = time.perf_counter()
+                return engine.generate(
+                    prompt, job_sampling, top_k, schedule, lora, rid=f"{batch_id}-{i}-{j}-{time.time_ns()}"
+                )
+
+            try:
+                (parsed, latency), engine, attempts = self._with_retries(
+                    call, f"prompt {i} sample {j}", count_failure
+                )
+            except RolloutError as err:
+                failures[job] = str(err).split(": ", 1)[1]
                 return
-            failures[job] = "; ".join(reasons) or "no attempt made"
+            end = time.perf_counter()
+            with stats_lock:
+                st = stats[engine.engine_id]
+                st.requests += 1
+                st.output_tokens += len(parsed.output_ids)
+                st.first_start = (
+                    times["start"] if st.first_start is None else min(st.first_start, times["start"])
+                )
+                st.last_end = end if st.last_end is None else max(st.last_end, end)
+            results[job] = engine.to_sample(parsed, latency, prompt, i, j, schedule, lora, attempts)
 
         workers = max(1, min(len(jobs), len(self.engines) * self.config.max_inflight_per_engine))
         t0 = time.perf_counter()

@@ -22,7 +22,9 @@ from sparrow_megatron.rollout.config import CPU_SERVER_ARGS, RolloutConfig
 
 # Environment variable of the sglang_patches CPU platform (sglang_patches/platform.py: ENV_FLAG).
 CPU_PLATFORM_ENV = "SPARROW_SGLANG_CPU"
-CPU_MEM_FRACTION = 0.05
+# SGLang checks that the weights leave this fraction of host memory free for the KV pool, measured while
+# other processes allocate too: 0.05 fails on a busy machine. The pool itself is capped by max_total_tokens.
+CPU_MEM_FRACTION = 0.25
 CPU_MAX_TOTAL_TOKENS = 4096
 
 
@@ -95,8 +97,10 @@ def server_command(config: RolloutConfig, port: int, model_path: str) -> list[st
         cmd += ["--enable-lora", "--max-lora-rank", str(lora.max_rank),
                 "--lora-target-modules", *lora.target_modules,
                 "--max-loras-per-batch", str(lora.max_loras_per_batch)]  # fmt: skip
-        if lora.backend:
-            cmd += ["--lora-backend", lora.backend]
+        # SGLang's default LoRA kernels are Triton (GPU); the pure-torch backend serves on CPU.
+        backend = lora.backend or ("torch_native" if cpu else None)
+        if backend:
+            cmd += ["--lora-backend", backend]
     return cmd + list(config.extra_server_args)
 
 

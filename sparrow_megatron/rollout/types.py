@@ -108,7 +108,27 @@ class RolloutBatch:
         return self.output_tokens / self.wall_s if self.wall_s > 0 else 0.0
 
 
-def topk_tensors(sample: Sample, k: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+@dataclass
+class ScoredTokens:
+    """Teacher-forced log-probs of given response tokens (e.g. the dense policy on a sparse rollout)."""
+
+    prompt_ids: list[int]
+    output_ids: list[int]
+    logprobs: list[float]
+    top_ids: list[list[int]]
+    top_logprobs: list[list[float]]
+    engine_id: int
+    weight_version: int | None
+
+    @property
+    def response_len(self) -> int:
+        return len(self.output_ids)
+
+    def topk_tensors(self, k: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        return topk_tensors(self, k)
+
+
+def topk_tensors(sample: Sample | ScoredTokens, k: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """[T, K] ids and log-probs of one sample, padded with id -1 / -inf (acceptance_from_topk's pad)."""
     k = k or max((len(row) for row in sample.top_ids), default=0)
     ids = torch.full((sample.response_len, k), PAD_ID, dtype=torch.long)

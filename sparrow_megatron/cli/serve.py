@@ -1,0 +1,91 @@
+"""`sparrow serve`: launch a local SGLang rollout fleet, print its URLs, shut it down on Ctrl-C."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import threading
+from pathlib import Path
+
+from sparrow_megatron.errors import UserError
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "serve",
+        help="launch a local SGLang fleet (sparse backend) and serve until Ctrl-C",
+        description=__doc__,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument(
+        "--model", required=True, help="HF checkpoint directory (config.json, safetensors, tokenizer)"
+    )
+    p.add_argument("--engines", type=int, default=1, help="number of SGLang servers")
+    p.add_argument(
+        "--schedule",
+        default=None,
+        help="server-wide default schedule: preset or file (requests may override)",
+    )
+    p.add_argument("--port-base", type=int, default=None, help="first port to try (default: any free ports)")
+    p.add_argument("--attention-backend", default="sparrow", help="SGLang attention backend of the engines")
+    p.add_argument("--lora-rank", type=int, default=None, help="enable LoRA adapters up to this rank")
+    p.add_argument("--run-dir", default=None, help="directory for the engines' logs (default: a temp dir)")
+    p.add_argument("--startup-timeout", type=float, default=600.0, help="seconds to wait for each engine")
+    p.add_argument("--no-restart", action="store_true", help="do not restart engines that die")
+    p.set_defaults(func=run)
+
+
+def build_config(args: argparse.Namespace):
+    from sparrow_megatron.rollout.config import LoraServerConfig, RolloutConfig
+    from sparrow_megatron.sparsity.schedule import resolve_schedule
+
+    model = Path(args.model)
+    if not (model / "config.json").is_file():
+        raise UserError(f"--model {model}: not an HF checkpoint directory (no config.json)")
+    if args.engines < 1:
+        raise UserError(f"--engines must be >= 1, got {args.engines}")
+    if args.schedule is not None:
+        resolve_schedule(args.schedule)  # a bad preset/file fails here, not in N server logs
+    return RolloutConfig(
+        model_path=str(model.resolve()),
+        engines=args.engines,
+        port_base=args.port_base,
+        attention_backend=args.attention_backend,
+        schedule=args.schedule,
+        lora=None if args.lora_rank is None else LoraServerConfig(max_rank=args.lora_rank),
+        run_dir=args.run_dir,
+        startup_timeout_s=args.startup_timeout,
+        restart_dead=not args.no_restart,
+    )
+
+
+def run(args: argparse.Namespace, stop: threading.Event | None = None) -> int:
+    from sparrow_megatron.rollout.fleet import RolloutFleet
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    config = build_config(args)
+    # SIGTERM (Slurm, systemd, kill) shuts the fleet down like Ctrl-C: no orphaned servers.
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _raise_interrupt)
+    fleet = RolloutFleet(config)
+    print(
+        f"starting {config.engines} SGLang engine(s) on {config.model_path}; logs in {fleet.run_dir}",
+        flush=True,
+    )
+    try:
+        fleet.start()
+        for engine in fleet.engines:
+            print(f"engine {engine.engine_id}: {engine.url} (pid {engine.server.pid})", flush=True)
+        print("serving; Ctrl-C to stop", flush=True)
+        (stop or threading.Event()).wait()
+    except KeyboardInterrupt:
+        print("stopping the fleet", flush=True)
+    finally:
+        fleet.shutdown()
+    return 0
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt

@@ -1,0 +1,91 @@
+"""Routing, retry and adapter rules of the fleet, isolated from servers (engines that fail on purpose)."""
+
+import pytest
+
+from sparrow_megatron.errors import UserError
+from sparrow_megatron.rollout import ACTIVE, RolloutConfig, RolloutError, RolloutFleet, SamplingParams
+from sparrow_megatron.rollout.engine import Engine, EngineFailure
+from sparrow_megatron.rollout.fleet import NoEngineAvailable
+
+
+class DownEngine(Engine):
+    """An attached engine that never answers (connection refused), as a crashed remote server does."""
+
+    def generate(self, *args, **kwargs):
+        raise EngineFailure(f"{self.url}/generate: connection refused")
+
+    def check_health(self, timeout_s: float = 10.0) -> bool:
+        return False
+
+
+def fleet_of(n: int, **kw) -> RolloutFleet:
+    urls = [f"http://127.0.0.1:{9 + i}" for i in range(n)]
+    config = RolloutConfig(urls=urls, health_interval_s=0, startup_timeout_s=1, request_timeout_s=1, **kw)
+    fleet = RolloutFleet(config)
+    fleet.engines = [DownEngine(i, url) for i, url in enumerate(fleet.config.urls)]
+    return fleet
+
+
+def test_least_loaded_engine_first_and_failed_engines_avoided():
+    fleet = fleet_of(3)
+    a, b, c = fleet.engines
+    a.inflight, b.inflight, c.inflight = 2, 0, 1
+    assert fleet._acquire(set()) is b
+    assert fleet._acquire({1}) is c  # b failed this request before: the next least loaded
+    assert fleet._acquire({0, 1, 2}).engine_id in (0, 1, 2)  # everyone failed: any engine beats none
+
+
+def test_stale_or_dead_engines_get_no_requests():
+    fleet = fleet_of(2)
+    fleet.weight_version = 1
+    fleet.engines[0].weight_version = 1
+    assert fleet._acquire(set()).engine_id == 0  # engine 1 still has v0 weights
+    fleet.engines[0].healthy = False
+    with pytest.raises(NoEngineAvailable, match="engine 1 healthy=True weights=v0"):
+        fleet._acquire(set())
+
+
+def test_request_failing_on_every_engine_raises_with_every_reason():
+    fleet = fleet_of(2, max_attempts=3)
+    with pytest.raises(RolloutError) as info:
+        fleet.generate([[1, 2, 3], [4]], SamplingParams(max_new_tokens=2))
+    text = str(info.value)
+    assert "2 of 2 requests failed" in text
+    assert "prompt 0 sample 0: attempt 1 on engine" in text and "connection refused" in text
+    assert "prompt 1 sample 0:" in text
+
+
+def test_adapters_serve_the_sparse_path_only():
+    fleet = fleet_of(1)
+    fleet.adapters = {"distill-v3": "/a"}
+    fleet.active_adapter = "distill-v3"
+    assert fleet.resolve_adapter(None, ACTIVE) is None
+    assert fleet.resolve_adapter("dense", ACTIVE) is None
+    assert fleet.resolve_adapter("qwen3-4b-0.86", ACTIVE) == "distill-v3"
+    assert fleet.resolve_adapter("qwen3-4b-0.86", None) is None
+    with pytest.raises(UserError, match="dense path"):
+        fleet.resolve_adapter(None, "distill-v3")
+    with pytest.raises(UserError, match="not loaded"):
+        fleet.resolve_adapter("qwen3-4b-0.86", "distill-v1")
+
+
+def test_bad_config_is_a_user_error():
+    with pytest.raises(UserError, match="model_path"):
+        RolloutFleet(RolloutConfig())
+    with pytest.raises(UserError, match="loopback"):
+        RolloutFleet(RolloutConfig(model_path="m", host="0.0.0.0"))
+
+
+def test_retry_waits_for_a_busy_engine_rather_than_the_one_that_failed():
+    import threading
+
+    fleet = fleet_of(2, max_inflight_per_engine=1)
+    fleet.engines[1].inflight = 1  # engine 1 is full; engine 0 just failed this request
+    got = {}
+    t = threading.Thread(target=lambda: got.setdefault("engine", fleet._acquire({0})))
+    t.start()
+    t.join(timeout=0.3)
+    assert t.is_alive()  # not handed back to engine 0
+    fleet._release(fleet.engines[1])
+    t.join(timeout=5)
+    assert got["engine"].engine_id == 1
