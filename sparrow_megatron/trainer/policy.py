@@ -103,6 +103,11 @@ class Policy:
         check_parallel_split(self.arch, cfg.tp, cfg.pp, source=f"{cfg.model_dir}/config.json")
         init_distributed(cfg.tp, cfg.pp)
         torch.manual_seed(cfg.seed)
+        if compat.HAS_CUDA:
+            # GPU init draws from Megatron's per-TP-rank CUDA RNG streams, which must be seeded first.
+            from megatron.core import tensor_parallel
+
+            tensor_parallel.model_parallel_cuda_manual_seed(cfg.seed)
         dtype = torch.bfloat16 if cfg.params_dtype == "bfloat16" else torch.float32
         self.config = transformer_config(self.arch, cfg.tp, cfg.pp, cfg.sequence_parallel, dtype)
         model = build_gpt_model(self.arch, self.config)

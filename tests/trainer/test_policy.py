@@ -41,7 +41,9 @@ def test_mcore_logits_and_scores_match_hf_transformers(which, request):
         with torch.no_grad():
             logp = (hf(seq).logits[0, p - 1 : p + r - 1] / 0.7).log_softmax(-1)
         target = torch.tensor(batch.response_ids[i])
-        torch.testing.assert_close(scored.logprobs[i], logp.gather(-1, target[:, None])[:, 0], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(
+            scored.logprobs[i], logp.gather(-1, target[:, None])[:, 0], rtol=1e-5, atol=1e-6
+        )
         entropy = -(logp.exp() * logp).sum(-1)
         torch.testing.assert_close(scored.entropy[i], entropy, rtol=1e-5, atol=1e-6)
         top_lp, top_ids = logp.topk(5, dim=-1)
@@ -81,7 +83,7 @@ def _run_worker(model_dir, untied_dir, out: Path, tp: int, pp: int) -> dict:
         cmd = [sys.executable, *args]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(tp * pp)]
-        cmd += ["--master_addr", "127.0.0.1", "--master_port", "0", *args]
+        cmd += ["--standalone", *args]  # rendezvous on a free local port
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
