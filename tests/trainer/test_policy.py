@@ -75,14 +75,14 @@ def test_grpo_steps_move_logprobs_in_the_advantage_direction(tiny_tied):
     assert policy.step == 3
 
 
-def _run_worker(model_dir, untied_dir, out: Path, tp: int, pp: int) -> dict:
+def _run_worker(model_dir, untied_dir, out: Path, tp: int, pp: int, dp: int = 1) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     args = [str(WORKER), "--model-dir", str(model_dir), "--out", str(out), "--tp", str(tp), "--pp", str(pp)]
     args += ["--untied-model-dir", str(untied_dir)]
-    if tp * pp == 1:
+    if tp * pp * dp == 1:
         cmd = [sys.executable, *args]
     else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(tp * pp)]
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(tp * pp * dp)]
         cmd += ["--standalone", *args]  # rendezvous on a free local port
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
@@ -102,14 +102,14 @@ def _load_hf_dir(d: Path) -> dict:
 
 
 @pytest.mark.slow
-def test_tp2_and_pp2_match_single_rank_and_round_trip_hf(tiny_tied, tiny_untied, tmp_path):
-    ref = _run_worker(tiny_tied, tiny_untied, tmp_path / "tp1pp1", 1, 1)
+def test_tp2_pp2_dp2_match_single_rank_and_round_trip_hf(tiny_tied, tiny_untied, tmp_path):
+    ref = _run_worker(tiny_tied, tiny_untied, tmp_path / "tp1pp1dp1", 1, 1)
     original = _load_hf_dir(tiny_tied)
     original_untied = _load_hf_dir(tiny_untied)
     assert ref["metrics"]["num_micro_batches"] >= 2 and ref["metrics"]["tis_clipped_frac"] > 0
-    for tp, pp in [(1, 1), (2, 1), (1, 2)]:
-        out = tmp_path / f"tp{tp}pp{pp}"
-        got = ref if (tp, pp) == (1, 1) else _run_worker(tiny_tied, tiny_untied, out, tp, pp)
+    for tp, pp, dp in [(1, 1, 1), (2, 1, 1), (1, 2, 1), (1, 1, 2)]:
+        out = tmp_path / f"tp{tp}pp{pp}dp{dp}"
+        got = ref if (tp, pp, dp) == (1, 1, 1) else _run_worker(tiny_tied, tiny_untied, out, tp, pp, dp)
         for a, b in zip(got["logprobs"], ref["logprobs"], strict=True):
             assert _rel(a, b) < 1e-5
         for a, b in zip(got["entropy"], ref["entropy"], strict=True):

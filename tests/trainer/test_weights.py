@@ -59,3 +59,14 @@ def test_missing_tensor_and_shape_mismatch_are_named(tiny_tied, tmp_path):
     save_file(tensors, str(missing / "model.safetensors"))
     with pytest.raises(UserError, match="'model.layers.2.self_attn.k_norm.weight' not found"):
         Policy(TrainerConfig(model_dir=str(missing)))
+
+
+def test_iter_hf_weights_streams_buckets_of_the_whole_model(tiny_untied):
+    policy = Policy(TrainerConfig(model_dir=str(tiny_untied)))
+    buckets = list(policy.iter_hf_weights(bucket_bytes=50_000))
+    assert len(buckets) > 1
+    assert all(sum(t.numel() * t.element_size() for _, t in b[:-1]) < 50_000 for b in buckets)
+    streamed = {name: t for b in buckets for name, t in b}
+    original = load_file(str(tiny_untied / "model.safetensors"))
+    assert set(streamed) == set(original)
+    assert all(torch.equal(streamed[k], original[k]) for k in original)
