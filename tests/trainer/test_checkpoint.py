@@ -82,3 +82,32 @@ def test_partial_and_corrupt_checkpoints_are_refused(tiny_tied, tmp_path):
         policy.load_checkpoint(tmp_path / "nope")
     with pytest.raises(UserError, match="JSON"):
         policy.save_checkpoint(tmp_path / "bad_extra", extra_state={"x": object()})
+
+
+@pytest.mark.slow
+def test_resume_under_tp2_gives_the_same_next_step(tiny_untied, tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    worker = Path(__file__).with_name("resume_worker.py")
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--standalone",
+        str(worker),
+    ]
+    cmd += ["--model-dir", str(tiny_untied), "--out", str(tmp_path), "--tp", "2"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    for rank in range(2):
+        r = torch.load(tmp_path / f"rank{rank}.pt")
+        assert r["extra"] == {"cursor": 3}
+        assert r["got"] == r["expected"]
+        for name, p in r["got_params"].items():
+            assert torch.equal(p, r["expected_params"][name]), (rank, name)
