@@ -123,7 +123,9 @@ class Policy:
         )
         self.model = DistributedDataParallel(config=self.config, ddp_config=ddp_config, module=model)
         # Loss is pre-normalised by global counts, so finalize must sync grads without rescaling them.
-        self.config.finalize_model_grads_func = lambda models, num_tokens=None, **kw: _finalize(models, None)
+        self.config.finalize_model_grads_func = lambda models, num_tokens=None, **kw: _finalize(
+            models, None, **compat.supported_kwargs(_finalize, **kw)
+        )
         self.optimizer = (
             MegatronOptimizer(self.model, cfg, bf16=dtype == torch.bfloat16)
             if use_dist_opt
