@@ -355,9 +355,12 @@ class Policy:
         """The last step's accumulated gradients, full and under HF names (collective; for checks)."""
         return {n: t for bucket in iter_hf_weights(self.model, self.arch, grads=True) for n, t in bucket}
 
-    def export_hf(self, out_dir: str | Path, max_shard_bytes: int = 4 << 30) -> Path | None:
-        """Write an HF safetensors checkpoint of the current weights (rank 0 writes; collective)."""
-        out = export_hf_checkpoint(self.model, self.arch, self.cfg.model_dir, out_dir, max_shard_bytes)
+    def export_hf(
+        self, out_dir: str | Path, max_shard_bytes: int = 4 << 30, dtype: torch.dtype | None = None
+    ) -> Path | None:
+        """Write an HF safetensors checkpoint of the current weights (rank 0 writes; collective).
+        dtype: cast on export (e.g. torch.bfloat16); default keeps the training dtype."""
+        out = export_hf_checkpoint(self.model, self.arch, self.cfg.model_dir, out_dir, max_shard_bytes, dtype)
         torch.distributed.barrier()
         return out
 
