@@ -63,6 +63,17 @@ class RolloutBatch:
                 raise UserError(
                     f"RolloutBatch: sample {i} field 'rollout_logprobs' token {j} is {float(t[j])}"
                 )
+        for name in ("old_logprobs", "ref_logprobs"):
+            rows = getattr(self, name)
+            if rows is None:
+                continue
+            if len(rows) != n:
+                raise UserError(f"RolloutBatch: {n} samples but {len(rows)} rows of {name}")
+            for i, (r, lp) in enumerate(zip(self.response_ids, rows, strict=True)):
+                if len(lp) != len(r):
+                    raise UserError(
+                        f"RolloutBatch: sample {i} field '{name}' has {len(lp)} entries, want {len(r)}"
+                    )
         if self.response_masks is not None:
             for i, (r, m) in enumerate(zip(self.response_ids, self.response_masks, strict=True)):
                 if len(m) != len(r):

@@ -70,6 +70,19 @@ class _CpuRNGTracker:
         yield
 
 
+class _NullStream:
+    """A CUDA stream stand-in: on CPU every op is synchronous, so waits are no-ops."""
+
+    def wait_event(self, event: Any) -> None:
+        pass
+
+    def wait_stream(self, stream: Any) -> None:
+        pass
+
+    def synchronize(self) -> None:
+        pass
+
+
 class _TorchWithCpuDefault(types.ModuleType):
     """A view of `torch` for one Megatron module whose factory calls pass device="cuda" literally."""
 
@@ -104,6 +117,8 @@ def apply_cpu_shims() -> None:
     torch.cuda.current_device = lambda: "cpu"
     # p2p _communicate_shapes (variable seq lengths) and DDP buffer code call it; nothing to wait for.
     torch.cuda.synchronize = lambda device=None: None
+    # megatron-core >= 0.19 grad sync waits on torch.cuda.current_stream() for CUDA-graph events.
+    torch.cuda.current_stream = lambda device=None: _NullStream()
     # The CUDA RNG tracker reads CUDA generator states; with no dropout a null tracker is exact.
     mrandom._CUDA_RNG_STATE_TRACKER = _CpuRNGTracker()
     mrandom._CUDA_RNG_STATE_TRACKER_INITIALIZED = True

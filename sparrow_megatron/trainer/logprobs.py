@@ -65,7 +65,7 @@ def vocab_parallel_logprobs(
 
 @torch.no_grad()
 def vocab_parallel_topk(logits: torch.Tensor, k: int, temperature: float = 1.0):
-    """Global top-k (ids, log-probs) over a vocab-sharded last dim; ties go to the lower token id."""
+    """Global top-k (ids, log-probs) over a vocab-sharded last dim, sorted by log-prob (descending)."""
     tp, rank, group = _tp()
     z = logits.float() / temperature
     vocab_local = z.shape[-1]
@@ -86,7 +86,7 @@ def vocab_parallel_topk(logits: torch.Tensor, k: int, temperature: float = 1.0):
         torch.distributed.all_gather(all_vals, vals.contiguous(), group=group)
         torch.distributed.all_gather(all_ids, ids.contiguous(), group=group)
         vals, ids = torch.cat(all_vals, dim=-1), torch.cat(all_ids, dim=-1)
-    # Stable sort on (value desc) after ordering candidates by id keeps ties on the lower id.
+    # Merge the per-rank candidates: order by id first so equal values across ranks keep id order.
     order_by_id = ids.argsort(dim=-1, stable=True)
     vals, ids = vals.gather(-1, order_by_id), ids.gather(-1, order_by_id)
     order = vals.argsort(dim=-1, descending=True, stable=True)[..., : min(k, vals.shape[-1])]

@@ -103,6 +103,11 @@ class Policy:
         check_parallel_split(self.arch, cfg.tp, cfg.pp, source=f"{cfg.model_dir}/config.json")
         init_distributed(cfg.tp, cfg.pp)
         torch.manual_seed(cfg.seed)
+        if compat.HAS_CUDA:
+            # GPU init draws from Megatron's per-TP-rank CUDA RNG streams, which must be seeded first.
+            from megatron.core import tensor_parallel
+
+            tensor_parallel.model_parallel_cuda_manual_seed(cfg.seed)
         dtype = torch.bfloat16 if cfg.params_dtype == "bfloat16" else torch.float32
         self.config = transformer_config(self.arch, cfg.tp, cfg.pp, cfg.sequence_parallel, dtype)
         model = build_gpt_model(self.arch, self.config)
@@ -118,7 +123,9 @@ class Policy:
         )
         self.model = DistributedDataParallel(config=self.config, ddp_config=ddp_config, module=model)
         # Loss is pre-normalised by global counts, so finalize must sync grads without rescaling them.
-        self.config.finalize_model_grads_func = lambda models, num_tokens=None, **kw: _finalize(models, None)
+        self.config.finalize_model_grads_func = lambda models, num_tokens=None, **kw: _finalize(
+            models, None, **compat.supported_kwargs(_finalize, **kw)
+        )
         self.optimizer = (
             MegatronOptimizer(self.model, cfg, bf16=dtype == torch.bfloat16)
             if use_dist_opt
@@ -348,9 +355,12 @@ class Policy:
         """The last step's accumulated gradients, full and under HF names (collective; for checks)."""
         return {n: t for bucket in iter_hf_weights(self.model, self.arch, grads=True) for n, t in bucket}
 
-    def export_hf(self, out_dir: str | Path, max_shard_bytes: int = 4 << 30) -> Path | None:
-        """Write an HF safetensors checkpoint of the current weights (rank 0 writes; collective)."""
-        out = export_hf_checkpoint(self.model, self.arch, self.cfg.model_dir, out_dir, max_shard_bytes)
+    def export_hf(
+        self, out_dir: str | Path, max_shard_bytes: int = 4 << 30, dtype: torch.dtype | None = None
+    ) -> Path | None:
+        """Write an HF safetensors checkpoint of the current weights (rank 0 writes; collective).
+        dtype: cast on export (e.g. torch.bfloat16); default keeps the training dtype."""
+        out = export_hf_checkpoint(self.model, self.arch, self.cfg.model_dir, out_dir, max_shard_bytes, dtype)
         torch.distributed.barrier()
         return out
 

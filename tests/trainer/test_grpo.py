@@ -4,7 +4,13 @@ import pytest
 import torch
 
 from sparrow_megatron.errors import UserError
-from sparrow_megatron.trainer.grpo import GRPOCoefs, group_advantages, grpo_token_loss, tis_weights, token_weights
+from sparrow_megatron.trainer.grpo import (
+    GRPOCoefs,
+    group_advantages,
+    grpo_token_loss,
+    tis_weights,
+    token_weights,
+)
 
 
 def test_group_advantages_normalise_within_each_group():

@@ -41,7 +41,9 @@ def test_mcore_logits_and_scores_match_hf_transformers(which, request):
         with torch.no_grad():
             logp = (hf(seq).logits[0, p - 1 : p + r - 1] / 0.7).log_softmax(-1)
         target = torch.tensor(batch.response_ids[i])
-        torch.testing.assert_close(scored.logprobs[i], logp.gather(-1, target[:, None])[:, 0], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(
+            scored.logprobs[i], logp.gather(-1, target[:, None])[:, 0], rtol=1e-5, atol=1e-6
+        )
         entropy = -(logp.exp() * logp).sum(-1)
         torch.testing.assert_close(scored.entropy[i], entropy, rtol=1e-5, atol=1e-6)
         top_lp, top_ids = logp.topk(5, dim=-1)
@@ -73,15 +75,15 @@ def test_grpo_steps_move_logprobs_in_the_advantage_direction(tiny_tied):
     assert policy.step == 3
 
 
-def _run_worker(model_dir, untied_dir, out: Path, tp: int, pp: int) -> dict:
+def _run_worker(model_dir, untied_dir, out: Path, tp: int, pp: int, dp: int = 1) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     args = [str(WORKER), "--model-dir", str(model_dir), "--out", str(out), "--tp", str(tp), "--pp", str(pp)]
     args += ["--untied-model-dir", str(untied_dir)]
-    if tp * pp == 1:
+    if tp * pp * dp == 1:
         cmd = [sys.executable, *args]
     else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(tp * pp)]
-        cmd += ["--master_addr", "127.0.0.1", "--master_port", "0", *args]
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(tp * pp * dp)]
+        cmd += ["--standalone", *args]  # rendezvous on a free local port
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
@@ -100,14 +102,14 @@ def _load_hf_dir(d: Path) -> dict:
 
 
 @pytest.mark.slow
-def test_tp2_and_pp2_match_single_rank_and_round_trip_hf(tiny_tied, tiny_untied, tmp_path):
-    ref = _run_worker(tiny_tied, tiny_untied, tmp_path / "tp1pp1", 1, 1)
+def test_tp2_pp2_dp2_match_single_rank_and_round_trip_hf(tiny_tied, tiny_untied, tmp_path):
+    ref = _run_worker(tiny_tied, tiny_untied, tmp_path / "tp1pp1dp1", 1, 1)
     original = _load_hf_dir(tiny_tied)
     original_untied = _load_hf_dir(tiny_untied)
     assert ref["metrics"]["num_micro_batches"] >= 2 and ref["metrics"]["tis_clipped_frac"] > 0
-    for tp, pp in [(1, 1), (2, 1), (1, 2)]:
-        out = tmp_path / f"tp{tp}pp{pp}"
-        got = ref if (tp, pp) == (1, 1) else _run_worker(tiny_tied, tiny_untied, out, tp, pp)
+    for tp, pp, dp in [(1, 1, 1), (2, 1, 1), (1, 2, 1), (1, 1, 2)]:
+        out = tmp_path / f"tp{tp}pp{pp}dp{dp}"
+        got = ref if (tp, pp, dp) == (1, 1, 1) else _run_worker(tiny_tied, tiny_untied, out, tp, pp, dp)
         for a, b in zip(got["logprobs"], ref["logprobs"], strict=True):
             assert _rel(a, b) < 1e-5
         for a, b in zip(got["entropy"], ref["entropy"], strict=True):
