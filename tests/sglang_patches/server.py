@@ -16,6 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 START_TIMEOUT_S = 900  # generous: CI machines are shared and start-up is ~30 s only when idle
+# On CPU SGLang requires the fraction to exceed the share of host RAM already in use (other processes
+# included), so a small value fails on a busy machine; --max-total-tokens caps the KV pool anyway.
+MEM_FRACTION = "0.8"
 
 
 def free_port() -> int:
@@ -83,7 +86,7 @@ def launch(
         sys.executable, "-m", "sglang.launch_server", "--model-path", str(model), "--device", "cpu",
         "--host", "127.0.0.1", "--port", str(port), "--attention-backend", attention_backend,
         "--cuda-graph-backend-decode", "disabled", "--cuda-graph-backend-prefill", "disabled",
-        "--mem-fraction-static", "0.05", "--max-total-tokens", "4096", "--page-size", "16",
+        "--mem-fraction-static", MEM_FRACTION, "--max-total-tokens", "4096", "--page-size", "16",
         "--skip-server-warmup", "--sleep-on-idle", "--random-seed", "0", *extra_args,
     ]  # fmt: skip
     with open(log, "w") as out:

@@ -107,7 +107,7 @@ def test_preset_override_accepted(sparrow_server, torch_native_server):
         ("no-such-preset", "unknown schedule 'no-such-preset'"),
         ('{"schema_version": 1, "budgets": [50]}', "not a multiple of page_size"),
         ('{"schema_version": 1, "budgets": [32]}', "below sink + local"),
-        ('{"schema_version": 1, "budgets": [64], "page_size": 32}', "page_size"),
+        ('{"schema_version": 1, "budgets": [128], "page_size": 32}', "differs from the server's KV"),
         ("{not json", "not valid JSON"),
         (17, "must be a non-empty string"),
     ],

@@ -14,6 +14,7 @@ from sglang_patches.schedules import (
 )
 from sparrow_megatron.errors import UserError
 from sparrow_megatron.sparsity.schedule import PRESETS, Schedule
+from sparrow_megatron.sparsity.selection import PageGeometry
 
 
 def test_dense_and_presets():
@@ -52,3 +53,9 @@ def test_validate_request_raises_value_error():
         validate_request({CUSTOM_PARAM_KEY: "nope"})
     with pytest.raises(ValueError, match="non-empty string"):
         validate_request({CUSTOM_PARAM_KEY: ["a"]})
+
+
+def test_page_size_must_match_server():
+    spec = json.dumps(Schedule(budgets=(128,), geometry=PageGeometry(page_size=32)).to_dict())
+    with pytest.raises(UserError, match="page_size 32 differs from the server's KV page size 16"):
+        parse_schedule(spec)
