@@ -63,6 +63,7 @@ class RolloutConfig:
     schedule: str = "dense"
     attention_backend: str = "sparrow"
     timeout_s: float = 600.0
+    kv_pool_tokens: int = 0  # SGLang --max-total-tokens per engine; 0 = its default for the device
 
 
 @dataclass

@@ -12,7 +12,9 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("train", help="run the RL loop (no recipe: the embedded tiny CPU default)")
     p.add_argument("recipe", nargs="?", help="a recipe .py (recipe() -> JobConfig) or a YAML/JSON config")
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. loop.steps=5")
-    p.add_argument("--resume", action="store_true", help="continue the run in loop.run_dir from its last checkpoint")
+    p.add_argument(
+        "--resume", action="store_true", help="continue the run in loop.run_dir from its last checkpoint"
+    )
     p.set_defaults(func=run)
 
 
@@ -26,6 +28,7 @@ def run(args) -> int:
         recipe, overrides = None, [recipe, *overrides]
     cfg = load_config(recipe if recipe is not None else tiny_cpu(), overrides)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per rollout request otherwise
     summary = Loop(cfg, resume=args.resume).train()
     print_summary(summary, cfg)
     return 0
@@ -39,7 +42,9 @@ def print_summary(summary, cfg) -> None:
     table.add_column("value", justify="right")
     if steps:
         first, last = steps[0].metrics, steps[-1].metrics
-        table.add_row("reward (first -> last step)", f"{first['reward/mean']:.3f} -> {last['reward/mean']:.3f}")
+        table.add_row(
+            "reward (first -> last step)", f"{first['reward/mean']:.3f} -> {last['reward/mean']:.3f}"
+        )
         for key in sorted(k for k in last if k.startswith("tail/p5/")):
             table.add_row(f"p5 acceptance {key.split('/')[-1]}", f"{last[key]:.3f} (tau {cfg.monitor.tau})")
     for key, value in summary.throughput.items():

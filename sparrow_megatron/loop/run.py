@@ -72,16 +72,21 @@ def fleet_config(cfg: JobConfig, model_dir: Path, run_dir: RunDir) -> FleetConfi
     return FleetConfig(
         model_path=str(model_dir), engines=r.engines, tp_size=r.engine_tp, attention_backend=r.attention_backend,
         top_logprobs=r.top_k_logprobs, request_timeout_s=r.timeout_s, random_seed=cfg.loop.seed,
-        run_dir=str(run_dir.root / "engines"),
+        run_dir=str(run_dir.root / "engines"), max_total_tokens=r.kv_pool_tokens or None,
     )  # fmt: skip
 
 
 def resolve_model_dir(cfg: JobConfig, run_dir: RunDir) -> Path:
     if cfg.model.hf_dir:
-        return Path(cfg.model.hf_dir)
-    from sparrow_megatron.data.pretrain_recall import embedded_checkpoint
+        path = Path(cfg.model.hf_dir)
+        if not (path / "config.json").is_file():
+            raise UserError(
+                f"field 'model.hf_dir': {path} has no config.json (a Hugging Face checkpoint dir)"
+            )
+        return path
+    from sparrow_megatron.data.recall import TINY_RECALL_DIR
 
-    return embedded_checkpoint()
+    return TINY_RECALL_DIR
 
 
 def to_trainer_batch(samples: list[Sample], rewards: list[float], group_ids: list[int], adv_eps: float):
@@ -184,16 +189,19 @@ class Loop:
         t0 = time.perf_counter()
         prompts = task.prompts("train", (step - 1) * cfg.loop.prompts_per_step, cfg.loop.prompts_per_step)
         prompt_ids = [tokenizer(p.text, add_special_tokens=False)["input_ids"] for p in prompts]
+        timer = _PhaseTimer()
         rollout = fleet.generate(prompt_ids, _seeded(sampling, cfg.loop.seed, step), n=cfg.rollout.n_samples,
                                  schedule=schedule)  # fmt: skip
         samples, dropped = usable(rollout.flat())
         if dropped:
             log.warning("step %d: %d samples without a usable response left out of the update", step, dropped)
         rewards = [task.reward(prompts[s.prompt_index], tokenizer.decode(s.output_ids)) for s in samples]
+        timer.lap("rollout")
         batch = to_trainer_batch(
             samples, rewards, [prompts[s.prompt_index].index for s in samples], cfg.grpo.adv_eps
         )
         score = policy.score(batch)
+        timer.lap("score")
         batch.old_logprobs = score.logprobs
         rollout_ids, rollout_lps = zip(
             *(topk_tensors(s, cfg.rollout.top_k_logprobs) for s in samples), strict=True
@@ -206,8 +214,12 @@ class Loop:
             torch.cat(rollout_lps),
             np.concatenate([len(s.prompt_ids) + np.arange(s.response_len) for s in samples]),
         )
+        timer.lap("tails")
         metrics = {f"train/{k}": v for k, v in policy.train_step(batch).items()}
+        timer.lap("update")
         fleet.sync_weights(policy.iter_hf_weights())
+        timer.lap("sync")
+        metrics.update(timer.metrics())
         metrics.update(tails.metrics())
         metrics.update({
             "reward/mean": float(np.mean(rewards)) if rewards else 0.0,
@@ -229,6 +241,22 @@ class Loop:
             state["controller"] = controller.state_dict()
         RunDir.write_loop_state(path, state)
         self.run.commit_checkpoint(step)
+
+
+class _PhaseTimer:
+    """Seconds per phase of a step (time/<phase>_s): where an RL step goes is the point of sparse rollout."""
+
+    def __init__(self) -> None:
+        self.last = time.perf_counter()
+        self.phases: dict[str, float] = {}
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.phases[name] = now - self.last
+        self.last = now
+
+    def metrics(self) -> dict[str, float]:
+        return {f"time/{name}_s": seconds for name, seconds in self.phases.items()}
 
 
 def _seeded(sampling: SamplingParams, seed: int, step: int) -> SamplingParams:

@@ -129,7 +129,6 @@ class RolloutFleet:
                 server.wait_healthy(self.config.startup_timeout_s)
 
     def _engine_config(self, version: int = 0) -> RolloutConfig:
-
         cfg = self.config
         return replace(cfg, extra_server_args=[*cfg.extra_server_args, "--weight-version", str(version)])
 
@@ -400,7 +399,9 @@ class RolloutFleet:
             prompt = list(prompts[i])
             times = {}
             # Distinct, reproducible seeds per sample: equal seeds would make a GRPO group identical.
-            job_sampling = sampling if sampling.seed is None else replace(sampling, seed=sampling.seed + i * n + j)
+            job_sampling = (
+                sampling if sampling.seed is None else replace(sampling, seed=sampling.seed + i * n + j)
+            )
 
             def call(engine: Engine):
                 times["start"] = time.perf_counter()
