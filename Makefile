@@ -5,7 +5,7 @@ setup:
 	bash scripts/setup.sh
 
 run: setup
-	.venv/bin/sparrow overview --out runs/overview
+	HF_HUB_OFFLINE=1 .venv/bin/sparrow train loop.run_dir=runs/tiny-cpu-$$(date +%Y%m%d-%H%M%S)
 
 test:
 	bash scripts/test.sh

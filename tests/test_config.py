@@ -279,7 +279,14 @@ def test_mlflow_uri_defaults_to_sqlite_in_run_dir(tmp_path):
 def test_presets_validate():
     for name in PRESETS:
         validate(
-            apply_overrides(JobConfig(), [f"rollout.schedule={name}", "monitor.controller.enabled=true"])
+            apply_overrides(
+                JobConfig(),
+                [
+                    f"rollout.schedule={name}",
+                    f"monitor.bin_width={PRESETS[name].bin_width}",
+                    "monitor.controller.enabled=true",
+                ],
+            )
         )
 
 

@@ -1,0 +1,116 @@
+"""The RL loop end to end on the embedded default: a real SGLang engine, the Megatron trainer, MLflow.
+
+Runs `sparrow train` as users do (a subprocess with overrides), small enough for CI: 3 steps of
+2 prompts x 4 samples. One uninterrupted run is the reference; a second run is killed (its whole
+process group, engine included, like a lost node) once its step-2 checkpoint is committed and then
+resumed with --resume: it must continue at step 3 and reproduce the reference's numbers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from sparrow_megatron.data.recall import TINY_RECALL_DIR
+
+pytestmark = [pytest.mark.sglang, pytest.mark.slow]
+
+SPARROW = [sys.executable, "-m", "sparrow_megatron.cli.main", "train"]
+SMALL = [
+    "loop.steps=3",
+    "loop.prompts_per_step=2",
+    "rollout.n_samples=4",
+    "loop.checkpoint_every=1",
+]
+# Numbers a resumed run must reproduce exactly (wall-clock ones cannot).
+DETERMINISTIC = ("reward/", "tail/", "train/loss", "train/grad_norm", "train/entropy", "rollout/response_len")
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def _train(run_dir: Path, *extra: str, timeout: float = 900) -> subprocess.CompletedProcess:
+    cmd = [*SPARROW, *SMALL, f"loop.run_dir={run_dir}", *extra]
+    return subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=timeout)
+
+
+def _metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
+
+
+def _deterministic(row: dict) -> dict:
+    return {k: v for k, v in row.items() if k.startswith(DETERMINISTIC)}
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("loop") / "reference"
+    proc = _train(run_dir)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return run_dir
+
+
+def test_steps_compute_rewards_tails_and_sync_weights(reference_run):
+    rows = _metrics(reference_run)
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    for r in rows:
+        # 8 samples x 3 recall queries each: the mean reward is a multiple of 1/24.
+        assert 0.0 <= r["reward/mean"] <= 1.0
+        assert r["reward/mean"] * 24 == pytest.approx(round(r["reward/mean"] * 24), abs=1e-9)
+        # The ~1.1K-token prompts put every decode step in the bin [1024, 1280).
+        assert r["tail/count/bin_01024"] == r["train/num_tokens"] > 0
+        assert 0.0 < r["tail/p5/bin_01024"] <= 1.0
+        assert r["tail/p5_lower/bin_01024"] <= r["tail/p5/bin_01024"] <= r["tail/p5_upper/bin_01024"]
+        assert r["rollout/dropped_samples"] == 0
+        # One weight sync per step: the rollout of step s+1 runs on the weights of update s.
+        assert r["rollout/weight_version"] == r["step"]
+        assert r["schedule/budget/bin_01024"] >= 128
+    exported = load_file(reference_run / "final_hf" / "model.safetensors")
+    base = load_file(TINY_RECALL_DIR / "model.safetensors")
+    assert exported.keys() == base.keys()
+    assert any(not (exported[k] == base[k]).all() for k in base), "the updates changed no weight"
+    assert {p.name for p in (reference_run / "plots").glob("*.png")} >= {"reward.png", "tail_p5_heatmap.png"}
+    assert (reference_run / "mlflow.db").stat().st_size > 0
+
+
+def test_resume_after_a_kill_reproduces_the_uninterrupted_run(reference_run, tmp_path):
+    run_dir = tmp_path / "killed"
+    cmd = [*SPARROW, *SMALL, f"loop.run_dir={run_dir}"]
+    proc = subprocess.Popen(
+        cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
+    marker = run_dir / "checkpoints" / "step_2"
+    try:
+        deadline = time.monotonic() + 900
+        while not any(marker.glob("COMPLETE*")) and proc.poll() is None:
+            assert time.monotonic() < deadline, "no step-2 checkpoint within 15 minutes"
+            time.sleep(0.5)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the trainer and its engine, like a lost node
+        proc.wait()
+
+    again = _train(run_dir)
+    assert again.returncode == 2 and "--resume" in again.stderr, "a second start must not clobber the run"
+
+    resumed = _train(run_dir, "--resume")
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-5000:]
+    rows = _metrics(run_dir)
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    for got, want in zip(rows, _metrics(reference_run), strict=True):
+        assert _deterministic(got) == pytest.approx(_deterministic(want), rel=1e-6, abs=1e-9), got["step"]
+
+
+def test_bad_config_fails_before_anything_starts(tmp_path):
+    proc = _train(tmp_path / "bad", "rollout.n_samples=zero", timeout=120)
+    assert proc.returncode == 2
+    assert "rollout.n_samples" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "bad" / "engines").exists()
