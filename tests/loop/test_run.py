@@ -73,7 +73,8 @@ def test_steps_compute_rewards_tails_and_sync_weights(reference_run):
         assert r["rollout/dropped_samples"] == 0
         # One weight sync per step: the rollout of step s+1 runs on the weights of update s.
         assert r["rollout/weight_version"] == r["step"]
-        assert r["schedule/budget/bin_01024"] >= 128
+        budgets = [v for k, v in r.items() if k.startswith("schedule/budget/")]
+        assert r["schedule/dense"] == 0 and budgets and min(budgets) >= 128
     exported = load_file(reference_run / "final_hf" / "model.safetensors")
     base = load_file(TINY_RECALL_DIR / "model.safetensors")
     assert exported.keys() == base.keys()
