@@ -6,7 +6,8 @@ no schedule decodes exactly as that backend would. For the rows of a decode batc
 the step sparse, the dense output is replaced by the sparse one:
 - on CPU (or on GPU without the kernels) by the torch reference `sparse_decode_reference`, fed with
   the landmarks this backend keeps;
-- on GPU by `sparrow_kernels` when importable (see `sglang_patches.gpu`).
+- on GPU by `sparrow_kernels` when importable (see `sglang_patches.gpu`; on CPU too with
+  SPARROW_SGLANG_KERNELS=1 and TRITON_INTERPRET=1, for tests).
 
 Landmarks are kept per physical KV page (one buffer per layer, [num_pages, Hkv, D] in the KV dtype),
 so the server must run with `--page-size 16`: a request's logical page i lives in the physical page
@@ -26,7 +27,7 @@ from typing import TYPE_CHECKING
 import torch
 from sglang.srt.layers.attention.base_attn_backend import AttentionBackend
 
-from sglang_patches.gpu import load_gpu_sparse_decode
+from sglang_patches.gpu import KERNELS_ENV, kernels_wanted, load_gpu_sparse_decode
 from sglang_patches.recorder import SelectionRecorder
 from sglang_patches.schedules import SERVER_PAGE_SIZE, schedules_of, server_default_schedule
 from sparrow_megatron.errors import UserError
@@ -74,7 +75,11 @@ class SparrowAttnBackend(AttentionBackend):
                     default.name if default else "dense")  # fmt: skip
         self.landmarks: dict[int, torch.Tensor] = {}
         self.recorder = SelectionRecorder.from_env()
-        self.gpu_sparse_decode = load_gpu_sparse_decode() if self.device.type == "cuda" else None
+        self.gpu_sparse_decode = (
+            load_gpu_sparse_decode(required=os.environ.get(KERNELS_ENV) == "1")
+            if kernels_wanted(self.device)
+            else None
+        )
         self.forward_metadata = None
 
     # --- metadata: the dense delegate's, plus nothing of ours (schedules are looked up by request id) ---
@@ -171,7 +176,9 @@ class SparrowAttnBackend(AttentionBackend):
         marks_all = self._landmark_buffer(layer)
         req_to_token = self.req_to_token_pool.req_to_token
         if self.gpu_sparse_decode is not None:
-            self.gpu_sparse_decode(q3, out3, layer, forward_batch, marks_all, rows)
+            selection = self.gpu_sparse_decode(q3, out3, layer, forward_batch, marks_all, rows)
+            if self.recorder is not None and selection is not None and selection[0] is not None:
+                self._record_kernel_selection(q3, layer, forward_batch, slots, seq_lens, rows, selection)
             return
         P = self.page_size
         for i, budget, schedule in rows:
@@ -192,6 +199,23 @@ class SparrowAttnBackend(AttentionBackend):
             if self.recorder is not None:
                 rid = forward_batch.rids[i] if forward_batch.rids else str(slots[i])
                 self.recorder.record(layer.layer_id, rid, total_len, budget, q3[i], keys, marks, selected[0])
+
+    def _record_kernel_selection(self, q3, layer, forward_batch, slots, seq_lens, rows, selection) -> None:
+        """What the torch path records, for the kernels' selection (the recorder is test-only)."""
+        P = self.page_size
+        page_table, num_selected = selection
+        keys_all = self.token_to_kv_pool.get_key_buffer(layer.layer_id)
+        marks_all = self._landmark_buffer(layer)
+        req_to_token = self.req_to_token_pool.req_to_token
+        for j, (i, budget, _) in enumerate(rows):
+            total_len = seq_lens[i]
+            locs = req_to_token[slots[i], :total_len].long()
+            marks = marks_all[locs[: (total_len // P) * P : P] // P]
+            selected = page_table[j, :, : int(num_selected[j])].long()
+            rid = forward_batch.rids[i] if forward_batch.rids else str(slots[i])
+            self.recorder.record(
+                layer.layer_id, rid, total_len, budget, q3[i], keys_all[locs], marks, selected
+            )
 
 
 def _as_list(cpu_values, tensor) -> list[int]:
