@@ -107,7 +107,11 @@ def test_resume_after_a_kill_reproduces_the_uninterrupted_run(reference_run, tmp
     rows = _metrics(run_dir)
     assert [r["step"] for r in rows] == [1, 2, 3]
     for got, want in zip(rows, _metrics(reference_run), strict=True):
-        assert _deterministic(got) == pytest.approx(_deterministic(want), rel=1e-6, abs=1e-9), got["step"]
+        # The same tokens and rewards exactly; SGLang's CPU batching moves log-probs in the 7th digit
+        # between any two runs (resumed or not), hence the tolerance on the float statistics.
+        for key in ("reward/mean", "rollout/response_len", "tail/count/bin_01024"):
+            assert got[key] == want[key], (got["step"], key)
+        assert _deterministic(got) == pytest.approx(_deterministic(want), rel=1e-4, abs=1e-6), got["step"]
 
 
 def test_bad_config_fails_before_anything_starts(tmp_path):
