@@ -538,7 +538,7 @@ def plot_calibration_heatmap(table: TailTable, path: str | Path, tau: float) -> 
     cols = [j for j in range(table.num_bins) if np.isfinite(values[:, j]).any()]
     labels = [f"{j * table.bin_width}-{(j + 1) * table.bin_width}" for j in cols]
     return plot_heatmap(values[:, cols], list(table.budgets), labels, path,
-                        title="p5 acceptance by candidate budget and position bin",
+                        title="p5 acceptance",
                         xlabel="position bin (prompt + generated)", ylabel="KV budget (tokens)",
                         tau=tau)  # fmt: skip
 
