@@ -504,7 +504,10 @@ def run_calibration(
     try:
         schedule = solve_calibrated(solved_table, cfg.tau, cfg.dense_fallback, cfg.name, cfg.dense_layers)
     except UserError as err:
-        error = f"{err} (re-solve with `sparrow schedule solve {files['tails']}`)"
+        error = str(err)
+        if filled:
+            error += "; unmeasured cells took the p5 of the next measured bin (see filled_cells)"
+        error += f"; re-solve with `sparrow schedule solve {files['tails']}`"
     prompt_lens = [len(p) for p in prompts]
     if schedule is not None:
         files["schedule"] = schedule.save(out / "schedule.json")

@@ -85,3 +85,28 @@ def test_unparsable_budgets_exit_2(sparrow):
 )
 def test_bad_fields(sparrow, args, needle):
     _assert_user_error(sparrow("calibrate", *args), needle)
+
+
+def test_unsolvable_table_prints_it_and_exits_2(sparrow, tmp_path, monkeypatch):
+    """The solve step failing after measuring: the table is shown, the error names the bin and the file
+    to re-solve. The measuring run is replaced here only to reach that branch without an engine."""
+    import numpy as np
+
+    import sparrow_megatron.sparsity.calibrate as cal
+
+    def fake_run(cfg, progress=None):
+        ms = [cal.Measurement(b, np.full(30, a), np.full(30, a), np.full(30, a), np.arange(200, 230))
+              for b, a in ((48, 0.5), (64, 0.7))]  # fmt: skip
+        table, cells = cal.build_table(ms, bin_width=100)
+        filled, _ = cal.fill_unmeasured(table)
+        try:
+            cal.solve_calibrated(filled, cfg.tau)
+        except cal.UserError as err:
+            error = f"{err} (re-solve with `sparrow schedule solve {tmp_path / 'tails.json'}`)"
+        return cal.CalibrationResult(tmp_path, table, filled, cells, None, None, ms, {}, {}, error)
+
+    monkeypatch.setattr(cal, "run_calibration", fake_run)
+    code, out, err = sparrow("calibrate", "--out", str(tmp_path))
+    assert code == 2 and "Traceback" not in err
+    assert "bin 0 (positions 0-100)" in err and "sparrow schedule solve" in err and "tails.json" in err
+    assert "0.500" in out and "0.700" in out and "200-300" in out
