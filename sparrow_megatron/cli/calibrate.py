@@ -131,7 +131,7 @@ def _p5_table(result, tau: float) -> Table:
     table = result.table
     cols = [j for j in range(table.num_bins) if any(row[j] is not None for row in table.p5)]
     counts = {(c.budget, c.bin): c.count for c in result.cells}
-    t = Table(title=f"p5 acceptance, tau {tau}", caption="red: below tau; (tokens in the cell)")
+    t = Table(title=f"p5 acceptance, tau {tau}", caption="red: < tau; (tokens)")
     t.add_column("budget", justify="right")
     for j in cols:
         t.add_column(f"{j * table.bin_width}-{(j + 1) * table.bin_width}", justify="right")
