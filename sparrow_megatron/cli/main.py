@@ -18,6 +18,7 @@ COMMAND_MODULES = [
     "sparrow_megatron.cli.reward",
     "sparrow_megatron.cli.submit",
     "sparrow_megatron.cli.serve",
+    "sparrow_megatron.cli.calibrate",
 ]
 
 
