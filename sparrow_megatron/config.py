@@ -64,6 +64,9 @@ class RolloutConfig:
     attention_backend: str = "sparrow"
     timeout_s: float = 600.0
     kv_pool_tokens: int = 0  # SGLang --max-total-tokens per engine; 0 = its default for the device
+    # Requests in flight per engine. 1 makes CPU rollouts bit-reproducible (each request decodes alone,
+    # so batch composition cannot move the float bits) at the cost of batching.
+    max_inflight_per_engine: int = 64
 
 
 @dataclass
@@ -536,6 +539,7 @@ def _problems(cfg: JobConfig, check_paths: bool) -> list[str]:
         ("rollout.engines", cfg.rollout.engines),
         ("rollout.engine_tp", cfg.rollout.engine_tp),
         ("rollout.n_samples", cfg.rollout.n_samples),
+        ("rollout.max_inflight_per_engine", cfg.rollout.max_inflight_per_engine),
         ("rollout.top_k_logprobs", cfg.rollout.top_k_logprobs),
         ("data.max_prompt_tokens", cfg.data.max_prompt_tokens),
         ("data.max_response_tokens", cfg.data.max_response_tokens),

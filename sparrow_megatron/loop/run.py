@@ -72,7 +72,7 @@ def fleet_config(cfg: JobConfig, model_dir: Path, run_dir: RunDir) -> FleetConfi
     return FleetConfig(
         model_path=str(model_dir), engines=r.engines, tp_size=r.engine_tp, attention_backend=r.attention_backend,
         top_logprobs=r.top_k_logprobs, request_timeout_s=r.timeout_s, random_seed=cfg.loop.seed,
-        run_dir=str(run_dir.root / "engines"), max_total_tokens=r.kv_pool_tokens or None,
+        run_dir=str(run_dir.root / "engines"), max_total_tokens=r.kv_pool_tokens or None, max_inflight_per_engine=r.max_inflight_per_engine,
     )  # fmt: skip
 
 

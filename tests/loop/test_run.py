@@ -29,6 +29,9 @@ SMALL = [
     "loop.prompts_per_step=2",
     "rollout.n_samples=4",
     "loop.checkpoint_every=1",
+    # Sequential requests: batched CPU decoding changes log-prob bits with the batch composition, which
+    # can flip a sampled token between two runs; one request at a time makes runs bit-reproducible.
+    "rollout.max_inflight_per_engine=1",
 ]
 # Numbers a resumed run must reproduce exactly (wall-clock ones cannot).
 DETERMINISTIC = ("reward/", "tail/", "train/loss", "train/grad_norm", "train/entropy", "rollout/response_len")
@@ -107,11 +110,7 @@ def test_resume_after_a_kill_reproduces_the_uninterrupted_run(reference_run, tmp
     rows = _metrics(run_dir)
     assert [r["step"] for r in rows] == [1, 2, 3]
     for got, want in zip(rows, _metrics(reference_run), strict=True):
-        # The same tokens and rewards exactly; SGLang's CPU batching moves log-probs in the 7th digit
-        # between any two runs (resumed or not), hence the tolerance on the float statistics.
-        for key in ("reward/mean", "rollout/response_len", "tail/count/bin_01024"):
-            assert got[key] == want[key], (got["step"], key)
-        assert _deterministic(got) == pytest.approx(_deterministic(want), rel=1e-4, abs=1e-6), got["step"]
+        assert _deterministic(got) == pytest.approx(_deterministic(want), rel=1e-6, abs=1e-9), got["step"]
 
 
 def test_bad_config_fails_before_anything_starts(tmp_path):
