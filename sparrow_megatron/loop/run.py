@@ -223,6 +223,8 @@ class Loop:
         metrics.update(tails.metrics())
         metrics.update({
             "reward/mean": float(np.mean(rewards)) if rewards else 0.0,
+            # Groups whose samples all score the same carry no GRPO signal: the share that does.
+            "reward/signal_frac": float(np.mean(np.abs(batch.advantages) > 0)) if rewards else 0.0,
             "rollout/response_len": float(np.mean([s.response_len for s in samples])),
             "rollout/tokens_per_s": rollout.tokens_per_s,
             "rollout/dropped_samples": float(dropped),
