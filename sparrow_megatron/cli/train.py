@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import signal
 
 from rich.console import Console
 from rich.table import Table
@@ -27,11 +28,18 @@ def run(args) -> int:
     if recipe is not None and "=" in recipe:  # `sparrow train loop.steps=3`: overrides only
         recipe, overrides = None, [recipe, *overrides]
     cfg = load_config(recipe if recipe is not None else tiny_cpu(), overrides)
+    # SIGTERM (Slurm preemption, `kill`) unwinds like Ctrl-C, so the engines we launched are shut down
+    # and the last complete checkpoint stays the resume point.
+    signal.signal(signal.SIGTERM, _interrupt)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per rollout request otherwise
     summary = Loop(cfg, resume=args.resume).train()
     print_summary(summary, cfg)
     return 0
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def print_summary(summary, cfg) -> None:

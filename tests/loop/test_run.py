@@ -8,6 +8,7 @@ resumed with --resume: it must continue at step 3 and reproduce the reference's 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -16,6 +17,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 from safetensors.torch import load_file
 
@@ -103,7 +105,11 @@ def test_resume_after_a_kill_reproduces_the_uninterrupted_run(reference_run, tmp
             assert time.monotonic() < deadline, "no step-2 checkpoint within 15 minutes"
             time.sleep(0.5)
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)  # the trainer and its engine, like a lost node
+        # The trainer and the engines it launched (they run in their own process groups), like a lost node.
+        victims = [proc.pid, *(c.pid for c in psutil.Process(proc.pid).children(recursive=True))]
+        for pid in victims:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pid, signal.SIGKILL)
         proc.wait()
 
     again = _train(run_dir)
