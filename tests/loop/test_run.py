@@ -34,9 +34,9 @@ SMALL = [
     # Sequential requests: batched CPU decoding changes log-prob bits with the batch composition, which
     # can flip a sampled token between two runs; one request at a time makes runs bit-reproducible.
     "rollout.max_inflight_per_engine=1",
-    # Hot sampling: the tiny model recalls digits almost surely at T=1, so a group of 4 often scores
-    # alike and carries no gradient; at T=1.5 its rewards differ.
-    "rollout.temperature=1.5",
+    # Hot sampling: the tiny model recalls the digit needle surely and the letter needles never, so at
+    # T=1 every sample scores 1/3 and no group carries a gradient; at T=3 the samples differ.
+    "rollout.temperature=3.0",
 ]
 # Numbers a resumed run must reproduce exactly (wall-clock ones cannot).
 DETERMINISTIC = ("reward/", "tail/", "train/loss", "train/grad_norm", "train/entropy", "rollout/response_len")
