@@ -59,7 +59,7 @@ def launch_spec(cfg: JobConfig, recipe: str, overrides: list[str]) -> LaunchSpec
         "--model", str(model_dir(cfg)),
         "--engines", str(engines_per_node),
         "--tp", str(r.engine_tp),
-        "--port-base", str(c.engine_base_port),
+        "--port-base", str(c.engine_base_port), "--exact-ports",
         "--host", NODE_ADDR,
         "--attention-backend", r.attention_backend,
         "--seed", str(cfg.loop.seed),
@@ -70,14 +70,14 @@ def launch_spec(cfg: JobConfig, recipe: str, overrides: list[str]) -> LaunchSpec
         rollout_cmd += ["--schedule", r.schedule]
     if r.kv_pool_tokens:
         rollout_cmd += ["--kv-pool-tokens", str(r.kv_pool_tokens)]
+    # The trainer starts in NeMo-Run's code dir, not the submit dir: every path it reads goes absolute.
+    paths = {"model.hf_dir": cfg.model.hf_dir, "data.train_path": cfg.data.train_path,
+             "data.eval_path": cfg.data.eval_path}  # fmt: skip
+    absolute = [f"{key}={Path(value).expanduser().absolute()}" for key, value in paths.items() if value]
     trainer_cmd = [
-        *cli,
-        "train",
-        str(Path(recipe).absolute()),
-        *overrides,
-        "rollout.urls=env",
-        f"loop.run_dir={run_dir}",
-    ]
+        *cli, "train", str(Path(recipe).absolute()), *overrides, *absolute,
+        "rollout.urls=env", f"loop.run_dir={run_dir}",
+    ]  # fmt: skip
     return LaunchSpec(
         name=cfg.name,
         rollout_cmd=rollout_cmd,

@@ -106,6 +106,8 @@ def test_qwen3_14b_dry_run_writes_the_het_sbatch_script(tmp_path):
     assert sorted(sruns) == [0, 1]
     rollout = shlex.split(sruns[0])
     rollout = rollout[rollout.index("serve") :]
+    assert "--exact-ports" in rollout  # the trainer computes the URLs: no silent move to a free port
+    rollout.remove("--exact-ports")
     opts = dict(zip(rollout[1::2], rollout[2::2], strict=True))
     # One `sparrow serve` per rollout node: 4 engines of TP 2 at the node's address, the 14B schedule.
     assert opts["--engines"] == "4" and opts["--tp"] == "2" and opts["--port-base"] == "30010"
@@ -209,3 +211,31 @@ def test_tiny_recipe_trains_as_a_het_job_on_the_local_slurm(local_slurm, tmp_pat
         "all 1 rollout engine(s) healthy" in t or "sparrow task [trainer node 0]" in t for t in logs.values()
     )
     assert (run_dir / "engines" / "node0").is_dir()
+
+
+@pytest.mark.slurm
+@pytest.mark.timeout(1200)
+def test_recipe_job_whose_engines_cannot_start_is_failed_with_the_reason_in_its_log(local_slurm, tmp_path):
+    spec = load_launch_spec(
+        str(RECIPES / "tiny_cpu.py"),
+        [
+            "cluster.account=sparrow",
+            "cluster.time_limit=00:20:00",
+            "cluster.requeue_signal_s=60",
+            f"cluster.job_dir={tmp_path / 'jobs'}",
+            f"cluster.python={sys.executable}",
+            f"cluster.engine_base_port={free_port()}",
+            f"cluster.rdzv_port={free_port()}",
+            "rollout.attention_backend=no-such-backend",
+            f"loop.run_dir={tmp_path / 'run'}",
+        ],
+        "slurm",
+    )
+    sub = jobs.submit(spec)
+    final = jobs.wait(sub.experiment_id, spec.cluster.job_dir, timeout_s=1000, poll_s=5)
+    logs = jobs.logs(sub.experiment_id, spec.cluster.job_dir)
+    everything = "\n".join(f"==> {p} <==\n{t[-4000:]}" for p, t in logs.items())
+    assert [s.state for s in final] == [AppState.FAILED], everything
+    rollout_log = next(t for p, t in logs.items() if p.name.startswith("log-sparrow.tiny-cpu-0_"))
+    assert "no-such-backend" in rollout_log and "EngineStartError" in rollout_log, everything
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
