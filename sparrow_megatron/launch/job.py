@@ -46,13 +46,14 @@ def launch_spec(cfg: JobConfig, recipe: str, overrides: list[str]) -> LaunchSpec
     """The het job of a validated JobConfig. `recipe` and `overrides` are what the trainer re-loads on
     its node (so it runs exactly the submitted config); the run dir is made absolute for the nodes."""
     c, r = cfg.cluster, cfg.rollout
-    if c.rollout_nodes < 1 or c.trainer_nodes < 1:
+    local = c.executor == "local"
+    if not local and (c.rollout_nodes < 1 or c.trainer_nodes < 1):
         raise UserError(
             f"field 'cluster.rollout_nodes': a Slurm job needs rollout and trainer nodes, got "
             f"{c.rollout_nodes} of cluster.nodes={c.nodes}"
         )
     run_dir = Path(cfg.loop.run_dir).expanduser().absolute()
-    engines_per_node = r.engines // c.rollout_nodes
+    engines_per_node = r.engines // max(c.rollout_nodes, 1)
     cli = [c.python, "-m", "sparrow_megatron.cli.main"]
     rollout_cmd = [
         *cli, "serve",
@@ -70,20 +71,26 @@ def launch_spec(cfg: JobConfig, recipe: str, overrides: list[str]) -> LaunchSpec
         rollout_cmd += ["--schedule", r.schedule]
     if r.kv_pool_tokens:
         rollout_cmd += ["--kv-pool-tokens", str(r.kv_pool_tokens)]
+    attach = ["rollout.urls=env"]
+    if local:
+        # One machine: `sparrow train` launches and stops its own engines, as without NeMo-Run (a
+        # separate `sparrow serve` would never exit and keep the local experiment running).
+        rollout_cmd = [c.python, "-c", "print('sparrow: local run: the trainer launches its own engines')"]
+        attach = []
     # The trainer starts in NeMo-Run's code dir, not the submit dir: every path it reads goes absolute.
     paths = {"model.hf_dir": cfg.model.hf_dir, "data.train_path": cfg.data.train_path,
              "data.eval_path": cfg.data.eval_path}  # fmt: skip
     absolute = [f"{key}={Path(value).expanduser().absolute()}" for key, value in paths.items() if value]
     trainer_cmd = [
         *cli, "train", str(Path(recipe).absolute()), *overrides, *absolute,
-        "rollout.urls=env", f"loop.run_dir={run_dir}",
+        *attach, f"loop.run_dir={run_dir}",
     ]  # fmt: skip
     return LaunchSpec(
         name=cfg.name,
         rollout_cmd=rollout_cmd,
         trainer_cmd=trainer_cmd,
         rollout=RolloutGroupConfig(
-            nodes=c.rollout_nodes,
+            nodes=max(c.rollout_nodes, 1),
             gpus_per_node=c.gpus_per_node,
             engine_tp=r.engine_tp,
             engine_base_port=c.engine_base_port,
@@ -91,7 +98,7 @@ def launch_spec(cfg: JobConfig, recipe: str, overrides: list[str]) -> LaunchSpec
             engines_per_node=engines_per_node,
         ),
         trainer=TrainerGroupConfig(
-            nodes=c.trainer_nodes,
+            nodes=1 if local else c.trainer_nodes,
             gpus_per_node=c.gpus_per_node,
             tp=cfg.trainer.tp,
             pp=cfg.trainer.pp,
@@ -100,7 +107,7 @@ def launch_spec(cfg: JobConfig, recipe: str, overrides: list[str]) -> LaunchSpec
             launcher="torchrun",
         ),
         cluster=ClusterConfig(
-            account=c.account,
+            account=c.account or ("local" if local else ""),  # no sbatch, no account needed
             partition=c.partition or None,
             time_limit=c.time_limit,
             container_image=c.container_image or None,

@@ -149,6 +149,15 @@ def test_qwen3_14b_dry_run_writes_the_het_sbatch_script(tmp_path):
     assert "export SPARROW_TP=4" in text and "export SPARROW_PP=2" in text and "export SPARROW_DP=2" in text
 
 
+def test_local_executor_runs_the_trainer_with_its_own_engines(tmp_path):
+    spec = load_launch_spec(str(RECIPES / "tiny_cpu.py"), [f"loop.run_dir={tmp_path / 'run'}"], "local")
+    assert spec.executor == "local"
+    trainer = spec.resolved_trainer_cmd()
+    assert trainer[trainer.index("train") + 1] == str(RECIPES / "tiny_cpu.py")
+    assert "rollout.urls=env" not in trainer and f"loop.run_dir={tmp_path / 'run'}" in trainer
+    assert "serve" not in spec.resolved_rollout_cmd()  # nothing that would outlive the trainer
+
+
 def test_rollout_urls_from_the_env_contract():
     env = {
         "SPARROW_ROLLOUT_ADDRS": "10.0.0.1,10.0.0.2",
