@@ -60,7 +60,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
     print(f"run dir:    {spec.run_dir}")
     if sub.sbatch_script:
         print(f"sbatch:     {sub.sbatch_script}")
-    if not sub.dry_run:
+    if not sub.dry_run and spec.executor == "slurm":  # a local run has finished by now
         print(f"watch:      sparrow status {sub.experiment_id} --job-dir {spec.cluster.job_dir}")
     return 0
 
