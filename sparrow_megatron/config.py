@@ -13,6 +13,7 @@ import dataclasses
 import importlib.util
 import json
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -67,6 +68,9 @@ class RolloutConfig:
     # Requests in flight per engine. 1 makes CPU rollouts bit-reproducible (each request decodes alone,
     # so batch composition cannot move the float bits) at the cost of batching.
     max_inflight_per_engine: int = 64
+    # Attach mode: base URLs (http://host:port) of running engines instead of launching `engines`.
+    # ["env"] resolves them at loop start from the Slurm job's env contract (launch/contract.py).
+    urls: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -149,12 +153,34 @@ class TrackingConfig:
 
 @dataclass
 class ClusterConfig:
-    """What validation needs to know about the machines; the Slurm helper owns the launch spec."""
+    """The machines and, for the slurm executor, the job: `sparrow submit` turns it into a LaunchSpec."""
 
     executor: Executor = "local"
     nodes: int = 1
-    gpus_per_node: int = 0  # 0 = CPU (the embedded default)
+    gpus_per_node: int = 0  # 0 = CPU (the embedded default; CPU Slurm nodes run one trainer process)
     rollout_nodes: int = 0  # of `nodes`, given to the rollout fleet (0 = colocated / local)
+    # Slurm: sbatch options of the heterogeneous job (rollout group + trainer group).
+    account: str = ""
+    partition: str = ""
+    time_limit: str = "04:00:00"
+    # pyxis: both groups run in this image with these `src:dst[:flags]` mounts; empty = plain srun.
+    container_image: str = ""
+    container_mounts: list[str] = field(default_factory=list)
+    # NeMo-Run's home: experiments, sbatch scripts and logs live under <job_dir>/experiments/<name>/.
+    job_dir: str = "~/.sparrow/jobs"
+    # The interpreter on the nodes (must import sparrow_megatron; the image's python in containers).
+    python: str = "python3"
+    env: dict[str, str] = field(default_factory=dict)
+    engine_base_port: int = 30010  # engine i of a rollout node serves on engine_base_port + i
+    rdzv_port: int = 29500  # torchrun rendezvous of the trainer group
+    # How long the trainer waits for every engine's /health (SGLang start-up, model load).
+    rollout_start_timeout_s: float = 1800.0
+    requeue_signal_s: int = 300  # USR1 this long before the time limit: requeue, resume from checkpoint
+    max_retries: int = 0  # requeues after a failed exit
+
+    @property
+    def trainer_nodes(self) -> int:
+        return self.nodes - self.rollout_nodes
 
 
 @dataclass
@@ -659,12 +685,7 @@ def _problems(cfg: JobConfig, check_paths: bool) -> list[str]:
     # Parallelism against the machines and the model.
     gpus = cfg.cluster.nodes * cfg.cluster.gpus_per_node
     if cfg.cluster.executor == "slurm":
-        need(cfg.cluster.gpus_per_node >= 1, "cluster.gpus_per_node", "must be >= 1 for the slurm executor")
-        need(
-            cfg.cluster.rollout_nodes < cfg.cluster.nodes,
-            "cluster.rollout_nodes",
-            f"{cfg.cluster.rollout_nodes} leaves no node of cluster.nodes={cfg.cluster.nodes} to the trainer",
-        )
+        p.extend(_slurm_problems(cfg))
     if gpus:
         trainer_gpus = (cfg.cluster.nodes - cfg.cluster.rollout_nodes) * cfg.cluster.gpus_per_node
         rollout_gpus = cfg.cluster.rollout_nodes * cfg.cluster.gpus_per_node or gpus
@@ -689,6 +710,13 @@ def _problems(cfg: JobConfig, check_paths: bool) -> list[str]:
             cfg.rollout.engine_tp <= cfg.cluster.gpus_per_node,
             "rollout.engine_tp",
             f"{cfg.rollout.engine_tp} is more than cluster.gpus_per_node={cfg.cluster.gpus_per_node}",
+        )
+
+    for i, url in enumerate(cfg.rollout.urls):
+        need(
+            url.startswith(("http://", "https://")) or (url == "env" and len(cfg.rollout.urls) == 1),
+            f"rollout.urls[{i}]",
+            f"{url!r} is not an http(s):// base URL (or the single word 'env': from the Slurm job)",
         )
 
     if cfg.model.hf_dir:
@@ -747,4 +775,70 @@ def _problems(cfg: JobConfig, check_paths: bool) -> list[str]:
         "loop.eval_prompts",
         "periodic evaluation needs data.eval_path or loop.eval_prompts > 0",
     )
+    return p
+
+
+_TIME_LIMIT = re.compile(r"^(\d+-)?\d{1,2}:\d{2}:\d{2}$")
+
+
+def _slurm_problems(cfg: JobConfig) -> list[str]:
+    """The disaggregated Slurm job: rollout nodes + trainer nodes, engines spread evenly over the first."""
+    c, r, t = cfg.cluster, cfg.rollout, cfg.trainer
+    p: list[str] = []
+
+    def need(ok: bool, name: str, message: str) -> None:
+        if not ok:
+            p.append(f"field '{name}': {message}")
+
+    need(
+        c.rollout_nodes >= 1,
+        "cluster.rollout_nodes",
+        "must be >= 1 for the slurm executor (the rollout fleet gets its own nodes)",
+    )
+    need(
+        c.rollout_nodes < c.nodes,
+        "cluster.rollout_nodes",
+        f"{c.rollout_nodes} leaves no node of cluster.nodes={c.nodes} to the trainer",
+    )
+    if c.rollout_nodes >= 1:
+        need(
+            r.engines % c.rollout_nodes == 0,
+            "rollout.engines",
+            f"{r.engines} engines do not spread evenly over cluster.rollout_nodes={c.rollout_nodes}",
+        )
+    if c.gpus_per_node:
+        # TP groups stay inside a node (NVLink); PP x DP span nodes.
+        need(
+            c.gpus_per_node % t.tp == 0,
+            "trainer.tp",
+            f"{t.tp} does not divide cluster.gpus_per_node={c.gpus_per_node}",
+        )
+        need(
+            c.gpus_per_node % r.engine_tp == 0,
+            "rollout.engine_tp",
+            f"{r.engine_tp} does not divide cluster.gpus_per_node={c.gpus_per_node}",
+        )
+    else:
+        need(
+            t.tp * t.pp == 1 and r.engine_tp == 1,
+            "trainer.tp",
+            "CPU nodes (cluster.gpus_per_node=0) run one trainer process and TP-1 engines",
+        )
+    need(bool(_TIME_LIMIT.match(c.time_limit)), "cluster.time_limit", f"{c.time_limit!r} is not [D-]HH:MM:SS")
+    for i, mount in enumerate(c.container_mounts):
+        need(":" in mount, f"cluster.container_mounts[{i}]", f"{mount!r} is not src:dst[:flags]")
+    need(
+        not c.container_mounts or bool(c.container_image),
+        "cluster.container_mounts",
+        "mounts need cluster.container_image",
+    )
+    for name, port in [("cluster.engine_base_port", c.engine_base_port), ("cluster.rdzv_port", c.rdzv_port)]:
+        need(1024 <= port <= 65535, name, f"port {port} is outside 1024..65535")
+    need(
+        c.rollout_start_timeout_s > 0,
+        "cluster.rollout_start_timeout_s",
+        f"must be > 0, got {c.rollout_start_timeout_s}",
+    )
+    need(bool(c.job_dir), "cluster.job_dir", "is empty")
+    need(bool(c.python), "cluster.python", "is empty")
     return p

@@ -346,3 +346,37 @@ def test_nemo_run_config_recipe(tmp_path):
     )
     with pytest.raises(UserError, match="returned LoopConfig, expected a JobConfig"):
         load_recipe(built_wrong)
+
+
+def test_slurm_cluster_section_is_validated_with_field_names():
+    base = apply_overrides(
+        JobConfig(),
+        ["cluster.executor=slurm", "cluster.nodes=4", "cluster.gpus_per_node=8", "cluster.rollout_nodes=2"],
+    )
+    validate(
+        apply_overrides(base, ["rollout.engines=8", "rollout.engine_tp=2", "trainer.tp=4", "trainer.pp=2"])
+    )
+    with pytest.raises(UserError, match="field 'rollout.engines': 3 engines do not spread evenly"):
+        validate(apply_overrides(base, ["rollout.engines=3"]))
+    with pytest.raises(UserError, match="field 'trainer.tp': 3 does not divide cluster.gpus_per_node=8"):
+        validate(apply_overrides(base, ["trainer.tp=3", "trainer.pp=1"]))
+    with pytest.raises(UserError, match="field 'cluster.rollout_nodes': must be >= 1"):
+        validate(apply_overrides(base, ["cluster.rollout_nodes=0"]))
+    with pytest.raises(UserError, match="field 'cluster.time_limit'"):
+        validate(apply_overrides(base, ["cluster.time_limit=4h"]))
+    with pytest.raises(UserError, match="field 'cluster.container_mounts'"):
+        validate(apply_overrides(base, ["cluster.container_mounts=/a:/a"]))
+    with pytest.raises(UserError, match="field 'cluster.container_mounts\\[0\\]'"):
+        validate(apply_overrides(base, ["cluster.container_image=img", "cluster.container_mounts=/a"]))
+    # CPU Slurm nodes (the tiny recipe in CI): one trainer process, TP-1 engines.
+    cpu = apply_overrides(base, ["cluster.gpus_per_node=0", "cluster.nodes=2", "cluster.rollout_nodes=1"])
+    validate(cpu)
+    with pytest.raises(UserError, match="CPU nodes"):
+        validate(apply_overrides(cpu, ["trainer.tp=2"]))
+
+
+def test_rollout_urls_are_base_urls_or_env():
+    validate(apply_overrides(JobConfig(), ["rollout.urls=http://10.0.0.1:30010,http://10.0.0.1:30011"]))
+    validate(apply_overrides(JobConfig(), ["rollout.urls=env"]))
+    with pytest.raises(UserError, match="field 'rollout.urls\\[1\\]'"):
+        validate(apply_overrides(JobConfig(), ["rollout.urls=http://a:1,10.0.0.1:30010"]))

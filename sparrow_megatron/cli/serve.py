@@ -28,6 +28,19 @@ def register(subparsers) -> None:
         help="server-wide default schedule: preset or file (requests may override)",
     )
     p.add_argument("--port-base", type=int, default=None, help="first port to try (default: any free ports)")
+    p.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address the servers bind to: loopback, or on a cluster this node's own address (never 0.0.0.0)",
+    )
+    p.add_argument(
+        "--exact-ports",
+        action="store_true",
+        help="engine i must get --port-base + i (fail if taken): the trainer of a Slurm job expects them there",
+    )
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel GPUs per engine")
+    p.add_argument("--kv-pool-tokens", type=int, default=None, help="SGLang --max-total-tokens per engine")
+    p.add_argument("--seed", type=int, default=0, help="SGLang --random-seed")
     p.add_argument("--attention-backend", default="sparrow", help="SGLang attention backend of the engines")
     p.add_argument("--lora-rank", type=int, default=None, help="enable LoRA adapters up to this rank")
     p.add_argument("--run-dir", default=None, help="directory for the engines' logs (default: a temp dir)")
@@ -45,12 +58,28 @@ def build_config(args: argparse.Namespace):
         raise UserError(f"--model {model}: not an HF checkpoint directory (no config.json)")
     if args.engines < 1:
         raise UserError(f"--engines must be >= 1, got {args.engines}")
+    if args.tp < 1:
+        raise UserError(f"--tp must be >= 1, got {args.tp}")
+    if args.exact_ports:
+        from sparrow_megatron.rollout.server import port_is_free
+
+        if args.port_base is None:
+            raise UserError("--exact-ports needs --port-base")
+        taken = [
+            args.port_base + i for i in range(args.engines) if not port_is_free(args.port_base + i, args.host)
+        ]
+        if taken:
+            raise UserError(f"--exact-ports: port(s) {', '.join(map(str, taken))} on {args.host} are in use")
     if args.schedule is not None:
         resolve_schedule(args.schedule)  # a bad preset/file fails here, not in N server logs
     return RolloutConfig(
         model_path=str(model.resolve()),
         engines=args.engines,
         port_base=args.port_base,
+        host=args.host,
+        tp_size=args.tp,
+        max_total_tokens=args.kv_pool_tokens,
+        random_seed=args.seed,
         attention_backend=args.attention_backend,
         schedule=args.schedule,
         lora=None if args.lora_rank is None else LoraServerConfig(max_rank=args.lora_rank),

@@ -1,4 +1,4 @@
-"""`sparrow submit|status|logs|cancel`: a LaunchSpec on Slurm (or locally) through NeMo-Run."""
+"""`sparrow submit|status|logs|cancel`: a recipe (or a LaunchSpec) on Slurm or locally, through NeMo-Run."""
 
 from __future__ import annotations
 
@@ -11,8 +11,11 @@ DEFAULT_JOB_DIR = os.environ.get("SPARROW_JOB_DIR", ClusterConfig.job_dir)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("submit", help="validate a launch spec and submit it (Slurm het job or local)")
-    p.add_argument("spec", help="spec file (.py) or module defining SPEC or spec()")
+    p = subparsers.add_parser("submit", help="validate a recipe and submit it (Slurm het job or local)")
+    p.add_argument(
+        "spec",
+        help="a recipe (recipe() -> JobConfig, or YAML/JSON), or a LaunchSpec file/module (SPEC, spec())",
+    )
     p.add_argument("overrides", nargs="*", help="key=value, e.g. trainer.tp=4 cluster.account=myacct")
     p.add_argument("--executor", choices=["slurm", "local"], help="override the spec's executor")
     p.add_argument("--dry-run", action="store_true", help="write the sbatch script, submit nothing")
@@ -31,18 +34,33 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         q.set_defaults(func=func)
 
 
-def cmd_submit(args: argparse.Namespace) -> int:
-    from sparrow_megatron.launch import jobs
+def load_launch_spec(source: str, overrides: list[str], executor: str | None):
+    """A job recipe (`recipe() -> JobConfig`, YAML/JSON) or a LaunchSpec file, overridden and validated."""
+    from sparrow_megatron.launch.job import is_job_recipe
     from sparrow_megatron.launch.spec import apply_overrides, load_spec, validate
 
-    overrides = list(args.overrides) + ([f"executor={args.executor}"] if args.executor else [])
-    spec = validate(apply_overrides(load_spec(args.spec), overrides))
+    if is_job_recipe(source):
+        from sparrow_megatron.config import load_config
+        from sparrow_megatron.launch.job import launch_spec
+
+        overrides = overrides + ([f"cluster.executor={executor}"] if executor else [])
+        cfg = load_config(source, overrides)  # every field and path, before anything is submitted
+        return validate(launch_spec(cfg, source, overrides))
+    overrides = overrides + ([f"executor={executor}"] if executor else [])
+    return validate(apply_overrides(load_spec(source), overrides))
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from sparrow_megatron.launch import jobs
+
+    spec = load_launch_spec(args.spec, list(args.overrides), args.executor)
     sub = jobs.submit(spec, dry_run=args.dry_run)
     print(f"experiment: {sub.experiment_id}")
     print(f"job dir:    {spec.cluster.job_dir}")
+    print(f"run dir:    {spec.run_dir}")
     if sub.sbatch_script:
         print(f"sbatch:     {sub.sbatch_script}")
-    if not sub.dry_run:
+    if not sub.dry_run and spec.executor == "slurm":  # a local run has finished by now
         print(f"watch:      sparrow status {sub.experiment_id} --job-dir {spec.cluster.job_dir}")
     return 0
 

@@ -33,6 +33,14 @@ class RolloutGroupConfig:
     engine_tp: int = 1
     router_port: int = 30000
     engine_base_port: int = 30010
+    # Engines each node runs; None = one per `engine_tp` GPUs (or one on a CPU node).
+    engines_per_node: int | None = None
+
+    @property
+    def engines_on_each_node(self) -> int:
+        if self.engines_per_node is not None:
+            return self.engines_per_node
+        return max(self.gpus_per_node // self.engine_tp, 1)
 
 
 @dataclass
@@ -176,7 +184,14 @@ def validate(spec: LaunchSpec) -> LaunchSpec:
     for fieldname, port in ports.items():
         if not 1024 <= port <= 65535:
             fail(fieldname, f"port {port} is outside 1024..65535")
-    engines = r.gpus_per_node // r.engine_tp if r.gpus_per_node else 1
+    if r.engines_per_node is not None and r.engines_per_node < 1:
+        fail("rollout.engines_per_node", f"must be >= 1, got {r.engines_per_node}")
+    if r.gpus_per_node and r.engines_on_each_node * r.engine_tp > r.gpus_per_node:
+        fail(
+            "rollout.engines_per_node",
+            f"{r.engines_on_each_node} engines x TP {r.engine_tp} exceed rollout.gpus_per_node={r.gpus_per_node}",
+        )
+    engines = r.engines_on_each_node
     if r.router_port in range(r.engine_base_port, r.engine_base_port + engines):
         fail("rollout.router_port", f"{r.router_port} collides with the engine ports")
     if not c.account:

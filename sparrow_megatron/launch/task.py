@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import shlex
+import socket
 import sys
 
 
@@ -20,6 +22,36 @@ def restart_count(env: dict[str, str]) -> int:
         return int(raw)
     except ValueError:
         return 0
+
+
+_PLACEHOLDER = re.compile(r"\$\{(SPARROW_[A-Z0-9_]+)\}")
+
+
+def expand(arg: str, env: dict[str, str]) -> str:
+    """`${SPARROW_X}` in an argument -> its value on this node (e.g. `--host ${SPARROW_NODE_ADDR}`): the
+    command is written at submit time, addresses are known only here. Only SPARROW_ names, so nothing
+    else in a command is touched; an unknown one is an error, not an empty string."""
+
+    def value(match: re.Match) -> str:
+        name = match.group(1)
+        if name not in env:
+            raise SystemExit(f"sparrow task: {name} is not set on this node (needed by {arg!r})")
+        return env[name]
+
+    return _PLACEHOLDER.sub(value, arg)
+
+
+def node_addr(env: dict[str, str]) -> str:
+    """This node's address as the other group sees it: its entry in SPARROW_ROLLOUT_ADDRS (rollout
+    nodes), else the first address its hostname resolves to."""
+    addrs = [a for a in env.get("SPARROW_ROLLOUT_ADDRS", "").split(",") if a]
+    rank = int(env.get("SPARROW_NODE_RANK", "0"))
+    if env.get("SPARROW_ROLE") == "rollout" and rank < len(addrs):
+        return addrs[rank]
+    try:
+        return socket.gethostbyname(socket.gethostname())
+    except OSError:
+        return "127.0.0.1"
 
 
 def build_command(
@@ -35,7 +67,7 @@ def build_command(
     python: str = sys.executable,
 ) -> list[str]:
     """The argv that runs on this node for `role` ("rollout" or "trainer")."""
-    argv = list(cmd)
+    argv = [expand(a, env) for a in cmd]
     # A restarted job resumes from the last checkpoint; a fresh one must not look for one.
     if role == "trainer" and resume_flag and (restart_count(env) > 0 or env.get("SPARROW_RESUME") == "1"):
         argv.append(resume_flag)
@@ -83,6 +115,7 @@ def main(argv: list[str] | None = None) -> None:
     env["SPARROW_ROLE"] = args.role
     # Slurm numbers the nodes of a het group's step from 0: the rank of this node inside its group.
     env["SPARROW_NODE_RANK"] = env.get("SLURM_NODEID", "0")
+    env["SPARROW_NODE_ADDR"] = node_addr(env)
     final = build_command(
         args.role,
         args.cmd,

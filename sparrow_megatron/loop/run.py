@@ -68,11 +68,19 @@ def trainer_config(cfg: JobConfig, model_dir: Path) -> TrainerConfig:
 
 
 def fleet_config(cfg: JobConfig, model_dir: Path, run_dir: RunDir) -> FleetConfig:
+    """The fleet to launch, or (rollout.urls) the engines to attach to: those are resolved (`env`: from
+    the Slurm job) and waited for here, since the rollout group starts together with the trainer."""
+    from sparrow_megatron.launch.contract import resolve_rollout_urls, wait_for_engines
+
     r = cfg.rollout
+    urls = resolve_rollout_urls(r.urls)
+    if urls:
+        wait_for_engines(urls, cfg.cluster.rollout_start_timeout_s)
     return FleetConfig(
         model_path=str(model_dir), engines=r.engines, tp_size=r.engine_tp, attention_backend=r.attention_backend,
         top_logprobs=r.top_k_logprobs, request_timeout_s=r.timeout_s, random_seed=cfg.loop.seed,
-        run_dir=str(run_dir.root / "engines"), max_total_tokens=r.kv_pool_tokens or None, max_inflight_per_engine=r.max_inflight_per_engine,
+        run_dir=str(run_dir.root / "engines"), max_total_tokens=r.kv_pool_tokens or None, urls=urls,
+        max_inflight_per_engine=r.max_inflight_per_engine,
     )  # fmt: skip
 
 

@@ -90,7 +90,9 @@ class RolloutConfig:
             raise UserError(f"rollout: field 'top_logprobs' must be >= 0, got {self.top_logprobs}")
         if self.router != "client":
             raise UserError(f"rollout: field 'router': only 'client' is supported, got {self.router!r}")
-        if self.host not in ("127.0.0.1", "localhost", "::1") and not self.urls:
+        # Launched servers bind to one explicit address: loopback by default, a cluster node's own
+        # address when a launcher passes it (the trainer is on another node); never every interface.
+        if not self.urls and self.host in ("", "0.0.0.0", "::", "*"):
             raise UserError(
-                f"rollout: field 'host': launched servers bind to loopback only, got {self.host!r}"
+                f"rollout: field 'host': servers bind to one address (127.0.0.1 or the node's), got {self.host!r}"
             )

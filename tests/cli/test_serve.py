@@ -31,6 +31,25 @@ def test_bad_model_dir_and_bad_schedule_are_user_errors(tmp_path):
     assert config.engines == 2 and config.schedule == "qwen3-4b-0.86" and config.lora.max_rank == 8
 
 
+def test_cluster_flags_bind_to_the_given_address_and_exact_ports(tmp_path):
+    import socket
+
+    (tmp_path / "config.json").write_text("{}")
+    argv = ["--model", str(tmp_path), "--host", "10.0.0.5", "--tp", "2", "--kv-pool-tokens", "4096"]
+    config = serve.build_config(parse(argv))
+    assert (config.host, config.tp_size, config.max_total_tokens) == ("10.0.0.5", 2, 4096)
+    config.validate()  # a node's own address is allowed; every interface is not
+    with pytest.raises(UserError, match="servers bind to one address"):
+        serve.build_config(parse(["--model", str(tmp_path), "--host", "0.0.0.0"])).validate()
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        exact = ["--model", str(tmp_path), "--port-base", str(port), "--exact-ports"]
+        with pytest.raises(UserError, match=f"port\\(s\\) {port} on 127.0.0.1 are in use"):
+            serve.build_config(parse(exact))
+
+
 @pytest.mark.sglang
 @pytest.mark.timeout(900)
 def test_serve_prints_urls_serves_and_stops_on_ctrl_c(tiny_model_dir, tmp_path):

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from sparrow_megatron.launch.task import build_command, parse_args
+from sparrow_megatron.launch.task import build_command, node_addr, parse_args
 
 
 def test_trainer_gets_torchrun_and_resume_only_after_a_restart():
@@ -45,3 +45,21 @@ def test_parse_args_splits_at_double_dash():
     )
     with pytest.raises(SystemExit):
         parse_args(["trainer"])
+
+
+def test_sparrow_placeholders_are_filled_from_the_node_env_and_nothing_else():
+    env = {"SPARROW_NODE_ADDR": "10.0.0.5", "SPARROW_NODE_RANK": "1", "HOME": "/root"}
+    cmd = build_command(
+        "rollout",
+        ["serve", "--host", "${SPARROW_NODE_ADDR}", "--run-dir", "/r/node${SPARROW_NODE_RANK}", "$HOME"],
+        env,
+    )
+    assert cmd == ["serve", "--host", "10.0.0.5", "--run-dir", "/r/node1", "$HOME"]
+    with pytest.raises(SystemExit, match="SPARROW_MISSING is not set"):
+        build_command("rollout", ["${SPARROW_MISSING}"], env)
+
+
+def test_a_rollout_node_binds_to_its_own_entry_of_the_rollout_addresses():
+    env = {"SPARROW_ROLE": "rollout", "SPARROW_ROLLOUT_ADDRS": "10.0.0.1,10.0.0.2", "SPARROW_NODE_RANK": "1"}
+    assert node_addr(env) == "10.0.0.2"
+    assert node_addr({**env, "SPARROW_NODE_RANK": "0"}) == "10.0.0.1"
