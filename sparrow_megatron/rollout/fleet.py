@@ -20,7 +20,7 @@ from pathlib import Path
 from sparrow_megatron.errors import UserError
 from sparrow_megatron.rollout.config import RolloutConfig
 from sparrow_megatron.rollout.engine import Engine, EngineFailure, RequestRejected, schedule_label
-from sparrow_megatron.rollout.server import EngineStartError, ServerProcess, free_port
+from sparrow_megatron.rollout.server import EngineStartError, ServerProcess, free_port, resolve_device
 from sparrow_megatron.rollout.types import EngineStats, RolloutBatch, Sample, SamplingParams, ScoredTokens
 from sparrow_megatron.rollout.weights import (
     Bucket,
@@ -106,7 +106,7 @@ class RolloutFleet:
             port = self._pick_port(i, taken)
             taken.add(port)
             server = ServerProcess.launch(
-                self._engine_config(), port, self._log_path(i), self._restart_model_path
+                self._engine_config(i), port, self._log_path(i), self._restart_model_path
             )
             servers.append(server)
             self.engines.append(Engine(i, server.url, server, timeout_s=self.config.request_timeout_s))
@@ -122,15 +122,19 @@ class RolloutFleet:
                 logger.warning("engine %d failed to start, retrying once: %s", engine.engine_id, err)
                 engine.server.kill(grace_s=2.0)
                 server = ServerProcess.launch(
-                    self._engine_config(), engine.server.port, self._log_path(engine.engine_id),
+                    self._engine_config(engine.engine_id), engine.server.port, self._log_path(engine.engine_id),
                     self._restart_model_path,
                 )  # fmt: skip
                 engine.server, engine.url = server, server.url
                 server.wait_healthy(self.config.startup_timeout_s)
 
-    def _engine_config(self, version: int = 0) -> RolloutConfig:
+    def _engine_config(self, engine_id: int, version: int = 0) -> RolloutConfig:
         cfg = self.config
-        return replace(cfg, extra_server_args=[*cfg.extra_server_args, "--weight-version", str(version)])
+        extra = [*cfg.extra_server_args, "--weight-version", str(version)]
+        if resolve_device(cfg) == "cuda":
+            # Engines of one node take disjoint GPUs: engine i serves on GPUs [i * tp, (i + 1) * tp).
+            extra += ["--base-gpu-id", str(engine_id * cfg.tp_size)]
+        return replace(cfg, extra_server_args=extra)
 
     def _pick_port(self, i: int, taken: set[int]) -> int:
         start = None if self.config.port_base is None else self.config.port_base + i
@@ -222,7 +226,10 @@ class RolloutFleet:
                 port = free_port(self.config.host, None, {e.server.port for e in self.engines if e.server})
             version = self._restart_version
             server = ServerProcess.launch(
-                self._engine_config(version), port, self._log_path(engine.engine_id), self._restart_model_path
+                self._engine_config(engine.engine_id, version),
+                port,
+                self._log_path(engine.engine_id),
+                self._restart_model_path,
             )
             engine.server = server
             engine.url = server.url

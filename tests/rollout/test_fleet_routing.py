@@ -72,7 +72,7 @@ def test_adapters_serve_the_sparse_path_only():
 def test_bad_config_is_a_user_error():
     with pytest.raises(UserError, match="model_path"):
         RolloutFleet(RolloutConfig())
-    with pytest.raises(UserError, match="loopback"):
+    with pytest.raises(UserError, match="one address"):
         RolloutFleet(RolloutConfig(model_path="m", host="0.0.0.0"))
 
 
@@ -89,3 +89,11 @@ def test_retry_waits_for_a_busy_engine_rather_than_the_one_that_failed():
     fleet._release(fleet.engines[1])
     t.join(timeout=5)
     assert got["engine"].engine_id == 1
+
+
+def test_engines_of_a_node_take_disjoint_gpus():
+    fleet = RolloutFleet(RolloutConfig(model_path="m", engines=4, tp_size=2, device="cuda"))
+    gpus = [fleet._engine_config(i).extra_server_args for i in range(4)]
+    assert [args[args.index("--base-gpu-id") + 1] for args in gpus] == ["0", "2", "4", "6"]
+    cpu = RolloutFleet(RolloutConfig(model_path="m", engines=2, device="cpu"))
+    assert "--base-gpu-id" not in cpu._engine_config(1).extra_server_args
