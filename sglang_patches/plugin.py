@@ -7,7 +7,9 @@ HookRegistry (applied by SGLang right after the plugins run) and, without CUDA, 
 - `ForwardBatch.init_new` (scheduler process): the resolved schedule of each request of the batch
   (request override, else the server default) is noted by request id; the backend looks it up through
   `forward_batch.rids` (the runner may rebuild the ForwardBatch with `dataclasses.replace`, which keeps
-  its fields but drops any attribute we would add).
+  its fields but drops any attribute we would add);
+- with SPARROW_SEEDED_SAMPLING=1, `SamplingBatchInfo.from_schedule_batch`: per-request seeds
+  (sglang_patches/seeded_sampling.py).
 """
 
 from __future__ import annotations
@@ -47,6 +49,12 @@ def register() -> None:
         _attach_schedules,
         HookType.AFTER,
     )
+
+    from sglang_patches import seeded_sampling
+
+    if seeded_sampling.enabled():
+        HookRegistry.register(seeded_sampling.TARGET, seeded_sampling.attach_seeds, HookType.AFTER)
+        logger.info("sparrow: per-request sampling seeds (%s=1)", seeded_sampling.ENV_FLAG)
 
     from sglang_patches.lora_cpu import apply_lora_cpu_fix
 

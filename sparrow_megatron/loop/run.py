@@ -21,6 +21,7 @@ import torch
 
 from sparrow_megatron.config import JobConfig, validate
 from sparrow_megatron.errors import UserError
+from sparrow_megatron.loop import spmd
 from sparrow_megatron.loop.console import LoopProgress
 from sparrow_megatron.loop.controller import BudgetController
 from sparrow_megatron.loop.monitor import TailMonitor
@@ -120,16 +121,30 @@ class Loop:
             raise UserError("field 'distill.enabled': DistillSparse is not available in this version yet")
         self.cfg = cfg
         self.run = RunDir(cfg.run_dir)
+        self.model_dir = resolve_model_dir(cfg, self.run)
+        if spmd.launch_rank() != 0:
+            return  # a follower rank: rank 0 owns the run directory
         if self.run.exists() and not resume and self.run.read_metrics():
             raise UserError(
                 f"{cfg.run_dir} already holds a run: pass --resume to continue it, or another run_dir"
             )
         self.run.create(cfg)
-        self.model_dir = resolve_model_dir(cfg, self.run)
 
     def train(self) -> RunSummary:
-        from sparrow_megatron.data.datasets import load_tokenizer
         from sparrow_megatron.trainer.policy import Policy
+
+        cfg = self.cfg
+        if spmd.launch_rank() != 0:
+            spmd.follow(Policy(trainer_config(cfg, self.model_dir)))
+            return RunSummary(run_dir=self.run.root)
+        policy = spmd.DrivenPolicy(Policy(trainer_config(cfg, self.model_dir)))
+        try:
+            return self._drive(policy)
+        finally:
+            policy.stop()
+
+    def _drive(self, policy: spmd.DrivenPolicy) -> RunSummary:
+        from sparrow_megatron.data.datasets import load_tokenizer
 
         cfg = self.cfg
         tokenizer = load_tokenizer(self.model_dir)
@@ -141,7 +156,6 @@ class Loop:
             if cfg.monitor.controller.enabled
             else None
         )
-        policy = Policy(trainer_config(cfg, self.model_dir))
         resume = self.run.prepare_resume()
         if resume.checkpoint is not None:
             policy.load_checkpoint(resume.checkpoint.path / "policy")

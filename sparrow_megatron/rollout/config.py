@@ -74,6 +74,9 @@ class RolloutConfig:
     # one-token generation, which a busy CPU engine can be slow to answer); an exited process is dead at once.
     health_strikes: int = 3
     top_logprobs: int = 20
+    # Per-request sampling seeds (SamplingParams.seed) honoured by the engines, so a sample's tokens do
+    # not depend on what the engine served before (a resumed run samples what the uninterrupted one did).
+    seeded_sampling: bool = True
     # "client": least-loaded routing in this process (needed for engine ids, per-engine weight
     # versions and retries); sglang-router would hide the engine behind one URL.
     router: str = "client"

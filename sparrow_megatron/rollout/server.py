@@ -101,6 +101,8 @@ def server_command(config: RolloutConfig, port: int, model_path: str) -> list[st
         backend = lora.backend or ("torch_native" if cpu else None)
         if backend:
             cmd += ["--lora-backend", backend]
+    if config.seeded_sampling and not cpu:
+        cmd += ["--sampling-backend", "pytorch"]  # flashinfer's sampler refuses per-request seeds
     return cmd + list(config.extra_server_args)
 
 
@@ -111,12 +113,16 @@ def server_env(config: RolloutConfig) -> dict[str, str]:
         env[CPU_PLATFORM_ENV] = "1"
     if config.schedule is not None:
         env[SCHEDULE_ENV] = config.schedule
+    if config.seeded_sampling:
+        env[SEEDED_SAMPLING_ENV] = "1"
     env.update(config.env)
     return env
 
 
 # Server-wide default schedule of the `sparrow` backend (read by sglang_patches in the server).
 SCHEDULE_ENV = "SPARROW_SCHEDULE"
+# Per-request sampling seeds in the server (sglang_patches/seeded_sampling.py).
+SEEDED_SAMPLING_ENV = "SPARROW_SEEDED_SAMPLING"
 
 
 @dataclass

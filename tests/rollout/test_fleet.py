@@ -11,6 +11,7 @@ import os
 import signal
 import threading
 import time
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -49,6 +50,17 @@ def test_topk_logprobs_per_token_consistent_with_sampled_logprob(fleet):
                 assert s.logprobs[t] <= lps[-1] + 1e-5
     assert sum(st.output_tokens for st in batch.engine_stats.values()) == 60
     assert all(st.tokens_per_s > 0 for st in batch.engine_stats.values() if st.requests)
+
+
+def test_seeded_samples_do_not_depend_on_what_the_engines_served_before(fleet):
+    hot = SamplingParams(temperature=1.5, max_new_tokens=12, ignore_eos=True, seed=1234)
+    first = [s.output_ids for s in fleet.generate(PROMPTS, hot, n=2).flat()]
+    fleet.generate(PROMPTS, SamplingParams(temperature=1.0, max_new_tokens=7), n=3)  # moves any RNG stream
+    again = [s.output_ids for s in fleet.generate(PROMPTS, hot, n=2).flat()]
+    assert first == again
+    assert len({tuple(ids) for ids in first}) > 1  # each sample has its own seed (seed + i * n + j)
+    other = [s.output_ids for s in fleet.generate(PROMPTS, replace(hot, seed=99), n=2).flat()]
+    assert other != first
 
 
 def test_greedy_token_is_top1_and_matches_hf(fleet, tiny_model):
