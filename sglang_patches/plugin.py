@@ -54,6 +54,7 @@ def register() -> None:
 
     if seeded_sampling.enabled():
         HookRegistry.register(seeded_sampling.TARGET, seeded_sampling.attach_seeds, HookType.AFTER)
+        seeded_sampling.patch_cpu_hash()
         logger.info("sparrow: per-request sampling seeds (%s=1)", seeded_sampling.ENV_FLAG)
 
     from sglang_patches.lora_cpu import apply_lora_cpu_fix
