@@ -68,6 +68,9 @@ class RolloutConfig:
     # Requests in flight per engine. 1 makes CPU rollouts bit-reproducible (each request decodes alone,
     # so batch composition cannot move the float bits) at the cost of batching.
     max_inflight_per_engine: int = 64
+    # Trainer -> engines weight path: "http" (update_weights_from_tensor, works anywhere) or
+    # "distributed" (one broadcast group, NCCL on GPU / gloo on CPU; at SPARROW_WEIGHT_SYNC_ADDR on Slurm).
+    weight_sync: Literal["http", "distributed"] = "http"
     # Attach mode: base URLs (http://host:port) of running engines instead of launching `engines`.
     # ["env"] resolves them at loop start from the Slurm job's env contract (launch/contract.py).
     urls: list[str] = field(default_factory=list)

@@ -178,10 +178,11 @@ class Loop:
             recorder = StepRecorder(
                 self.run, tracker, progress, monitor, plot_every=cfg.loop.checkpoint_every
             )
+            self._push_weights = weight_pusher(cfg, fleet)
             if (
                 resume.checkpoint is not None
             ):  # the engines start from the base model: push the resumed weights
-                fleet.sync_weights(policy.iter_hf_weights())
+                self._push_weights(policy.iter_hf_weights())
             elif schedule is not None:
                 recorder.schedule_changed(1, schedule)
             for step in range(resume.next_step, cfg.loop.steps + 1):
@@ -239,7 +240,7 @@ class Loop:
         timer.lap("tails")
         metrics = {f"train/{k}": v for k, v in policy.train_step(batch).items()}
         timer.lap("update")
-        fleet.sync_weights(policy.iter_hf_weights())
+        self._push_weights(policy.iter_hf_weights())
         timer.lap("sync")
         metrics.update(timer.metrics())
         metrics.update(tails.metrics())
@@ -251,6 +252,8 @@ class Loop:
             "rollout/tokens_per_s": rollout.tokens_per_s,
             "rollout/dropped_samples": float(dropped),
             "rollout/weight_version": float(fleet.weight_version),
+            # What the engines report having served this step's samples with (the previous step's sync).
+            "rollout/engine_weight_version": float(min(s.weight_version for s in samples)) if samples else -1.0,
             "time/step_s": time.perf_counter() - t0,
         })  # fmt: skip
         return metrics
@@ -265,6 +268,25 @@ class Loop:
             state["controller"] = controller.state_dict()
         RunDir.write_loop_state(path, state)
         self.run.commit_checkpoint(step)
+
+
+def weight_pusher(cfg: JobConfig, fleet: RolloutFleet):
+    """The function that pushes the policy's weight buckets to every engine, per rollout.weight_sync."""
+    if cfg.rollout.weight_sync == "http":
+        return fleet.sync_weights
+    import os
+
+    from sparrow_megatron.rollout.server import free_port
+    from sparrow_megatron.rollout.weights import DistributedGroupSpec
+
+    host, _, port = os.environ.get("SPARROW_WEIGHT_SYNC_ADDR", "").rpartition(":")
+    spec = DistributedGroupSpec(
+        master_address=host or "127.0.0.1",
+        master_port=int(port) if port else free_port("127.0.0.1"),
+        backend="nccl" if torch.cuda.is_available() else "gloo",
+    )
+    group = fleet.init_distributed_sync(spec)
+    return lambda buckets: fleet.sync_weights_distributed(buckets, group)
 
 
 class _PhaseTimer:

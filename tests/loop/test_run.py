@@ -81,6 +81,7 @@ def test_steps_compute_rewards_tails_and_sync_weights(reference_run):
         assert r["rollout/dropped_samples"] == 0
         # One weight sync per step: the rollout of step s+1 runs on the weights of update s.
         assert r["rollout/weight_version"] == r["step"]
+        assert r["rollout/engine_weight_version"] == r["step"] - 1
         budgets = [v for k, v in r.items() if k.startswith("schedule/budget/")]
         assert r["schedule/dense"] == 0 and budgets and min(budgets) >= 128
     assert any(r["reward/signal_frac"] > 0 for r in rows), "no group with differing rewards: no update"
@@ -150,3 +151,21 @@ def test_torchrun_tp2_trainer_follows_rank0(reference_run, tmp_path):
     assert got["reward/mean"] == want["reward/mean"]
     assert got["train/loss"] == pytest.approx(want["train/loss"], rel=1e-4, abs=1e-6)
     assert got["train/grad_norm"] == pytest.approx(want["train/grad_norm"], rel=1e-4)
+
+
+def test_distributed_weight_sync_gives_the_http_sync_run(reference_run, tmp_path):
+    """rollout.weight_sync=distributed (a gloo broadcast group on CPU, NCCL on GPU) reaches the engines."""
+    run_dir = tmp_path / "dist"
+    steps = [a for a in SMALL if not a.startswith("loop.steps")] + ["loop.steps=2"]
+    cmd = [*SPARROW, *steps, "rollout.weight_sync=distributed", f"loop.run_dir={run_dir}"]
+    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    rows = _metrics(run_dir)
+    # The engines report serving step 2 with the weights broadcast after step 1.
+    assert [r["rollout/engine_weight_version"] for r in rows] == [0, 1]
+    assert [r["rollout/weight_version"] for r in rows] == [1, 2]
+    # Same prompts and seeds: the same rewards. (Joining the gloo group moves the engine's float bits
+    # slightly, so the log-prob statistics are close to the reference's, not bit-equal.)
+    for got, want in zip(rows, _metrics(reference_run)[:2], strict=True):
+        assert got["tail/count/bin_01024"] == want["tail/count/bin_01024"]
+        assert got["train/loss"] == pytest.approx(want["train/loss"], rel=0.1, abs=0.01)
