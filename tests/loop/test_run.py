@@ -153,7 +153,7 @@ def test_torchrun_tp2_trainer_follows_rank0(reference_run, tmp_path):
     assert got["train/grad_norm"] == pytest.approx(want["train/grad_norm"], rel=1e-4)
 
 
-def test_distributed_weight_sync_gives_the_http_sync_run(reference_run, tmp_path):
+def test_distributed_weight_sync_reaches_the_engines(reference_run, tmp_path):
     """rollout.weight_sync=distributed (a gloo broadcast group on CPU, NCCL on GPU) reaches the engines."""
     run_dir = tmp_path / "dist"
     steps = [a for a in SMALL if not a.startswith("loop.steps")] + ["loop.steps=2"]
