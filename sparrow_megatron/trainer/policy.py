@@ -291,6 +291,24 @@ class Policy:
             batch.old_logprobs = self.score(batch, top_k=0).logprobs
         if cfg.kl_coef > 0 and batch.ref_logprobs is None:
             raise UserError("TrainerConfig.kl_coef > 0 needs batch.ref_logprobs (frozen reference log-probs)")
+        masks, weights = self.loss_masks_and_weights(batch)
+        coefs = GRPOCoefs(cfg.eps_low, cfg.eps_high, cfg.dual_clip, cfg.tis_cap, cfg.kl_coef)
+
+        self.model.train()
+        self.model.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        results, num_mbs = self._grpo_backward(batch, coefs, masks, weights)
+        lr = lr_at(cfg, self.step)
+        grad_norm = self.optimizer.step(lr)
+        self.step += 1
+        summed = self._reduce_metrics(results)
+        tokens = max(summed.pop("tokens"), 1.0)
+        out = {k: (v if k in ("loss", "tis_weight_max") else v / tokens) for k, v in summed.items()}
+        out.update(grad_norm=grad_norm, lr=lr, num_tokens=tokens, num_micro_batches=float(num_mbs))
+        return out
+
+    def loss_masks_and_weights(self, batch: RolloutBatch) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Per sample: the 0/1 loss mask and the per-token weights carrying the global aggregation."""
         n = len(batch)
         masks = [
             torch.as_tensor(batch.response_masks[i], dtype=torch.float64)
@@ -299,14 +317,15 @@ class Policy:
             for i in range(n)
         ]
         lengths = [int(m.sum()) for m in masks]
-        weights = token_weights(lengths, cfg.loss_agg, sum(lengths), sum(1 for x in lengths if x > 0))
+        weights = token_weights(lengths, self.cfg.loss_agg, sum(lengths), sum(1 for x in lengths if x > 0))
         # token_weights gives one weight per counted token; spread it over the mask.
-        weights = [m * (w[0] if len(w) else 0.0) for m, w in zip(masks, weights, strict=True)]
-        coefs = GRPOCoefs(cfg.eps_low, cfg.eps_high, cfg.dual_clip, cfg.tis_cap, cfg.kl_coef)
+        return masks, [m * (w[0] if len(w) else 0.0) for m, w in zip(masks, weights, strict=True)]
 
-        self.model.train()
-        self.model.zero_grad_buffer()
-        self.optimizer.zero_grad()
+    def _grpo_backward(self, batch: RolloutBatch, coefs: GRPOCoefs, masks, weights, rows_of=None):
+        """Forward + backward of the GRPO loss over all micro-batches (grads accumulate where they
+        are enabled); returns the per-micro-batch metric sums and the micro-batch count. rows_of:
+        the sparse forward (see `_run`)."""
+        cfg = self.cfg
         _, packs = self._micro_batches(batch)
         mbs = [build_micro_batch(batch, ids, pad_to=self.pad_to) for ids in packs[self.dp_rank]]
 
@@ -345,15 +364,7 @@ class Policy:
             }
             return loss, torch.tensor(int(count.item()), dtype=torch.int), metrics
 
-        results = self._run(mbs, loss_fn, forward_only=False)
-        lr = lr_at(cfg, self.step)
-        grad_norm = self.optimizer.step(lr)
-        self.step += 1
-        summed = self._reduce_metrics(results)
-        tokens = max(summed.pop("tokens"), 1.0)
-        out = {k: (v if k in ("loss", "tis_weight_max") else v / tokens) for k, v in summed.items()}
-        out.update(grad_norm=grad_norm, lr=lr, num_tokens=tokens, num_micro_batches=float(len(mbs)))
-        return out
+        return self._run(mbs, loss_fn, forward_only=False, rows_of=rows_of), len(mbs)
 
     def _reduce_metrics(self, results: list[dict]) -> dict[str, float]:
         local = {}
