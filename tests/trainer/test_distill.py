@@ -1,5 +1,10 @@
 """DistillSparse step: base frozen, adapter moves the sparse policy toward the dense one."""
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -83,3 +88,42 @@ def test_distill_rejects_mismatched_dense_logprobs(setup):
             distiller.step(batch, bad, [SCHEDULE] * len(prompts))
     finally:
         distiller.adapter.remove()
+
+
+def _run_worker(model_dir, out, tp: int, pp: int) -> dict:
+    out.mkdir(parents=True, exist_ok=True)
+    worker = Path(__file__).with_name("distill_worker.py")
+    args = [str(worker), "--model-dir", str(model_dir), "--out", str(out), "--tp", str(tp), "--pp", str(pp)]
+    cmd = [sys.executable, *args]
+    if tp * pp > 1:
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            str(tp * pp),
+            "--standalone",
+            *args,
+        ]
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    return torch.load(out / "result.pt")
+
+
+@pytest.mark.slow
+def test_tp2_and_pp2_distill_match_single_rank(tiny_tied, tmp_path):
+    ref = _run_worker(tiny_tied, tmp_path / "tp1", 1, 1)
+    assert ref["metrics"][0]["tis_clipped_frac"] >= 0 and ref["metrics"][1]["grad_norm"] > 0
+    assert any((a - b).abs().max() > 1e-4 for a, b in zip(ref["after"], ref["sparse0"], strict=True))
+    for tp, pp in [(2, 1), (1, 2)]:
+        got = _run_worker(tiny_tied, tmp_path / f"tp{tp}pp{pp}", tp, pp)
+        for key in ("sparse0", "after"):
+            for a, b in zip(got[key], ref[key], strict=True):
+                torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+        for m, r in zip(got["metrics"], ref["metrics"], strict=True):
+            assert m["loss"] == pytest.approx(r["loss"], rel=1e-4, abs=1e-7)
+            assert m["grad_norm"] == pytest.approx(r["grad_norm"], rel=1e-4)
+        assert set(got["peft"]) == set(ref["peft"])
+        for name, t in got["peft"].items():
+            torch.testing.assert_close(t, ref["peft"][name], rtol=1e-4, atol=1e-6, msg=name)
