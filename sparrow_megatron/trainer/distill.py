@@ -108,6 +108,30 @@ class SparseDistiller:
         out.update(grad_norm=grad_norm, lr=self.lr, num_tokens=tokens, num_micro_batches=float(num_mbs))
         return out
 
+    @torch.no_grad()
+    def probe_acceptance(
+        self, probe: RolloutBatch, schedules: Sequence[Schedule | None], top_k: int = 20
+    ) -> dict[str, float]:
+        """Acceptance of the sparse policy against the dense one on a fixed probe batch, without and
+        with the adapter, from top-K lists as in production (`acceptance_from_topk` estimate): the
+        5th percentile over tokens (the tail the schedule is held to) and the mean."""
+        from sparrow_megatron.sparsity.acceptance import acceptance_from_topk
+
+        dense = self.policy.score(probe, top_k=top_k)
+        out: dict[str, float] = {}
+        for name, on in (("base", False), ("adapter", True)):
+            sparse = self.score(probe, schedules, top_k=top_k, adapter=on)
+            alpha = acceptance_from_topk(
+                torch.cat(dense.topk_ids),
+                torch.cat(dense.topk_logprobs),
+                torch.cat(sparse.topk_ids),
+                torch.cat(sparse.topk_logprobs),
+            )[0].double()
+            alpha = alpha[~alpha.isnan()]
+            out[f"probe_p5_{name}"] = float(torch.quantile(alpha, 0.05)) if len(alpha) else float("nan")
+            out[f"probe_mean_{name}"] = float(alpha.mean()) if len(alpha) else float("nan")
+        return out
+
     def export(self, out_dir: str | Path) -> Path | None:
         """The adapter in PEFT format (collective; global rank 0 writes)."""
         return self.adapter.export_peft(out_dir, base_model_path=self.policy.cfg.model_dir)

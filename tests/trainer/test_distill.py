@@ -60,6 +60,10 @@ def test_distill_steps_reduce_kl_and_leave_the_base_alone(setup, tmp_path):
         kl = _k3(distiller.score(probe, schedules).logprobs, dense)
         assert kl < 0.7 * kl0, (kl0, kl)
         assert last["kl"] < first["kl"]
+        probe_metrics = distiller.probe_acceptance(probe, schedules, top_k=20)
+        # The adapter pulled the sparse policy toward the dense one: its acceptance tail rose.
+        assert probe_metrics["probe_p5_adapter"] > probe_metrics["probe_p5_base"]
+        assert probe_metrics["probe_mean_adapter"] > probe_metrics["probe_mean_base"]
         for n, p in policy.model.named_parameters():
             assert torch.equal(p, base_before[n]), n
         # The dense policy never sees the adapter.
