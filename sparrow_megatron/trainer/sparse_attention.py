@@ -115,8 +115,11 @@ def sparse_capable(base: type) -> type:
                 return super().forward(query, key, value, attention_mask, *args, **kwargs)
             if kwargs.get("packed_seq_params") is not None:
                 raise NotImplementedError("sparse forward: packed (THD) sequences are not supported")
+            rows = _ACTIVE[-1]
+            if all(row.is_dense_in(self.sparrow_layer_id) for row in rows):  # dense layer: the base path
+                return super().forward(query, key, value, attention_mask, *args, **kwargs)
             scale = getattr(self, "softmax_scale", None) or query.shape[-1] ** -0.5
-            return _sparse_core_forward(query, key, value, _ACTIVE[-1], self.sparrow_layer_id, scale)
+            return _sparse_core_forward(query, key, value, rows, self.sparrow_layer_id, scale)
 
     SparseCapableAttention.__name__ = SparseCapableAttention.__qualname__ = f"SparseCapable{base.__name__}"
     return SparseCapableAttention
