@@ -94,18 +94,18 @@ def test_distill_rejects_mismatched_dense_logprobs(setup):
         distiller.adapter.remove()
 
 
-def _run_worker(model_dir, out, tp: int, pp: int) -> dict:
+def _run_worker(model_dir, out, tp: int, pp: int, dp: int = 1) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     worker = Path(__file__).with_name("distill_worker.py")
     args = [str(worker), "--model-dir", str(model_dir), "--out", str(out), "--tp", str(tp), "--pp", str(pp)]
     cmd = [sys.executable, *args]
-    if tp * pp > 1:
+    if tp * pp * dp > 1:
         cmd = [
             sys.executable,
             "-m",
             "torch.distributed.run",
             "--nproc_per_node",
-            str(tp * pp),
+            str(tp * pp * dp),
             "--standalone",
             *args,
         ]
@@ -116,12 +116,12 @@ def _run_worker(model_dir, out, tp: int, pp: int) -> dict:
 
 
 @pytest.mark.slow
-def test_tp2_and_pp2_distill_match_single_rank(tiny_tied, tmp_path):
+def test_tp2_pp2_dp2_distill_match_single_rank(tiny_tied, tmp_path):
     ref = _run_worker(tiny_tied, tmp_path / "tp1", 1, 1)
     assert ref["metrics"][0]["tis_clipped_frac"] >= 0 and ref["metrics"][1]["grad_norm"] > 0
     assert any((a - b).abs().max() > 1e-4 for a, b in zip(ref["after"], ref["sparse0"], strict=True))
-    for tp, pp in [(2, 1), (1, 2)]:
-        got = _run_worker(tiny_tied, tmp_path / f"tp{tp}pp{pp}", tp, pp)
+    for tp, pp, dp in [(2, 1, 1), (1, 2, 1), (1, 1, 2)]:
+        got = _run_worker(tiny_tied, tmp_path / f"tp{tp}pp{pp}dp{dp}", tp, pp, dp)
         for key in ("sparse0", "after"):
             for a, b in zip(got[key], ref[key], strict=True):
                 torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
