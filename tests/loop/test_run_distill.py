@@ -14,8 +14,6 @@ import sys
 
 import pytest
 
-pytestmark = [pytest.mark.sglang, pytest.mark.slow]
-
 # Budget 64 tokens against ~1.1K-token prompts: every decode step is sparse (layer 0 stays dense).
 SCHEDULE = {
     "schema_version": 1,
@@ -29,6 +27,21 @@ SCHEDULE = {
 }
 
 
+def _env() -> dict[str, str]:
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def test_distill_needs_a_sparse_schedule(tmp_path):
+    cmd = [sys.executable, "-m", "sparrow_megatron.cli.main", "train", "distill.enabled=true",
+           "rollout.schedule=dense", "monitor.controller.enabled=false", f"loop.run_dir={tmp_path / 'run'}"]  # fmt: skip
+    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "distill.enabled" in proc.stderr and "dense" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "run" / "engines").exists()
+
+
+@pytest.mark.sglang
+@pytest.mark.slow
 def test_distill_trains_exports_and_loads_the_adapter_each_step(tmp_path):
     schedule = tmp_path / "schedule.json"
     schedule.write_text(json.dumps(SCHEDULE))
@@ -37,8 +50,7 @@ def test_distill_trains_exports_and_loads_the_adapter_each_step(tmp_path):
            "loop.prompts_per_step=2", "rollout.n_samples=4", "loop.checkpoint_every=2",
            "rollout.max_inflight_per_engine=1", "rollout.temperature=3.0", f"rollout.schedule={schedule}",
            "distill.enabled=true", f"loop.run_dir={run_dir}"]  # fmt: skip
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
 
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
