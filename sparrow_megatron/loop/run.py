@@ -81,7 +81,7 @@ def fleet_config(cfg: JobConfig, model_dir: Path, run_dir: RunDir) -> FleetConfi
         model_path=str(model_dir), engines=r.engines, tp_size=r.engine_tp, attention_backend=r.attention_backend,
         top_logprobs=r.top_k_logprobs, request_timeout_s=r.timeout_s, random_seed=cfg.loop.seed,
         run_dir=str(run_dir.root / "engines"), max_total_tokens=r.kv_pool_tokens or None, urls=urls,
-        max_inflight_per_engine=r.max_inflight_per_engine,
+        max_inflight_per_engine=r.max_inflight_per_engine, lora=_distill_lora_server(cfg),
     )  # fmt: skip
 
 
@@ -117,8 +117,11 @@ def usable(samples: list[Sample]) -> tuple[list[Sample], int]:
 class Loop:
     def __init__(self, cfg: JobConfig, resume: bool = False):
         validate(cfg)
-        if cfg.distill.enabled:
-            raise UserError("field 'distill.enabled': DistillSparse is not available in this version yet")
+        if cfg.distill.enabled and resolve_schedule(cfg.rollout.schedule) is None:
+            raise UserError(
+                "field 'distill.enabled': DistillSparse trains the sparse rollout's adapter, "
+                "but rollout.schedule is dense"
+            )
         self.cfg = cfg
         self.run = RunDir(cfg.run_dir)
         self.model_dir = resolve_model_dir(cfg, self.run)
@@ -156,9 +159,14 @@ class Loop:
             if cfg.monitor.controller.enabled
             else None
         )
+        if cfg.distill.enabled and spmd.launch_rank() == 0 and policy.world > 1:
+            raise UserError("field 'distill.enabled': DistillSparse runs with one trainer process for now")
+        self.distill = _Distill(cfg, policy.policy, self.run) if cfg.distill.enabled else None
         resume = self.run.prepare_resume()
         if resume.checkpoint is not None:
             policy.load_checkpoint(resume.checkpoint.path / "policy")
+            if self.distill is not None:
+                self.distill.load(resume.checkpoint.path / "distill")
             monitor.load_state_dict(resume.loop_state["monitor"])
             if controller is not None:
                 controller.load_state_dict(resume.loop_state["controller"])
@@ -183,6 +191,8 @@ class Loop:
                 resume.checkpoint is not None
             ):  # the engines start from the base model: push the resumed weights
                 self._push_weights(policy.iter_hf_weights())
+                if self.distill is not None:
+                    self.distill.push(fleet, resume.step)
             elif schedule is not None:
                 recorder.schedule_changed(1, schedule)
             for step in range(resume.next_step, cfg.loop.steps + 1):
@@ -242,6 +252,9 @@ class Loop:
         timer.lap("update")
         self._push_weights(policy.iter_hf_weights())
         timer.lap("sync")
+        if self.distill is not None:  # DistillSparse: adapter update on the same rollout, then to the fleet
+            metrics.update(self.distill.step(step, batch, score.logprobs, schedule, fleet))
+            timer.lap("distill")
         metrics.update(timer.metrics())
         metrics.update(tails.metrics())
         metrics.update({
@@ -263,6 +276,8 @@ class Loop:
     ) -> None:
         path = self.run.begin_checkpoint(step)
         policy.save_checkpoint(path / "policy", step=step)
+        if self.distill is not None:
+            self.distill.save(path / "distill")
         state: dict[str, Any] = {"monitor": monitor.state_dict()}
         if controller is not None:
             state["controller"] = controller.state_dict()
@@ -287,6 +302,88 @@ def weight_pusher(cfg: JobConfig, fleet: RolloutFleet):
     )
     group = fleet.init_distributed_sync(spec)
     return lambda buckets: fleet.sync_weights_distributed(buckets, group)
+
+
+# ---------------------------------------------------------------- DistillSparse
+
+
+def _distill_lora_server(cfg: JobConfig):
+    """LoRA capacity of launched engines: what DistillSparse's adapter needs (None when it is off)."""
+    if not cfg.distill.enabled:
+        return None
+    from sparrow_megatron.rollout.config import LoraServerConfig
+
+    return LoraServerConfig(max_rank=cfg.distill.rank, target_modules=tuple(cfg.distill.target_modules))
+
+
+class _Distill:
+    """The loop's side of DistillSparse: distill step, PEFT export, fleet load, probe metrics, state."""
+
+    PROBE_SAMPLES = 8
+
+    def __init__(self, cfg: JobConfig, policy, run: RunDir):
+        from sparrow_megatron.trainer.distill import SparseDistiller
+        from sparrow_megatron.trainer.lora import lora_spec_from
+
+        d = cfg.distill
+        self.distiller = SparseDistiller(policy, lora_spec_from(d, seed=cfg.loop.seed), d.kl_lambda, d.lr)
+        self.run = run
+        self.top_k = cfg.rollout.top_k_logprobs
+        self.probe: RolloutBatch | None = None  # the first step's first samples, fixed for the run
+
+    def step(self, step: int, batch: RolloutBatch, dense_logprobs, schedule, fleet) -> dict[str, float]:
+        schedules = [schedule] * len(batch)
+        metrics = {
+            f"distill/{k}": v for k, v in self.distiller.step(batch, dense_logprobs, schedules).items()
+        }
+        metrics["distill/adapter_version"] = float(self.push(fleet, step))
+        if self.probe is None:
+            n = min(self.PROBE_SAMPLES, len(batch))
+            self.probe = RolloutBatch(batch.prompt_ids[:n], batch.response_ids[:n])
+        probe = self.distiller.probe_acceptance(self.probe, [schedule] * len(self.probe), self.top_k)
+        metrics.update({f"distill/{k}": v for k, v in probe.items()})
+        return metrics
+
+    def push(self, fleet, step: int) -> int:
+        """Export the adapter and load it into the fleet under a new version; returns that version."""
+        out = self.run.root / "adapters" / f"step_{step:06d}"
+        shutil.rmtree(out, ignore_errors=True)
+        self.distiller.export(out)
+        name = fleet.load_adapter(out)  # the engines unload the previous version
+        for old in out.parent.iterdir():  # so its files can go: one adapter on disk, not one per step
+            if old != out:
+                shutil.rmtree(old, ignore_errors=True)
+        return int(name.rsplit("-v", 1)[1])
+
+    def save(self, path: Path) -> None:
+        from megatron.core import parallel_state
+
+        path.mkdir(parents=True, exist_ok=True)
+        rank = f"tp{parallel_state.get_tensor_model_parallel_rank()}_pp{parallel_state.get_pipeline_model_parallel_rank()}"
+        if parallel_state.get_data_parallel_rank() == 0:
+            torch.save(
+                {
+                    "adapter": self.distiller.adapter.state_dict(),
+                    "optimizer": self.distiller.optimizer.state_dict(),
+                    "steps": self.distiller.step_count,
+                    "probe": self.probe,
+                },
+                path / f"adapter_{rank}.pt",
+            )
+        torch.distributed.barrier()
+
+    def load(self, path: Path) -> None:
+        from megatron.core import parallel_state
+
+        rank = f"tp{parallel_state.get_tensor_model_parallel_rank()}_pp{parallel_state.get_pipeline_model_parallel_rank()}"
+        file = path / f"adapter_{rank}.pt"
+        if not file.is_file():
+            raise UserError(f"{file}: missing (checkpoint saved without distill, or with another TP x PP)")
+        state = torch.load(file, weights_only=False)
+        self.distiller.adapter.load_state_dict(state["adapter"])
+        self.distiller.optimizer.load_state_dict(state["optimizer"])
+        self.distiller.step_count = state["steps"]
+        self.probe = state["probe"]
 
 
 class _PhaseTimer:

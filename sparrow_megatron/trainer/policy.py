@@ -25,10 +25,12 @@ from sparrow_megatron.trainer.logprobs import vocab_parallel_logprobs, vocab_par
 from sparrow_megatron.trainer.model import (
     build_gpt_model,
     check_parallel_split,
+    layer_spec,
     read_qwen3_config,
     transformer_config,
 )
 from sparrow_megatron.trainer.optim import CpuAdamW, MegatronOptimizer, lr_at
+from sparrow_megatron.trainer.sparse_attention import SparseRow, sparse_rows, with_sparse_attention
 from sparrow_megatron.trainer.weights import export_hf_checkpoint, iter_hf_weights, load_hf_weights
 
 
@@ -110,7 +112,8 @@ class Policy:
             tensor_parallel.model_parallel_cuda_manual_seed(cfg.seed)
         dtype = torch.bfloat16 if cfg.params_dtype == "bfloat16" else torch.float32
         self.config = transformer_config(self.arch, cfg.tp, cfg.pp, cfg.sequence_parallel, dtype)
-        model = build_gpt_model(self.arch, self.config)
+        # Dense unless a sparse_rows() context is active (DistillSparse's sparse forward).
+        model = build_gpt_model(self.arch, self.config, spec=with_sparse_attention(layer_spec(self.arch)))
         load_hf_weights(model, self.arch, cfg.model_dir)
         use_dist_opt = compat.HAS_CUDA
         ddp_config = DistributedDataParallelConfig(
@@ -153,17 +156,19 @@ class Policy:
             [[shard[j] for j in mb] for mb in pack] for shard, pack in zip(shards, packs, strict=True)
         ]
 
-    def _run(self, micro_batches: list[MicroBatch], loss_fn, forward_only: bool) -> list[dict]:
+    def _run(self, micro_batches: list[MicroBatch], loss_fn, forward_only: bool, rows_of=None) -> list[dict]:
+        """rows_of: optional MicroBatch -> [SparseRow per row] for a sparse forward (DistillSparse)."""
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
         def forward_step(data_iterator: Iterator[MicroBatch], model):
             mb = next(data_iterator)
             dev = self.device
-            output = model(
-                mb.tokens.to(dev),
-                mb.position_ids.to(dev),
-                _causal_mask(mb.seq_len, dev),
-            )
+            with sparse_rows(rows_of(mb) if rows_of is not None else None):
+                output = model(
+                    mb.tokens.to(dev),
+                    mb.position_ids.to(dev),
+                    _causal_mask(mb.seq_len, dev),
+                )
             return output, lambda out, mb=mb: loss_fn(mb, out)
 
         fwd_bwd = get_forward_backward_func()
@@ -212,10 +217,28 @@ class Policy:
 
     # ------------------------------------------------------------------ scoring
 
+    def _sparse_rows_of(self, batch: RolloutBatch, schedules):
+        """schedules (one Schedule or None per sample, or None) -> MicroBatch -> its SparseRows."""
+        if schedules is None:
+            return None
+        if len(schedules) != len(batch):
+            raise UserError(f"sparse forward: {len(schedules)} schedules for a batch of {len(batch)} samples")
+
+        def rows_of(mb: MicroBatch) -> list[SparseRow]:
+            if not mb.sample_ids:  # the padding micro-batch of an empty DP shard
+                return [SparseRow.from_schedule(None, 0, mb.seq_len)]
+            return [
+                SparseRow.from_schedule(schedules[i], len(batch.prompt_ids[i]), mb.seq_len)
+                for i in mb.sample_ids
+            ]
+
+        return rows_of
+
     @torch.no_grad()
-    def score(self, batch: RolloutBatch, top_k: int | None = None) -> ScoreResult:
+    def score(self, batch: RolloutBatch, top_k: int | None = None, schedules=None) -> ScoreResult:
         """Dense log-probs and entropy of every response token (temperature applied), plus the top-K
-        ids/log-probs (K = cfg.top_k_logprobs; pass top_k=0 to skip). Same result on every rank."""
+        ids/log-probs (K = cfg.top_k_logprobs; pass top_k=0 to skip). Same result on every rank.
+        schedules: one `Schedule` (or None = dense) per sample for the sparse forward of the rollout."""
         batch.validate(self.arch.vocab_size, need_training_fields=False)
         k = self.cfg.top_k_logprobs if top_k is None else top_k
         temp = self.cfg.temperature
@@ -237,7 +260,7 @@ class Policy:
                 out["topk_lp"] = lps.cpu().split(sizes)
             return torch.zeros((), device=logits.device), torch.tensor(len(targets)), out
 
-        results = self._run(mbs, loss_fn, forward_only=True)
+        results = self._run(mbs, loss_fn, forward_only=True, rows_of=self._sparse_rows_of(batch, schedules))
         results = self._pp_broadcast(results)
         merged: dict[int, tuple] = {}
         for part in self._dp_gather(results):
@@ -268,6 +291,24 @@ class Policy:
             batch.old_logprobs = self.score(batch, top_k=0).logprobs
         if cfg.kl_coef > 0 and batch.ref_logprobs is None:
             raise UserError("TrainerConfig.kl_coef > 0 needs batch.ref_logprobs (frozen reference log-probs)")
+        masks, weights = self.loss_masks_and_weights(batch)
+        coefs = GRPOCoefs(cfg.eps_low, cfg.eps_high, cfg.dual_clip, cfg.tis_cap, cfg.kl_coef)
+
+        self.model.train()
+        self.model.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        results, num_mbs = self._grpo_backward(batch, coefs, masks, weights)
+        lr = lr_at(cfg, self.step)
+        grad_norm = self.optimizer.step(lr)
+        self.step += 1
+        summed = self._reduce_metrics(results)
+        tokens = max(summed.pop("tokens"), 1.0)
+        out = {k: (v if k in ("loss", "tis_weight_max") else v / tokens) for k, v in summed.items()}
+        out.update(grad_norm=grad_norm, lr=lr, num_tokens=tokens, num_micro_batches=float(num_mbs))
+        return out
+
+    def loss_masks_and_weights(self, batch: RolloutBatch) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Per sample: the 0/1 loss mask and the per-token weights carrying the global aggregation."""
         n = len(batch)
         masks = [
             torch.as_tensor(batch.response_masks[i], dtype=torch.float64)
@@ -276,14 +317,15 @@ class Policy:
             for i in range(n)
         ]
         lengths = [int(m.sum()) for m in masks]
-        weights = token_weights(lengths, cfg.loss_agg, sum(lengths), sum(1 for x in lengths if x > 0))
+        weights = token_weights(lengths, self.cfg.loss_agg, sum(lengths), sum(1 for x in lengths if x > 0))
         # token_weights gives one weight per counted token; spread it over the mask.
-        weights = [m * (w[0] if len(w) else 0.0) for m, w in zip(masks, weights, strict=True)]
-        coefs = GRPOCoefs(cfg.eps_low, cfg.eps_high, cfg.dual_clip, cfg.tis_cap, cfg.kl_coef)
+        return masks, [m * (w[0] if len(w) else 0.0) for m, w in zip(masks, weights, strict=True)]
 
-        self.model.train()
-        self.model.zero_grad_buffer()
-        self.optimizer.zero_grad()
+    def _grpo_backward(self, batch: RolloutBatch, coefs: GRPOCoefs, masks, weights, rows_of=None):
+        """Forward + backward of the GRPO loss over all micro-batches (grads accumulate where they
+        are enabled); returns the per-micro-batch metric sums and the micro-batch count. rows_of:
+        the sparse forward (see `_run`)."""
+        cfg = self.cfg
         _, packs = self._micro_batches(batch)
         mbs = [build_micro_batch(batch, ids, pad_to=self.pad_to) for ids in packs[self.dp_rank]]
 
@@ -322,15 +364,7 @@ class Policy:
             }
             return loss, torch.tensor(int(count.item()), dtype=torch.int), metrics
 
-        results = self._run(mbs, loss_fn, forward_only=False)
-        lr = lr_at(cfg, self.step)
-        grad_norm = self.optimizer.step(lr)
-        self.step += 1
-        summed = self._reduce_metrics(results)
-        tokens = max(summed.pop("tokens"), 1.0)
-        out = {k: (v if k in ("loss", "tis_weight_max") else v / tokens) for k, v in summed.items()}
-        out.update(grad_norm=grad_norm, lr=lr, num_tokens=tokens, num_micro_batches=float(len(mbs)))
-        return out
+        return self._run(mbs, loss_fn, forward_only=False, rows_of=rows_of), len(mbs)
 
     def _reduce_metrics(self, results: list[dict]) -> dict[str, float]:
         local = {}

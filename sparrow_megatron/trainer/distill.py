@@ -1,0 +1,137 @@
+"""DistillSparse: train the sparse rollout's LoRA adapter toward the dense policy (DESIGN section 1).
+
+After the base update of a step, with the base frozen, on the same rollout:
+
+    loss = TIS-weighted PPO term of pi_sparse+phi  +  kl_lambda * KL(pi_sparse+phi || pi_dense)
+
+pi_sparse+phi is the policy's sparse forward (`Policy.score(schedules=...)`: the rollout's page selection
+and budgets at every position) with the adapter on. The PPO ratio is taken against the sparse+adapter
+log-probs recomputed before this update (so the first step is on-policy) and the TIS weight
+min(exp(old - rollout), C) corrects the engine/trainer mismatch, exactly as the dense GRPO term does. The
+KL is the k3 estimator on the sampled tokens, exp(d) - d - 1 with d = logp_dense - logp_sparse+phi,
+unbiased for KL(sparse || dense) when the tokens come from the sparse policy (they do: the sparse rollout
+sampled them); the dense log-probs are those already computed for the base update (a free teacher).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import torch
+
+from sparrow_megatron.errors import UserError
+from sparrow_megatron.sparsity.schedule import Schedule
+from sparrow_megatron.trainer.batch import RolloutBatch
+from sparrow_megatron.trainer.grpo import GRPOCoefs
+from sparrow_megatron.trainer.lora import LoraAdapter, LoraSpec
+
+
+class SparseDistiller:
+    """The adapter, its optimizer and the distill step, on top of a `Policy` (collective like it)."""
+
+    def __init__(self, policy, spec: LoraSpec, kl_lambda: float = 1e-3, lr: float = 1e-4):
+        if kl_lambda < 0:
+            raise UserError(f"distill.kl_lambda must be >= 0, got {kl_lambda}")
+        if lr <= 0:
+            raise UserError(f"distill.lr must be > 0, got {lr}")
+        self.policy = policy
+        self.kl_lambda = kl_lambda
+        self.lr = lr
+        self.adapter = LoraAdapter(policy.model, policy.arch, spec, policy.config)
+        self.optimizer = torch.optim.AdamW(self.adapter.parameters(), lr=lr, weight_decay=0.0)
+        self.step_count = 0
+
+    @contextlib.contextmanager
+    def _base_frozen(self) -> Iterator[None]:
+        params = list(self.policy.model.parameters())
+        saved = [p.requires_grad for p in params]
+        for p in params:
+            p.requires_grad_(False)
+        try:
+            yield
+        finally:
+            for p, r in zip(params, saved, strict=True):
+                p.requires_grad_(r)
+
+    def score(self, batch: RolloutBatch, schedules: Sequence[Schedule | None], top_k: int = 0, adapter=True):
+        """Log-probs of the sparse rollout policy (with or without the adapter) on a batch."""
+        with self.adapter.enabled(adapter):
+            return self.policy.score(batch, top_k=top_k, schedules=schedules)
+
+    def step(
+        self,
+        batch: RolloutBatch,
+        dense_logprobs: Sequence[torch.Tensor],
+        schedules: Sequence[Schedule | None],
+    ) -> dict[str, float]:
+        """One adapter update on the rollout batch (base frozen). dense_logprobs: the dense policy's
+        log-probs of the response tokens (the teacher). Returns metrics (kl is the mean k3 term)."""
+        policy = self.policy
+        batch.validate(policy.arch.vocab_size, need_training_fields=True)
+        if len(dense_logprobs) != len(batch):
+            raise UserError(
+                f"distill: {len(dense_logprobs)} rows of dense log-probs for {len(batch)} samples"
+            )
+        for i, (r, lp) in enumerate(zip(batch.response_ids, dense_logprobs, strict=True)):
+            if len(lp) != len(r):
+                raise UserError(
+                    f"distill: sample {i} has {len(r)} response tokens but {len(lp)} dense log-probs"
+                )
+        old = self.score(batch, schedules).logprobs
+        work = dataclasses.replace(
+            batch, old_logprobs=old, ref_logprobs=[torch.as_tensor(x) for x in dense_logprobs]
+        )
+        masks, weights = policy.loss_masks_and_weights(work)
+        cfg = policy.cfg
+        coefs = GRPOCoefs(cfg.eps_low, cfg.eps_high, cfg.dual_clip, cfg.tis_cap, kl_coef=self.kl_lambda)
+        self.optimizer.zero_grad(set_to_none=True)
+        policy.model.train()
+        with self._base_frozen(), self.adapter.enabled():
+            results, num_mbs = policy._grpo_backward(
+                work, coefs, masks, weights, rows_of=policy._sparse_rows_of(work, schedules)
+            )
+        # The DDP buffers of the frozen base only saw Megatron's finalize on zeros; keep them clean.
+        policy.model.zero_grad_buffer()
+        self.adapter.sync_grads()
+        grad_norm = self.adapter.grad_norm()
+        if cfg.grad_clip > 0 and grad_norm > cfg.grad_clip:
+            for p in self.adapter.parameters():
+                p.grad.mul_(cfg.grad_clip / (grad_norm + 1e-6))
+        self.optimizer.step()
+        self.step_count += 1
+        summed = policy._reduce_metrics(results)
+        tokens = max(summed.pop("tokens"), 1.0)
+        out = {k: (v if k in ("loss", "tis_weight_max") else v / tokens) for k, v in summed.items()}
+        out.update(grad_norm=grad_norm, lr=self.lr, num_tokens=tokens, num_micro_batches=float(num_mbs))
+        return out
+
+    @torch.no_grad()
+    def probe_acceptance(
+        self, probe: RolloutBatch, schedules: Sequence[Schedule | None], top_k: int = 20
+    ) -> dict[str, float]:
+        """Acceptance of the sparse policy against the dense one on a fixed probe batch, without and
+        with the adapter, from top-K lists as in production (`acceptance_from_topk` estimate): the
+        5th percentile over tokens (the tail the schedule is held to) and the mean."""
+        from sparrow_megatron.sparsity.acceptance import acceptance_from_topk
+
+        dense = self.policy.score(probe, top_k=top_k)
+        out: dict[str, float] = {}
+        for name, on in (("base", False), ("adapter", True)):
+            sparse = self.score(probe, schedules, top_k=top_k, adapter=on)
+            alpha = acceptance_from_topk(
+                torch.cat(dense.topk_ids),
+                torch.cat(dense.topk_logprobs),
+                torch.cat(sparse.topk_ids),
+                torch.cat(sparse.topk_logprobs),
+            )[0].double()
+            alpha = alpha[~alpha.isnan()]
+            out[f"probe_p5_{name}"] = float(torch.quantile(alpha, 0.05)) if len(alpha) else float("nan")
+            out[f"probe_mean_{name}"] = float(alpha.mean()) if len(alpha) else float("nan")
+        return out
+
+    def export(self, out_dir: str | Path) -> Path | None:
+        """The adapter in PEFT format (collective; global rank 0 writes)."""
+        return self.adapter.export_peft(out_dir, base_model_path=self.policy.cfg.model_dir)

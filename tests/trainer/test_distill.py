@@ -1,0 +1,133 @@
+"""DistillSparse step: base frozen, adapter moves the sparse policy toward the dense one."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from sparrow_megatron.errors import UserError
+from sparrow_megatron.sparsity.schedule import Schedule
+from sparrow_megatron.sparsity.selection import PageGeometry
+from sparrow_megatron.trainer import Policy, RolloutBatch, TrainerConfig
+from sparrow_megatron.trainer.distill import SparseDistiller
+from sparrow_megatron.trainer.lora import LoraSpec
+
+SCHEDULE = Schedule.fixed(
+    8, geometry=PageGeometry(page_size=4, sink_pages=1, local_pages=1), dense_layers=(0,)
+)
+
+
+def _k3(sparse, dense):
+    d = torch.cat(dense) - torch.cat(sparse)
+    return float((torch.exp(d) - d - 1).mean())
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_tied):
+    policy = Policy(TrainerConfig(model_dir=str(tiny_tied), lr=1e-3, micro_batch_tokens=80, seed=5))
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(0, 128, (n,), generator=g).tolist() for n in (6, 9, 5)]
+    responses = [torch.randint(0, 128, (n,), generator=g).tolist() for n in (30, 24, 27)]
+    return policy, prompts, responses
+
+
+def test_distill_steps_reduce_kl_and_leave_the_base_alone(setup, tmp_path):
+    policy, prompts, responses = setup
+    schedules = [SCHEDULE] * len(prompts)
+    probe = RolloutBatch(prompts, responses)
+    distiller = SparseDistiller(policy, LoraSpec(rank=4, alpha=8.0, seed=1), kl_lambda=1.0, lr=3e-3)
+    try:
+        dense = policy.score(probe, top_k=0).logprobs
+        sparse0 = distiller.score(probe, schedules).logprobs
+        # B = 0 at init: the adapter starts as a no-op on the sparse policy.
+        assert all(
+            torch.equal(a, b)
+            for a, b in zip(sparse0, distiller.score(probe, schedules, adapter=False).logprobs, strict=True)
+        )
+        kl0 = _k3(sparse0, dense)
+        assert kl0 > 1e-4
+        base_before = {n: p.detach().clone() for n, p in policy.model.named_parameters()}
+        # Zero advantages isolate the KL term; the rollout log-probs are the sparse policy's own.
+        batch = RolloutBatch(prompts, responses, [x.tolist() for x in sparse0], [0.0] * len(prompts))
+        first = distiller.step(batch, dense, schedules)
+        assert first["kl"] == pytest.approx(kl0, rel=1e-4)
+        assert first["tis_weight_mean"] == pytest.approx(1.0, abs=1e-5) and first["grad_norm"] > 0
+        for _ in range(4):
+            last = distiller.step(batch, dense, schedules)
+        kl = _k3(distiller.score(probe, schedules).logprobs, dense)
+        assert kl < 0.7 * kl0, (kl0, kl)
+        assert last["kl"] < first["kl"]
+        probe_metrics = distiller.probe_acceptance(probe, schedules, top_k=20)
+        # The adapter pulled the sparse policy toward the dense one: its acceptance tail rose.
+        assert probe_metrics["probe_p5_adapter"] > probe_metrics["probe_p5_base"]
+        assert probe_metrics["probe_mean_adapter"] > probe_metrics["probe_mean_base"]
+        for n, p in policy.model.named_parameters():
+            assert torch.equal(p, base_before[n]), n
+        # The dense policy never sees the adapter.
+        assert all(
+            torch.equal(a, b) for a, b in zip(policy.score(probe, top_k=0).logprobs, dense, strict=True)
+        )
+        # The base still trains after a distill step (its grads were not left disabled).
+        metrics = policy.train_step(
+            RolloutBatch(prompts, responses, [x.tolist() for x in dense], [1.0, -1.0, 0.5])
+        )
+        assert metrics["grad_norm"] > 0
+        out = distiller.export(tmp_path / "adapter")
+        assert (out / "adapter_model.safetensors").is_file() and (out / "adapter_config.json").is_file()
+    finally:
+        distiller.adapter.remove()
+
+
+def test_distill_rejects_mismatched_dense_logprobs(setup):
+    policy, prompts, responses = setup
+    distiller = SparseDistiller(policy, LoraSpec(rank=2, alpha=4.0))
+    try:
+        batch = RolloutBatch(prompts, responses, [[0.0] * len(r) for r in responses], [0.0] * len(prompts))
+        bad = [torch.zeros(len(r)) for r in responses]
+        bad[1] = bad[1][:-1]
+        with pytest.raises(UserError, match="sample 1"):
+            distiller.step(batch, bad, [SCHEDULE] * len(prompts))
+    finally:
+        distiller.adapter.remove()
+
+
+def _run_worker(model_dir, out, tp: int, pp: int, dp: int = 1) -> dict:
+    out.mkdir(parents=True, exist_ok=True)
+    worker = Path(__file__).with_name("distill_worker.py")
+    args = [str(worker), "--model-dir", str(model_dir), "--out", str(out), "--tp", str(tp), "--pp", str(pp)]
+    cmd = [sys.executable, *args]
+    if tp * pp * dp > 1:
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            str(tp * pp * dp),
+            "--standalone",
+            *args,
+        ]
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    return torch.load(out / "result.pt")
+
+
+@pytest.mark.slow
+def test_tp2_pp2_dp2_distill_match_single_rank(tiny_tied, tmp_path):
+    ref = _run_worker(tiny_tied, tmp_path / "tp1", 1, 1)
+    assert ref["metrics"][0]["tis_clipped_frac"] >= 0 and ref["metrics"][1]["grad_norm"] > 0
+    assert any((a - b).abs().max() > 1e-4 for a, b in zip(ref["after"], ref["sparse0"], strict=True))
+    for tp, pp, dp in [(2, 1, 1), (1, 2, 1), (1, 1, 2)]:
+        got = _run_worker(tiny_tied, tmp_path / f"tp{tp}pp{pp}dp{dp}", tp, pp, dp)
+        for key in ("sparse0", "after"):
+            for a, b in zip(got[key], ref[key], strict=True):
+                torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+        for m, r in zip(got["metrics"], ref["metrics"], strict=True):
+            assert m["loss"] == pytest.approx(r["loss"], rel=1e-4, abs=1e-7)
+            assert m["grad_norm"] == pytest.approx(r["grad_norm"], rel=1e-4)
+        assert set(got["peft"]) == set(ref["peft"])
+        for name, t in got["peft"].items():
+            torch.testing.assert_close(t, ref["peft"][name], rtol=1e-4, atol=1e-6, msg=name)
