@@ -46,18 +46,18 @@ def init_distributed(tp: int, pp: int) -> None:
 
     compat.apply_cpu_shims()
     if not torch.distributed.is_initialized():
-        if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-            init = "env://"
+        if all(k in os.environ for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")):
+            init, rank, world = "env://", int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
         else:
-            init = f"tcp://127.0.0.1:{_free_port()}"
-            os.environ.setdefault("RANK", "0")
-            os.environ.setdefault("WORLD_SIZE", "1")
+            # One process: a private rendezvous. os.environ stays untouched, since child processes
+            # (engines, torchrun jobs of tests) would inherit a half-set RANK/WORLD_SIZE.
+            init, rank, world = f"tcp://127.0.0.1:{_free_port()}", 0, 1
         backend = "nccl" if compat.HAS_CUDA else "gloo"
         torch.distributed.init_process_group(
             backend,
             init_method=init,
-            rank=int(os.environ["RANK"]),
-            world_size=int(os.environ["WORLD_SIZE"]),
+            rank=rank,
+            world_size=world,
             timeout=datetime.timedelta(minutes=10),
         )
         if compat.HAS_CUDA:

@@ -58,7 +58,9 @@ def test_signal_lower_takes_the_tail_of_the_lower_bound():
         TailMonitor(MonitorConfig(signal="lower")).observe(0, alpha, positions)
 
 
-def test_warning_after_k_consecutive_low_steps_names_the_bins(caplog):
+def test_warning_after_k_consecutive_low_steps_names_the_bins(caplog, monkeypatch):
+    # A library imported by an earlier test may have run logging.config with disable_existing_loggers.
+    monkeypatch.setattr(logging.getLogger("sparrow_megatron.loop.monitor"), "disabled", False)
     rng = np.random.default_rng(2)
     monitor = TailMonitor(MonitorConfig(tau=0.86, consecutive_steps=3))
     caplog.set_level(logging.INFO, logger="sparrow_megatron.loop.monitor")
