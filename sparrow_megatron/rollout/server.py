@@ -203,6 +203,11 @@ class ServerProcess:
                 break
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.process.wait(timeout=1.0)
+        # Killed children stay in the group until their new parent reaps them: give that a moment, so
+        # "stopped" means no process of the engine is left.
+        deadline = time.monotonic() + 10.0
+        while _group_alive(pgid) and time.monotonic() < deadline:
+            time.sleep(0.1)
 
 
 def _group_alive(pgid: int) -> bool:
