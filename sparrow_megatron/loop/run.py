@@ -10,9 +10,10 @@ fleet of SGLang engines it launches or attaches to.
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -85,7 +86,7 @@ def fleet_config(cfg: JobConfig, model_dir: Path, run_dir: RunDir) -> FleetConfi
     )  # fmt: skip
 
 
-def resolve_model_dir(cfg: JobConfig, run_dir: RunDir) -> Path:
+def resolve_model_dir(cfg: JobConfig) -> Path:
     if cfg.model.hf_dir:
         path = Path(cfg.model.hf_dir)
         if not (path / "config.json").is_file():
@@ -124,7 +125,7 @@ class Loop:
             )
         self.cfg = cfg
         self.run = RunDir(cfg.run_dir)
-        self.model_dir = resolve_model_dir(cfg, self.run)
+        self.model_dir = resolve_model_dir(cfg)
         if spmd.launch_rank() != 0:
             return  # a follower rank: rank 0 owns the run directory
         if self.run.exists() and not resume and self.run.read_metrics():
@@ -289,8 +290,6 @@ def weight_pusher(cfg: JobConfig, fleet: RolloutFleet):
     """The function that pushes the policy's weight buckets to every engine, per rollout.weight_sync."""
     if cfg.rollout.weight_sync == "http":
         return fleet.sync_weights
-    import os
-
     from sparrow_megatron.rollout.server import free_port
     from sparrow_megatron.rollout.weights import DistributedGroupSpec
 
@@ -404,8 +403,6 @@ class _PhaseTimer:
 
 def _seeded(sampling: SamplingParams, seed: int, step: int) -> SamplingParams:
     """Per-step sampling seed: a resumed run draws the same tokens as an uninterrupted one."""
-    from dataclasses import replace
-
     return replace(sampling, seed=seed * 1_000_003 + step * 7919)
 
 
