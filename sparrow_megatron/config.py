@@ -140,8 +140,12 @@ class TrainerConfig:
 class LoopConfig:
     steps: int = 20
     prompts_per_step: int = 8
-    eval_every: int = 0  # 0 = no periodic evaluation
-    eval_prompts: int = 0
+    # Periodic evaluation (dense and sparse, mean@k / pass@k on held-out prompts): before the first step
+    # and after every eval_every-th and the last. 0 = none.
+    eval_every: int = 0
+    eval_prompts: int = 0  # the first N of the eval split; 0 = prompts_per_step
+    eval_samples: int = 4  # k
+    eval_pass_reward: float = 1.0  # a sample passes (for pass@k) when its reward reaches this
     checkpoint_every: int = 10  # 0 = only the final checkpoint
     seed: int = 0
     run_dir: str = "runs/sparrow"
@@ -581,6 +585,7 @@ def _problems(cfg: JobConfig, check_paths: bool) -> list[str]:
         ("trainer.micro_batch_tokens", cfg.trainer.micro_batch_tokens),
         ("loop.steps", cfg.loop.steps),
         ("loop.prompts_per_step", cfg.loop.prompts_per_step),
+        ("loop.eval_samples", cfg.loop.eval_samples),
         ("distill.rank", cfg.distill.rank),
         ("cluster.nodes", cfg.cluster.nodes),
     ]:
@@ -771,12 +776,9 @@ def _problems(cfg: JobConfig, check_paths: bool) -> list[str]:
         for name, value in [("data.train_path", cfg.data.train_path), ("data.eval_path", cfg.data.eval_path)]:
             need(not value or Path(value).exists(), name, f"{value} does not exist")
     need(
-        cfg.loop.eval_every == 0
-        or cfg.loop.eval_prompts > 0
-        or bool(cfg.data.eval_path)
-        or cfg.data.kind == "synthetic",
-        "loop.eval_prompts",
-        "periodic evaluation needs data.eval_path or loop.eval_prompts > 0",
+        cfg.loop.eval_every == 0 or bool(cfg.data.eval_path) or cfg.data.kind == "synthetic",
+        "loop.eval_every",
+        f"periodic evaluation of data.kind={cfg.data.kind!r} needs held-out prompts in data.eval_path",
     )
     return p
 

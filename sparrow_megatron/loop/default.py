@@ -38,5 +38,8 @@ def tiny_cpu() -> JobConfig:
     cfg.loop.steps = 20
     cfg.loop.prompts_per_step = 4
     cfg.loop.checkpoint_every = 10
+    cfg.loop.eval_every = 10  # held-out mean@k / pass@k, dense and sparse: before step 1, after 10 and 20
+    cfg.loop.eval_prompts = 8
+    cfg.loop.eval_samples = 4
     cfg.loop.run_dir = "runs/tiny-cpu"
     return cfg

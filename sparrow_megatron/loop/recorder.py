@@ -23,7 +23,7 @@ from sparrow_megatron.sparsity.schedule import Schedule
 
 log = logging.getLogger(__name__)
 
-REWARD_KEYS = (REWARD_KEY, "eval/mean_at_k")
+EVAL_KEYS = tuple(f"eval/{path}/{m}" for path in ("dense", "sparse") for m in ("mean_at_k", "pass_at_k"))
 
 
 class StepRecorder:
@@ -55,6 +55,26 @@ class StepRecorder:
             self.progress.update(step, metrics)
         if self.plot_every and step % self.plot_every == 0:
             self.plots()
+
+    def record_eval(self, step: int, metrics: Mapping[str, Any]) -> None:
+        """An evaluation of the weights after `step` updates (0: the initial policy); its own row."""
+        self.run_dir.append_metrics(step, metrics)
+        if self.tracker is not None:
+            try:
+                self.tracker.log_metrics(step, metrics)
+            except Exception as err:
+                log.warning(
+                    "eval after step %d: MLflow logging failed (%s); metrics.jsonl keeps it", step, err
+                )
+        if self.progress is not None:
+            parts = [
+                f"{path} mean@k {metrics[f'eval/{path}/mean_at_k']:.3f} pass@k {metrics[f'eval/{path}/pass_at_k']:.3f}"
+                for path in ("dense", "sparse")
+                if f"eval/{path}/mean_at_k" in metrics
+            ]
+            self.progress.print(
+                f"[cyan]eval[/] after step {step} (k={int(metrics['eval/k'])}): " + ", ".join(parts)
+            )
 
     def schedule_changed(self, step: int, schedule: Schedule, changes: Sequence[BudgetChange] = ()) -> Path:
         """Save the schedule in force from `step` (and log it); report the controller's changes."""
@@ -91,19 +111,26 @@ class StepRecorder:
                 )
             )
         rows = self.run_dir.read_metrics()
-        series = {}
-        for key in REWARD_KEYS:
-            points = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), int | float)]
-            if points:
-                series[key] = points
-        if REWARD_KEY in series:
-            steps = [s for s, _ in series[REWARD_KEY]]
+        train = [(r["step"], r[REWARD_KEY]) for r in rows if isinstance(r.get(REWARD_KEY), int | float)]
+        if train:
+            steps = [s for s, _ in train]
             out.append(
                 plot_rewards(
                     folder / "reward.png",
                     steps,
-                    {REWARD_KEY: [v for _, v in series[REWARD_KEY]]},
+                    {REWARD_KEY: [v for _, v in train]},
                     smooth=5 if len(steps) >= 10 else 0,
+                )
+            )
+        evals = [r for r in rows if isinstance(r.get(EVAL_KEYS[0]), int | float)]
+        if evals:
+            keys = [k for k in EVAL_KEYS if all(isinstance(r.get(k), int | float) for r in evals)]
+            out.append(
+                plot_rewards(
+                    folder / "eval.png",
+                    [r["step"] for r in evals],
+                    {k.removeprefix("eval/"): [r[k] for r in evals] for k in keys},
+                    title="held-out evaluation",
                 )
             )
         schedules = {}

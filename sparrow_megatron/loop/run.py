@@ -25,6 +25,7 @@ from sparrow_megatron.errors import UserError
 from sparrow_megatron.loop import spmd
 from sparrow_megatron.loop.console import LoopProgress
 from sparrow_megatron.loop.controller import BudgetController
+from sparrow_megatron.loop.evaluate import EvalSpec, eval_sampling, evaluate
 from sparrow_megatron.loop.monitor import TailMonitor
 from sparrow_megatron.loop.recorder import StepRecorder
 from sparrow_megatron.loop.rundir import RunDir
@@ -196,6 +197,11 @@ class Loop:
                     self.distill.push(fleet, resume.step)
             elif schedule is not None:
                 recorder.schedule_changed(1, schedule)
+            run_eval = self._evaluator(fleet, task, tokenizer, sampling, recorder)
+            if run_eval and not any(r["step"] == 0 and "eval/k" in r for r in self.run.read_metrics()):
+                run_eval(
+                    0, schedule
+                )  # the initial policy: the baseline every later evaluation is read against
             for step in range(resume.next_step, cfg.loop.steps + 1):
                 metrics = self._step(step, task, tokenizer, fleet, policy, monitor, schedule, sampling)
                 recorder.record(step, metrics, schedule)
@@ -206,6 +212,8 @@ class Loop:
                     )
                     if changes:
                         recorder.schedule_changed(step + 1, schedule, changes)
+                if run_eval and (step % cfg.loop.eval_every == 0 or step == cfg.loop.steps):
+                    run_eval(step, schedule)
                 every = cfg.loop.checkpoint_every
                 if (every and step % every == 0) or step == cfg.loop.steps:
                     self._checkpoint(policy, step, monitor, controller)
@@ -216,6 +224,19 @@ class Loop:
             policy.export_hf(final)
             tracker.log_artifact(final, "final_hf")
         return summary
+
+    def _evaluator(self, fleet, task, tokenizer, sampling, recorder):
+        """run_eval(step, schedule): evaluate the weights after `step` updates and record it; None if off."""
+        loop = self.cfg.loop
+        if not loop.eval_every:
+            return None
+        spec = EvalSpec(loop.eval_prompts or loop.prompts_per_step, loop.eval_samples, loop.eval_pass_reward)
+        seeded = eval_sampling(sampling, loop.seed)
+
+        def run_eval(step: int, schedule: Schedule | None) -> None:
+            recorder.record_eval(step, evaluate(fleet, task, tokenizer, spec, seeded, schedule))
+
+        return run_eval
 
     def _step(self, step, task, tokenizer, fleet, policy, monitor, schedule, sampling) -> dict[str, float]:
         """One RL step: rollout -> reward -> dense score -> tails -> GRPO update -> weight sync."""

@@ -18,6 +18,7 @@ from sparrow_megatron.sparsity.selection import (
     default_scale,
     group_mean_query,
     pages_to_token_mask,
+    plan_pages,
     select_pages,
 )
 
@@ -94,10 +95,21 @@ def sparse_causal_attention_reference(
     scale = default_scale(head_dim) if scale is None else scale
     marks = compute_landmarks(k, geometry.page_size)
     q_means = group_mean_query(q, num_kv_heads)  # [T, Hkv, D]
-    mask = torch.zeros(num_kv_heads, seq_len, seq_len, dtype=torch.bool, device=q.device)
-    for t in range(seq_len):
-        pages = select_pages(q_means[t], marks, t + 1, budgets[t], geometry)
-        mask[:, t, : t + 1] = pages_to_token_mask(pages, t + 1, geometry.page_size)
+    causal = torch.ones(seq_len, seq_len, dtype=torch.bool, device=q.device).tril()
+    mask = causal.expand(num_kv_heads, -1, -1).clone()
+    # Queries whose decode step had the same page plan select together (one batched call per run of
+    # positions, ~page_size of them); the causal cut then trims each row to its own length.
+    start = 0
+    while start < seq_len:
+        plan = plan_pages(start + 1, budgets[start], geometry)
+        end = start + 1
+        while end < seq_len and plan_pages(end + 1, budgets[end], geometry) == plan:
+            end += 1
+        if not plan.dense:  # dense rows keep the causal mask
+            pages = select_pages(q_means[start:end], marks, end, budgets[start], geometry)  # [m, Hkv, n]
+            rows = pages_to_token_mask(pages, end, geometry.page_size)  # [m, Hkv, end]
+            mask[:, start:end, :end] = (rows & causal[start:end, None, :end]).transpose(0, 1)
+        start = end
     qf = q.float().reshape(seq_len, num_kv_heads, group, head_dim)
     logits = torch.einsum("thgd,shd->hgts", qf, k.float()) * scale
     logits = logits.masked_fill(~mask[:, None], float("-inf"))

@@ -107,8 +107,8 @@ def group_mean_query(q: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
 
 
 def score_pages(q_group_mean: torch.Tensor, landmarks: torch.Tensor) -> torch.Tensor:
-    """Scores of pages: q_group_mean [Hkv, D] fp32, landmarks [N, Hkv, D] -> [Hkv, N] fp32."""
-    return torch.einsum("hd,nhd->hn", q_group_mean.float(), landmarks.float())
+    """Scores of pages: q_group_mean [..., Hkv, D] fp32, landmarks [N, Hkv, D] -> [..., Hkv, N] fp32."""
+    return torch.einsum("...hd,nhd->...hn", q_group_mean.float(), landmarks.float())
 
 
 def top_k_pages(scores: torch.Tensor, k: int) -> torch.Tensor:
@@ -129,25 +129,28 @@ def select_pages(
     """The selected page ids of one request, per KV head, ascending: [Hkv, n_selected] int64.
 
     `landmarks` holds at least the full pages of the request ([>= L // P, Hkv, D]); only the candidate
-    pages' landmarks are read.
+    pages' landmarks are read. Leading dims of q_group_mean ([..., Hkv, D]: several queries against
+    the same cache and plan) carry through to the result.
     """
-    num_kv_heads = q_group_mean.shape[0]
+    lead = q_group_mean.shape[:-1]  # [..., Hkv]
     plan = plan_pages(total_len, budget, geometry)
     device = q_group_mean.device
     if plan.dense:
-        return torch.arange(plan.num_pages, device=device).expand(num_kv_heads, -1).clone()
+        return torch.arange(plan.num_pages, device=device).expand(*lead, -1).clone()
     candidates = landmarks[plan.candidate_start : plan.candidate_end]
     chosen = top_k_pages(score_pages(q_group_mean, candidates), plan.top_k) + plan.candidate_start
-    sink = torch.arange(plan.candidate_start, device=device).expand(num_kv_heads, -1)
-    local = torch.arange(plan.candidate_end, plan.num_pages, device=device).expand(num_kv_heads, -1)
+    sink = torch.arange(plan.candidate_start, device=device).expand(*lead, -1)
+    local = torch.arange(plan.candidate_end, plan.num_pages, device=device).expand(*lead, -1)
     return torch.cat([sink, chosen, local], dim=-1).sort(dim=-1).values
 
 
 def pages_to_token_mask(pages: torch.Tensor, total_len: int, page_size: int = 16) -> torch.Tensor:
-    """[Hkv, n_sel] page ids -> [Hkv, L] bool mask of the tokens those pages cover."""
-    mask = torch.zeros(pages.shape[0], num_pages(total_len, page_size), dtype=torch.bool, device=pages.device)
-    mask.scatter_(1, pages, True)
-    return mask.repeat_interleave(page_size, dim=1)[:, :total_len]
+    """[..., Hkv, n_sel] page ids -> [..., Hkv, L] bool mask of the tokens those pages cover."""
+    mask = torch.zeros(
+        *pages.shape[:-1], num_pages(total_len, page_size), dtype=torch.bool, device=pages.device
+    )
+    mask.scatter_(-1, pages, True)
+    return mask.repeat_interleave(page_size, dim=-1)[..., :total_len]
 
 
 def default_scale(head_dim: int) -> float:

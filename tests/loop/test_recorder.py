@@ -85,3 +85,15 @@ def test_record_survives_a_tracking_failure(tmp_path, caplog):
     StepRecorder(run, tracker=Broken()).record(1, {"reward/mean": 0.5})
     assert run.read_metrics() == [{"step": 1, "reward/mean": 0.5}]
     assert "MLflow logging failed (server down)" in caplog.text
+
+
+def test_evaluations_are_their_own_rows_and_plot(tmp_path):
+    run = RunDir(tmp_path / "run").create()
+    recorder = StepRecorder(run)
+    recorder.record(1, {"reward/mean": 0.5})
+    for step, value in ((0, 0.25), (1, 0.5)):
+        recorder.record_eval(
+            step, {"eval/k": 4.0, "eval/dense/mean_at_k": value, "eval/dense/pass_at_k": 1.0}
+        )
+    assert [r["step"] for r in run.read_metrics()] == [1, 0, 1]
+    assert {p.name for p in recorder.plots()} == {"reward.png", "eval.png"}

@@ -36,9 +36,21 @@ SMALL = [
     "rollout.max_inflight_per_engine=1",
     # T=1 with the committed checkpoint: letter recall is partial, so groups of 4 score differently.
     "rollout.temperature=1.0",
+    # Held-out evaluation before step 1, after step 2 and after the last step.
+    "loop.eval_every=2",
+    "loop.eval_prompts=2",
+    "loop.eval_samples=2",
 ]
 # Numbers a resumed run must reproduce exactly (wall-clock ones cannot).
-DETERMINISTIC = ("reward/", "tail/", "train/loss", "train/grad_norm", "train/entropy", "rollout/response_len")
+DETERMINISTIC = (
+    "reward/",
+    "eval/",
+    "tail/",
+    "train/loss",
+    "train/grad_norm",
+    "train/entropy",
+    "rollout/response_len",
+)
 
 
 def _env() -> dict[str, str]:
@@ -50,8 +62,14 @@ def _train(run_dir: Path, *extra: str, timeout: float = 900) -> subprocess.Compl
     return subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=timeout)
 
 
-def _metrics(run_dir: Path) -> list[dict]:
+def _rows(run_dir: Path) -> list[dict]:
+    """Every metrics.jsonl row: the steps' and the evaluations'."""
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
+
+
+def _metrics(run_dir: Path) -> list[dict]:
+    """The steps' rows."""
+    return [r for r in _rows(run_dir) if "eval/k" not in r]
 
 
 def _deterministic(row: dict) -> dict:
@@ -84,11 +102,23 @@ def test_steps_compute_rewards_tails_and_sync_weights(reference_run):
         budgets = [v for k, v in r.items() if k.startswith("schedule/budget/")]
         assert r["schedule/dense"] == 0 and budgets and min(budgets) >= 128
     assert any(r["reward/signal_frac"] > 0 for r in rows), "no group with differing rewards: no update"
+    evals = [r for r in _rows(reference_run) if "eval/k" in r]
+    assert [r["step"] for r in evals] == [0, 2, 3]
+    for r in evals:
+        for path in ("dense", "sparse"):
+            # 2 prompts x 2 samples x 3 recall queries: mean@k is a multiple of 1/12, pass@k of 1/2.
+            assert r[f"eval/{path}/mean_at_k"] * 12 == pytest.approx(round(r[f"eval/{path}/mean_at_k"] * 12))
+            assert r[f"eval/{path}/pass_at_k"] in (0.0, 0.5, 1.0)
+            assert r[f"eval/{path}/pass_at_k"] <= 1.0 and r[f"eval/{path}/response_len"] > 0
     exported = load_file(reference_run / "final_hf" / "model.safetensors")
     base = load_file(TINY_RECALL_DIR / "model.safetensors")
     assert exported.keys() == base.keys()
     assert any(not (exported[k] == base[k]).all() for k in base), "the updates changed no weight"
-    assert {p.name for p in (reference_run / "plots").glob("*.png")} >= {"reward.png", "tail_p5_heatmap.png"}
+    assert {p.name for p in (reference_run / "plots").glob("*.png")} >= {
+        "reward.png",
+        "eval.png",
+        "tail_p5_heatmap.png",
+    }
     assert (reference_run / "mlflow.db").stat().st_size > 0
 
 
@@ -117,9 +147,9 @@ def test_resume_after_a_kill_reproduces_the_uninterrupted_run(reference_run, tmp
 
     resumed = _train(run_dir, "--resume")
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-5000:]
-    rows = _metrics(run_dir)
-    assert [r["step"] for r in rows] == [1, 2, 3]
-    for got, want in zip(rows, _metrics(reference_run), strict=True):
+    rows = _rows(run_dir)
+    assert [r["step"] for r in rows] == [0, 1, 2, 2, 3, 3]  # evaluations after steps 0, 2 and 3
+    for got, want in zip(rows, _rows(reference_run), strict=True):
         assert _deterministic(got) == pytest.approx(_deterministic(want), rel=1e-6, abs=1e-9), got["step"]
 
 
