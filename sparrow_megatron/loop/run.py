@@ -139,14 +139,18 @@ class Loop:
         from sparrow_megatron.trainer.policy import Policy
 
         cfg = self.cfg
+        base = Policy(trainer_config(cfg, self.model_dir))
+        distiller = _make_distiller(cfg, base) if cfg.distill.enabled else None
         if spmd.launch_rank() != 0:
-            spmd.follow(Policy(trainer_config(cfg, self.model_dir)))
+            spmd.follow({"policy": base, "distill": distiller})
             return RunSummary(run_dir=self.run.root)
-        policy = spmd.DrivenPolicy(Policy(trainer_config(cfg, self.model_dir)))
+        driver = spmd.Driver()
+        policy = spmd.DrivenPolicy(base, driver)
+        self.distill = _Distill(cfg, spmd.DrivenDistiller(distiller, driver), self.run) if distiller else None
         try:
             return self._drive(policy)
         finally:
-            policy.stop()
+            driver.stop()
 
     def _drive(self, policy: spmd.DrivenPolicy) -> RunSummary:
         from sparrow_megatron.data.datasets import load_tokenizer
@@ -161,9 +165,6 @@ class Loop:
             if cfg.monitor.controller.enabled
             else None
         )
-        if cfg.distill.enabled and spmd.launch_rank() == 0 and policy.world > 1:
-            raise UserError("field 'distill.enabled': DistillSparse runs with one trainer process for now")
-        self.distill = _Distill(cfg, policy.policy, self.run) if cfg.distill.enabled else None
         resume = self.run.prepare_resume()
         if resume.checkpoint is not None:
             policy.load_checkpoint(resume.checkpoint.path / "policy")
@@ -336,17 +337,23 @@ def _distill_lora_server(cfg: JobConfig):
     return LoraServerConfig(max_rank=cfg.distill.rank, target_modules=tuple(cfg.distill.target_modules))
 
 
+def _make_distiller(cfg: JobConfig, policy):
+    """The adapter trainer; every rank builds it the same way (same seed: the same initial adapter)."""
+    from sparrow_megatron.trainer.distill import SparseDistiller
+    from sparrow_megatron.trainer.lora import lora_spec_from
+
+    d = cfg.distill
+    return SparseDistiller(policy, lora_spec_from(d, seed=cfg.loop.seed), d.kl_lambda, d.lr)
+
+
 class _Distill:
     """The loop's side of DistillSparse: distill step, PEFT export, fleet load, probe metrics, state."""
 
     PROBE_SAMPLES = 8
+    PROBE_FILE = "probe.pt"
 
-    def __init__(self, cfg: JobConfig, policy, run: RunDir):
-        from sparrow_megatron.trainer.distill import SparseDistiller
-        from sparrow_megatron.trainer.lora import lora_spec_from
-
-        d = cfg.distill
-        self.distiller = SparseDistiller(policy, lora_spec_from(d, seed=cfg.loop.seed), d.kl_lambda, d.lr)
+    def __init__(self, cfg: JobConfig, distiller: spmd.DrivenDistiller, run: RunDir):
+        self.distiller = distiller
         self.run = run
         self.top_k = cfg.rollout.top_k_logprobs
         self.probe: RolloutBatch | None = None  # the first step's first samples, fixed for the run
@@ -376,34 +383,12 @@ class _Distill:
         return int(name.rsplit("-v", 1)[1])
 
     def save(self, path: Path) -> None:
-        from megatron.core import parallel_state
-
-        path.mkdir(parents=True, exist_ok=True)
-        rank = f"tp{parallel_state.get_tensor_model_parallel_rank()}_pp{parallel_state.get_pipeline_model_parallel_rank()}"
-        if parallel_state.get_data_parallel_rank() == 0:
-            torch.save(
-                {
-                    "adapter": self.distiller.adapter.state_dict(),
-                    "optimizer": self.distiller.optimizer.state_dict(),
-                    "steps": self.distiller.step_count,
-                    "probe": self.probe,
-                },
-                path / f"adapter_{rank}.pt",
-            )
-        torch.distributed.barrier()
+        self.distiller.save(path)
+        torch.save({"probe": self.probe}, path / self.PROBE_FILE)
 
     def load(self, path: Path) -> None:
-        from megatron.core import parallel_state
-
-        rank = f"tp{parallel_state.get_tensor_model_parallel_rank()}_pp{parallel_state.get_pipeline_model_parallel_rank()}"
-        file = path / f"adapter_{rank}.pt"
-        if not file.is_file():
-            raise UserError(f"{file}: missing (checkpoint saved without distill, or with another TP x PP)")
-        state = torch.load(file, weights_only=False)
-        self.distiller.adapter.load_state_dict(state["adapter"])
-        self.distiller.optimizer.load_state_dict(state["optimizer"])
-        self.distiller.step_count = state["steps"]
-        self.probe = state["probe"]
+        self.distiller.load(path)
+        self.probe = torch.load(path / self.PROBE_FILE, weights_only=False)["probe"]
 
 
 class _PhaseTimer:

@@ -1,9 +1,10 @@
 """The loop under torchrun: rank 0 drives, the other trainer ranks follow.
 
-The trainer (`Policy`) is SPMD: every rank of the Megatron job must make the same collective calls with
-the same batch. Only rank 0 talks to the rollout fleet, MLflow and the run directory; it broadcasts each
-policy call (name and arguments) before making it, and the other ranks replay the calls until rank 0
-says stop. With one process nothing is broadcast and the policy is called directly.
+The trainer objects (`Policy`, and `SparseDistiller` for DistillSparse) are SPMD: every rank of the
+Megatron job must make the same collective calls with the same batch. Only rank 0 talks to the rollout
+fleet, MLflow and the run directory; it broadcasts each call (object, method and arguments) before
+making it, and the other ranks replay the calls until rank 0 says stop. With one process nothing is
+broadcast and the objects are called directly.
 """
 
 from __future__ import annotations
@@ -14,8 +15,11 @@ from typing import Any
 import torch.distributed as dist
 
 _STOP = None
-# Policy calls a follower replays; anything else from the driver is a bug, not a silent no-op.
-_REPLAYED = {"score", "train_step", "iter_hf_weights", "save_checkpoint", "load_checkpoint", "export_hf"}
+# Calls a follower replays, per object; anything else from the driver is a bug, not a silent no-op.
+_REPLAYED = {
+    "policy": {"score", "train_step", "iter_hf_weights", "save_checkpoint", "load_checkpoint", "export_hf"},
+    "distill": {"step", "probe_acceptance", "export", "save", "load"},
+}
 
 
 def launch_rank() -> int:
@@ -33,17 +37,37 @@ def _broadcast(obj: Any) -> Any:
     return box[0]
 
 
-class DrivenPolicy:
-    """Rank 0's handle on the policy: each call is announced to the followers, then made here too."""
+class Driver:
+    """Rank 0's side: announces each call to the followers, then makes it here too."""
 
-    def __init__(self, policy) -> None:
-        self.policy = policy
+    def __init__(self) -> None:
         self.world = _world()
 
-    def _call(self, name: str, *args: Any, **kwargs: Any) -> Any:
+    def call(self, target: str, obj: Any, name: str, *args: Any, **kwargs: Any) -> Any:
         if self.world > 1:
-            _broadcast((name, args, kwargs))
-        return getattr(self.policy, name)(*args, **kwargs)
+            _broadcast((target, name, args, kwargs))
+        return getattr(obj, name)(*args, **kwargs)
+
+    def stop(self) -> None:
+        """Release the followers (also after an error on rank 0, so they do not wait forever)."""
+        if self.world > 1:
+            _broadcast(_STOP)
+            self.world = 1
+
+
+class DrivenPolicy:
+    """Rank 0's handle on the policy."""
+
+    def __init__(self, policy, driver: Driver | None = None) -> None:
+        self.policy = policy
+        self.driver = driver or Driver()
+
+    @property
+    def world(self) -> int:
+        return self.driver.world
+
+    def _call(self, name: str, *args: Any, **kwargs: Any) -> Any:
+        return self.driver.call("policy", self.policy, name, *args, **kwargs)
 
     def score(self, batch, top_k: int | None = None):
         return self._call("score", batch, top_k)
@@ -64,20 +88,43 @@ class DrivenPolicy:
         return self._call("export_hf", out_dir)
 
     def stop(self) -> None:
-        """Release the followers (also after an error on rank 0, so they do not wait forever)."""
-        if self.world > 1:
-            _broadcast(_STOP)
-            self.world = 1
+        self.driver.stop()
 
 
-def follow(policy) -> int:
-    """Replay rank 0's policy calls until it stops; returns how many were made."""
+class DrivenDistiller:
+    """Rank 0's handle on the DistillSparse adapter trainer (its calls are collective like the policy's)."""
+
+    def __init__(self, distiller, driver: Driver) -> None:
+        self.distiller = distiller
+        self.driver = driver
+
+    def _call(self, name: str, *args: Any, **kwargs: Any) -> Any:
+        return self.driver.call("distill", self.distiller, name, *args, **kwargs)
+
+    def step(self, batch, dense_logprobs, schedules) -> dict[str, float]:
+        return self._call("step", batch, dense_logprobs, schedules)
+
+    def probe_acceptance(self, probe, schedules, top_k: int = 20) -> dict[str, float]:
+        return self._call("probe_acceptance", probe, schedules, top_k)
+
+    def export(self, out_dir):
+        return self._call("export", out_dir)
+
+    def save(self, path) -> None:
+        return self._call("save", path)
+
+    def load(self, path) -> None:
+        return self._call("load", path)
+
+
+def follow(targets: dict[str, Any]) -> int:
+    """Replay rank 0's calls on these objects ("policy", "distill") until it stops; returns the count."""
     calls = 0
     while (msg := _broadcast(_STOP)) is not _STOP:
-        name, args, kwargs = msg
-        if name not in _REPLAYED:
-            raise RuntimeError(f"rank {dist.get_rank()}: rank 0 asked for unknown policy call {name!r}")
-        out = getattr(policy, name)(*args, **kwargs)
+        target, name, args, kwargs = msg
+        if target not in targets or name not in _REPLAYED[target]:
+            raise RuntimeError(f"rank {dist.get_rank()}: rank 0 asked for unknown call {target}.{name}")
+        out = getattr(targets[target], name)(*args, **kwargs)
         if name == "iter_hf_weights":
             for _ in out:  # the gathers are collective: walk them in step with rank 0's weight sync
                 pass

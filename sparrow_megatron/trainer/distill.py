@@ -135,3 +135,40 @@ class SparseDistiller:
     def export(self, out_dir: str | Path) -> Path | None:
         """The adapter in PEFT format (collective; global rank 0 writes)."""
         return self.adapter.export_peft(out_dir, base_model_path=self.policy.cfg.model_dir)
+
+    def _shard_file(self, path: Path) -> Path:
+        from megatron.core import parallel_state
+
+        tp = parallel_state.get_tensor_model_parallel_rank()
+        pp = parallel_state.get_pipeline_model_parallel_rank()
+        return Path(path) / f"adapter_tp{tp}_pp{pp}.pt"
+
+    def save(self, path: str | Path) -> None:
+        """Collective: this TP x PP shard of the adapter and its optimizer (DP rank 0 writes)."""
+        from megatron.core import parallel_state
+
+        if parallel_state.get_data_parallel_rank() == 0:
+            Path(path).mkdir(parents=True, exist_ok=True)
+            state = {
+                "adapter": self.adapter.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "steps": self.step_count,
+            }
+            torch.save(state, self._shard_file(path))
+        torch.distributed.barrier()
+
+    def load(self, path: str | Path) -> None:
+        """Collective: restore what `save` wrote for this TP x PP shard."""
+        file = self._shard_file(path)
+        if not file.is_file():
+            raise UserError(f"{file}: missing (checkpoint saved without distill, or with another TP x PP)")
+        try:
+            state = torch.load(file, weights_only=True)
+            self.adapter.load_state_dict(state["adapter"])
+            self.optimizer.load_state_dict(state["optimizer"])
+        except Exception as exc:  # a truncated or foreign file
+            raise UserError(
+                f"{file}: cannot load the DistillSparse state ({type(exc).__name__}: {exc})"
+            ) from exc
+        self.step_count = int(state["steps"])
+        torch.distributed.barrier()

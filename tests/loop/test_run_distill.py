@@ -40,20 +40,36 @@ def test_distill_needs_a_sparse_schedule(tmp_path):
     assert not (tmp_path / "run" / "engines").exists()
 
 
-@pytest.mark.sglang
-@pytest.mark.slow
-def test_distill_trains_exports_and_loads_the_adapter_each_step(tmp_path):
-    schedule = tmp_path / "schedule.json"
-    schedule.write_text(json.dumps(SCHEDULE))
-    run_dir = tmp_path / "run"
-    cmd = [sys.executable, "-m", "sparrow_megatron.cli.main", "train", "loop.steps=2",
-           "loop.prompts_per_step=2", "rollout.n_samples=4", "loop.checkpoint_every=2",
-           "rollout.max_inflight_per_engine=1", "rollout.temperature=3.0", f"rollout.schedule={schedule}",
-           "distill.enabled=true", f"loop.run_dir={run_dir}"]  # fmt: skip
+DISTILL_RUN = ["loop.prompts_per_step=2", "rollout.n_samples=4", "rollout.max_inflight_per_engine=1",
+               "rollout.temperature=3.0", "distill.enabled=true"]  # fmt: skip
+
+
+def _rows(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
+
+
+@pytest.fixture(scope="module")
+def schedule_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("schedule") / "schedule.json"
+    path.write_text(json.dumps(SCHEDULE))
+    return path
+
+
+@pytest.fixture(scope="module")
+def single_process_run(tmp_path_factory, schedule_file):
+    run_dir = tmp_path_factory.mktemp("distill") / "run"
+    cmd = [sys.executable, "-m", "sparrow_megatron.cli.main", "train", "loop.steps=2", *DISTILL_RUN,
+           "loop.checkpoint_every=2", f"rollout.schedule={schedule_file}", f"loop.run_dir={run_dir}"]  # fmt: skip
     proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return run_dir
 
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
+
+@pytest.mark.sglang
+@pytest.mark.slow
+def test_distill_trains_exports_and_loads_the_adapter_each_step(single_process_run):
+    run_dir = single_process_run
+    rows = _rows(run_dir)
     assert [r["step"] for r in rows] == [1, 2]
     for r in rows:
         assert r["distill/adapter_version"] == r["step"]  # one new adapter version per step
@@ -69,3 +85,26 @@ def test_distill_trains_exports_and_loads_the_adapter_each_step(tmp_path):
     engine_log = (run_dir / "engines" / "engine0.log").read_text()
     assert "distill-v1" in engine_log and "distill-v2" in engine_log
     assert (run_dir / "checkpoints" / "step_2" / "distill" / "adapter_tp0_pp0.pt").is_file()
+
+
+@pytest.mark.sglang
+@pytest.mark.slow
+def test_distill_under_torchrun_tp2_follows_rank0(single_process_run, schedule_file, tmp_path):
+    """Rank 1 replays the distill calls (step, export, probe, save): TP=2 gives the one-process numbers
+    of step 1 (same base weights, same samples) and the checkpoint holds both adapter shards."""
+    run_dir = tmp_path / "tp2"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
+           "-m", "sparrow_megatron.cli.main", "train", "loop.steps=1", *DISTILL_RUN, "trainer.tp=2",
+           "loop.checkpoint_every=1", f"rollout.schedule={schedule_file}", f"loop.run_dir={run_dir}"]  # fmt: skip
+    proc = subprocess.run(
+        cmd, env={**_env(), "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=1200
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    (got,) = _rows(run_dir)
+    want = _rows(single_process_run)[0]
+    assert got["distill/adapter_version"] == 1 and got["distill/num_tokens"] == want["distill/num_tokens"]
+    for key in ("distill/loss", "distill/kl", "distill/grad_norm", "distill/probe_mean_base",
+                "distill/probe_mean_adapter"):  # fmt: skip
+        assert got[key] == pytest.approx(want[key], rel=1e-3, abs=1e-6), key
+    shards = {p.name for p in (run_dir / "checkpoints" / "step_1" / "distill").glob("adapter_*.pt")}
+    assert shards == {"adapter_tp0_pp0.pt", "adapter_tp1_pp0.pt"}
