@@ -43,14 +43,34 @@ def register(subparsers) -> None:
     p.add_argument("--seed", type=int, default=0, help="SGLang --random-seed")
     p.add_argument("--attention-backend", default="sparrow", help="SGLang attention backend of the engines")
     p.add_argument("--lora-rank", type=int, default=None, help="enable LoRA adapters up to this rank")
+    p.add_argument(
+        "--lora-target-modules",
+        default=None,
+        help="comma-separated HF module names adapters may target (default: every projection)",
+    )
     p.add_argument("--run-dir", default=None, help="directory for the engines' logs (default: a temp dir)")
     p.add_argument("--startup-timeout", type=float, default=600.0, help="seconds to wait for each engine")
     p.add_argument("--no-restart", action="store_true", help="do not restart engines that die")
     p.set_defaults(func=run)
 
 
+def _lora(args: argparse.Namespace):
+    from sparrow_megatron.rollout.config import LoraServerConfig
+
+    if args.lora_rank is None:
+        if args.lora_target_modules:
+            raise UserError("--lora-target-modules needs --lora-rank")
+        return None
+    if args.lora_rank < 1:
+        raise UserError(f"--lora-rank must be >= 1, got {args.lora_rank}")
+    if not args.lora_target_modules:
+        return LoraServerConfig(max_rank=args.lora_rank)
+    modules = tuple(m.strip() for m in args.lora_target_modules.split(",") if m.strip())
+    return LoraServerConfig(max_rank=args.lora_rank, target_modules=modules)
+
+
 def build_config(args: argparse.Namespace):
-    from sparrow_megatron.rollout.config import LoraServerConfig, RolloutConfig
+    from sparrow_megatron.rollout.config import RolloutConfig
     from sparrow_megatron.sparsity.schedule import resolve_schedule
 
     model = Path(args.model)
@@ -82,7 +102,7 @@ def build_config(args: argparse.Namespace):
         random_seed=args.seed,
         attention_backend=args.attention_backend,
         schedule=args.schedule,
-        lora=None if args.lora_rank is None else LoraServerConfig(max_rank=args.lora_rank),
+        lora=_lora(args),
         run_dir=args.run_dir,
         startup_timeout_s=args.startup_timeout,
         restart_dead=not args.no_restart,

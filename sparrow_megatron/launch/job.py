@@ -71,6 +71,9 @@ def launch_spec(cfg: JobConfig, recipe: str, overrides: list[str]) -> LaunchSpec
         rollout_cmd += ["--schedule", r.schedule]
     if r.kv_pool_tokens:
         rollout_cmd += ["--kv-pool-tokens", str(r.kv_pool_tokens)]
+    if cfg.distill.enabled:  # the engines must accept the adapter DistillSparse trains and loads each step
+        rollout_cmd += ["--lora-rank", str(cfg.distill.rank)]
+        rollout_cmd += ["--lora-target-modules", ",".join(cfg.distill.target_modules)]
     attach = ["rollout.urls=env"]
     if local:
         # One machine: `sparrow train` launches and stops its own engines, as without NeMo-Run (a

@@ -29,6 +29,10 @@ def test_bad_model_dir_and_bad_schedule_are_user_errors(tmp_path):
     argv = ["--model", str(tmp_path), "--engines", "2", "--schedule", "qwen3-4b-0.86", "--lora-rank", "8"]
     config = serve.build_config(parse(argv))
     assert config.engines == 2 and config.schedule == "qwen3-4b-0.86" and config.lora.max_rank == 8
+    argv += ["--lora-target-modules", "q_proj,k_proj,v_proj, o_proj"]
+    assert serve.build_config(parse(argv)).lora.target_modules == ("q_proj", "k_proj", "v_proj", "o_proj")
+    with pytest.raises(UserError, match="--lora-target-modules needs --lora-rank"):
+        serve.build_config(parse(["--model", str(tmp_path), "--lora-target-modules", "q_proj"]))
 
 
 def test_cluster_flags_bind_to_the_given_address_and_exact_ports(tmp_path):

@@ -113,6 +113,7 @@ def test_qwen3_14b_dry_run_writes_the_het_sbatch_script(tmp_path):
     assert opts["--engines"] == "4" and opts["--tp"] == "2" and opts["--port-base"] == "30010"
     assert opts["--host"] == "${SPARROW_NODE_ADDR}" and opts["--schedule"] == "qwen3-14b-0.86"
     assert opts["--model"] == overrides[0].split("=", 1)[1]
+    assert "--lora-rank" not in opts  # DistillSparse off: engines without LoRA
     trainer = shlex.split(sruns[1])
     wrapper = trainer[trainer.index("sparrow_megatron.launch.task") + 1 : trainer.index("--")]
     assert wrapper == [
@@ -147,6 +148,19 @@ def test_qwen3_14b_dry_run_writes_the_het_sbatch_script(tmp_path):
     ]
     # The trainer's config: TP 4 x PP 2 over 16 GPUs (DP 2), 8 engines of TP 2.
     assert "export SPARROW_TP=4" in text and "export SPARROW_PP=2" in text and "export SPARROW_DP=2" in text
+
+
+def test_distill_recipe_starts_its_engines_with_the_adapters_capacity(tmp_path):
+    overrides = [
+        *paths(tmp_path, "qwen3_14b_math"),
+        "cluster.account=a",
+        "distill.enabled=true",
+        "distill.rank=32",
+    ]
+    spec = load_launch_spec(str(RECIPES / "qwen3_14b_math.py"), overrides, "slurm")
+    rollout = spec.resolved_rollout_cmd()
+    assert rollout[rollout.index("--lora-rank") + 1] == "32"
+    assert rollout[rollout.index("--lora-target-modules") + 1] == "q_proj,k_proj,v_proj,o_proj"
 
 
 def test_local_executor_runs_the_trainer_with_its_own_engines(tmp_path):
