@@ -190,9 +190,10 @@ class Loop:
                 self.run, tracker, progress, monitor, plot_every=cfg.loop.checkpoint_every
             )
             self._push_weights = weight_pusher(cfg, fleet)
-            if (
-                resume.checkpoint is not None
-            ):  # the engines start from the base model: push the resumed weights
+            if resume.checkpoint is not None:
+                # The engines start from the base model: push the resumed weights, under the versions
+                # the uninterrupted run would have (step s's sync made weights v(s), adapter v(s)).
+                fleet.continue_versions(resume.step - 1, resume.step - 1)
                 self._push_weights(policy.iter_hf_weights())
                 if self.distill is not None:
                     self.distill.push(fleet, resume.step)

@@ -591,6 +591,13 @@ class RolloutFleet:
             self.weight_version = version
             self._cond.notify_all()
 
+    def continue_versions(self, weight_version: int, adapter_version: int = 0) -> None:
+        """A resumed run's numbering: the next weight sync is weight_version + 1 and the next adapter
+        adapter_version + 1, as in the uninterrupted run (samples record the version that served them)."""
+        with self._update_lock:
+            self.weight_version = weight_version
+            self._adapter_counter = itertools.count(adapter_version + 1)
+
     # --- adapters ---------------------------------------------------------------------------------
 
     def load_adapter(self, path: str | Path, base_name: str = "distill", activate: bool = True) -> str:

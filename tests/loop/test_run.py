@@ -46,6 +46,8 @@ DETERMINISTIC = (
     "reward/",
     "eval/",
     "tail/",
+    "rollout/weight_version",
+    "rollout/engine_weight_version",
     "train/loss",
     "train/grad_norm",
     "train/entropy",
