@@ -41,7 +41,7 @@ def test_distill_needs_a_sparse_schedule(tmp_path):
 
 
 DISTILL_RUN = ["loop.prompts_per_step=2", "rollout.n_samples=4", "rollout.max_inflight_per_engine=1",
-               "rollout.temperature=3.0", "distill.enabled=true"]  # fmt: skip
+               "rollout.temperature=3.0", "distill.enabled=true", "loop.eval_every=0"]  # fmt: skip
 
 
 def _rows(run_dir):
