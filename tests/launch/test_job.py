@@ -217,6 +217,7 @@ def test_tiny_recipe_trains_as_a_het_job_on_the_local_slurm(local_slurm, tmp_pat
             "loop.steps=2",
             "loop.prompts_per_step=2",
             "rollout.n_samples=4",
+            "loop.eval_every=0",
             f"loop.run_dir={run_dir}",
         ],
         "slurm",
