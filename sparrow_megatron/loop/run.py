@@ -200,10 +200,9 @@ class Loop:
             elif schedule is not None:
                 recorder.schedule_changed(1, schedule)
             run_eval = self._evaluator(fleet, task, tokenizer, sampling, recorder)
+            # The initial policy: the baseline every later evaluation is read against (once per run).
             if run_eval and not any(r["step"] == 0 and "eval/k" in r for r in self.run.read_metrics()):
-                run_eval(
-                    0, schedule
-                )  # the initial policy: the baseline every later evaluation is read against
+                run_eval(0, schedule)
             for step in range(resume.next_step, cfg.loop.steps + 1):
                 metrics = self._step(step, task, tokenizer, fleet, policy, monitor, schedule, sampling)
                 recorder.record(step, metrics, schedule)
