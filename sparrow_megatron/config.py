@@ -49,6 +49,9 @@ class DataConfig:
     max_prompt_tokens: int = 256
     max_response_tokens: int = 256  # generation cutoff: 37K in the math recipes, 24K for code
     shuffle: bool = True
+    # Synthetic task: cycle through the first N train examples (epochs over a fixed set, like a dataset
+    # file); 0 = a fresh example for every prompt.
+    train_size: int = 0
 
 
 @dataclass
@@ -594,6 +597,7 @@ def _problems(cfg: JobConfig, check_paths: bool) -> list[str]:
         ("loop.eval_every", cfg.loop.eval_every),
         ("loop.eval_prompts", cfg.loop.eval_prompts),
         ("loop.checkpoint_every", cfg.loop.checkpoint_every),
+        ("data.train_size", cfg.data.train_size),
         ("trainer.warmup_steps", cfg.trainer.warmup_steps),
         ("cluster.gpus_per_node", cfg.cluster.gpus_per_node),
         ("cluster.rollout_nodes", cfg.cluster.rollout_nodes),

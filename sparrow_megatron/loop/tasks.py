@@ -28,16 +28,22 @@ class Task(Protocol):
 class RecallTaskAdapter:
     """The synthetic multi-query recall task of the embedded default."""
 
-    def __init__(self, tokenizer, seed: int):
+    def __init__(self, tokenizer, seed: int, train_size: int = 0):
         from sparrow_megatron.data.recall import RecallTask, RecallTaskConfig
 
         self.task = RecallTask(RecallTaskConfig(seed=seed))
         self.tokenizer = tokenizer
+        self.train_size = train_size
 
     def prompts(self, split: str, start: int, count: int) -> list[Prompt]:
+        def example(i: int):
+            cycle = self.train_size if split == "train" else 0
+            return self.task.example(split, i % cycle if cycle else i)
+
+        # Prompt.index stays the running index: the group id of its samples, unique within a step.
         return [
             Prompt(i, ex.prompt_text(self.tokenizer), ex)
-            for i, ex in ((i, self.task.example(split, i)) for i in range(start, start + count))
+            for i, ex in ((i, example(i)) for i in range(start, start + count))
         ]
 
     def reward(self, prompt: Prompt, response: str) -> float:
@@ -85,5 +91,5 @@ class DatasetTask:
 
 def make_task(cfg: JobConfig, tokenizer) -> Task:
     if cfg.data.kind == "synthetic":
-        return RecallTaskAdapter(tokenizer, cfg.loop.seed)
+        return RecallTaskAdapter(tokenizer, cfg.loop.seed, cfg.data.train_size)
     return DatasetTask(cfg, tokenizer)
