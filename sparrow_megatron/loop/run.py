@@ -56,6 +56,7 @@ class RunSummary:
     mlflow_uri: str = ""
     ui_command: str = ""
     throughput: dict[str, float] = field(default_factory=dict)
+    evals: list[tuple[int, dict[str, float]]] = field(default_factory=list)  # (after step, eval/* metrics)
 
 
 def trainer_config(cfg: JobConfig, model_dir: Path) -> TrainerConfig:
@@ -199,7 +200,7 @@ class Loop:
                     self.distill.push(fleet, resume.step)
             elif schedule is not None:
                 recorder.schedule_changed(1, schedule)
-            run_eval = self._evaluator(fleet, task, tokenizer, sampling, recorder)
+            run_eval = self._evaluator(fleet, task, tokenizer, sampling, recorder, summary)
             # The initial policy: the baseline every later evaluation is read against (once per run).
             if run_eval and not any(r["step"] == 0 and "eval/k" in r for r in self.run.read_metrics()):
                 run_eval(0, schedule)
@@ -226,7 +227,7 @@ class Loop:
             tracker.log_artifact(final, "final_hf")
         return summary
 
-    def _evaluator(self, fleet, task, tokenizer, sampling, recorder):
+    def _evaluator(self, fleet, task, tokenizer, sampling, recorder, summary: RunSummary):
         """run_eval(step, schedule): evaluate the weights after `step` updates and record it; None if off."""
         loop = self.cfg.loop
         if not loop.eval_every:
@@ -235,7 +236,9 @@ class Loop:
         seeded = eval_sampling(sampling, loop.seed)
 
         def run_eval(step: int, schedule: Schedule | None) -> None:
-            recorder.record_eval(step, evaluate(fleet, task, tokenizer, spec, seeded, schedule))
+            metrics = evaluate(fleet, task, tokenizer, spec, seeded, schedule)
+            recorder.record_eval(step, metrics)
+            summary.evals.append((step, metrics))
 
         return run_eval
 
