@@ -391,6 +391,9 @@ class _Distill:
 
     def load(self, path: Path) -> None:
         self.distiller.load(path)
+        if not (path / self.PROBE_FILE).is_file():  # an older checkpoint: the next step picks a probe
+            log.warning("%s: no probe set saved; the next step's samples become the probe", path)
+            return
         self.probe = torch.load(path / self.PROBE_FILE, weights_only=False)["probe"]
 
 
