@@ -17,6 +17,9 @@ def tiny_cpu() -> JobConfig:
     cfg = JobConfig(name="tiny-cpu")
     cfg.data.kind = "synthetic"
     cfg.data.max_response_tokens = 8
+    # 16 training prompts, 4 per step: 5 epochs in 20 steps, so the reward on the same prompts can be
+    # seen rising epoch over epoch (fresh prompts every step make single steps mostly prompt noise).
+    cfg.data.train_size = 16
     cfg.rollout.engines = 1
     cfg.rollout.n_samples = 8
     cfg.rollout.temperature = 1.0
