@@ -17,7 +17,7 @@ def tiny_cpu() -> JobConfig:
     cfg = JobConfig(name="tiny-cpu")
     cfg.data.kind = "synthetic"
     cfg.data.max_response_tokens = 8
-    # 16 training prompts, 4 per step: 5 epochs in 20 steps, so the reward on the same prompts can be
+    # 16 training prompts, 4 per step: 4 epochs in 16 steps, so the reward on the same prompts can be
     # seen rising epoch over epoch (fresh prompts every step make single steps mostly prompt noise).
     cfg.data.train_size = 16
     cfg.rollout.engines = 1
@@ -38,10 +38,10 @@ def tiny_cpu() -> JobConfig:
     cfg.trainer.dtype = "fp32"
     cfg.trainer.lr = 2e-4
     cfg.trainer.micro_batch_tokens = 16384
-    cfg.loop.steps = 20
+    cfg.loop.steps = 16
     cfg.loop.prompts_per_step = 4
-    cfg.loop.checkpoint_every = 10
-    cfg.loop.eval_every = 10  # held-out mean@k / pass@k, dense and sparse: before step 1, after 10 and 20
+    cfg.loop.checkpoint_every = 8
+    cfg.loop.eval_every = 8  # held-out mean@k / pass@k, dense and sparse: before step 1, after 8 and 16
     cfg.loop.eval_prompts = 8
     cfg.loop.eval_samples = 4
     cfg.loop.run_dir = "runs/tiny-cpu"
