@@ -62,7 +62,7 @@ def print_summary(summary, cfg) -> None:
         (s0, e0), (s1, e1) = summary.evals[0], summary.evals[-1]
         for key in (k for k in e1 if k.endswith(("mean_at_k", "pass_at_k")) and k in e0):
             name = key.removeprefix("eval/").replace("/", " ").replace("_at_k", "@k")
-            table.add_row(f"eval {name} (after step {s0} -> {s1})", f"{e0[key]:.3f} -> {e1[key]:.3f}")
+            table.add_row(f"eval {name} (step {s0} -> {s1})", f"{e0[key]:.3f} -> {e1[key]:.3f}")
     for key, value in summary.throughput.items():
         table.add_row(key.replace("_", " "), f"{value:.3f}" if "reward" in key else f"{value:.1f}")
     table.add_row("MLflow store", summary.mlflow_uri)

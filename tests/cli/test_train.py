@@ -14,6 +14,6 @@ def test_summary_shows_reward_ends_evaluations_and_tails(capsys):
     out = capsys.readouterr().out
     assert "0.100 -> 1.000" in out  # first -> last step
     assert "0.300 -> 0.800" in out  # mean of steps 1-5 -> 6-10
-    assert "eval dense mean@k (after step 0 -> 10)" in out and "0.500 -> 0.750" in out
+    assert "eval dense mean@k (step 0 -> 10)" in out and "0.500 -> 0.750" in out
     assert "eval dense pass@k" in out and "0.250 -> 0.500" in out
     assert "0.900 (tau 0.86)" in out
