@@ -1,16 +1,20 @@
-"""Step-granular checkpoints with torch.distributed.checkpoint (model, optimizer, step, RNG, extra state).
+"""Step-granular checkpoints with Megatron-Core's dist_checkpointing (model, optimizer, step, RNG, extra).
 
-Tensors are keyed by their TP/PP coordinates, so a checkpoint resumes on the same TP x PP layout (DP
-replicas are deduplicated by DCP). `manifest.json` is written last, by rank 0, after every rank has
-finished: a directory without it is an interrupted save and is refused; file sizes in the manifest
-catch truncated files.
+The model's and the optimizer's sharded state dicts carry global shapes and each rank's offsets, so a
+checkpoint resumes under another TP x PP (x DP) layout: on CPU the AdamW moments are ShardedTensors
+shaped like their parameters, on GPU the distributed optimizer saves its canonical per-parameter layout
+("fully_reshardable"). One code path, the optimizer's `sharded_state_dict` is the only difference.
+`manifest.json` is written last, by rank 0, after every rank has finished: a directory without it is
+an interrupted save and is refused; file sizes in the manifest catch truncated files. Each rank's RNG
+state is restored when the layout is the one saved (RL runs without dropout: a resharded resume keeps
+the RNG of its seed).
 """
 
 from __future__ import annotations
 
 import json
-import pickle
 import random
+import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -22,36 +26,23 @@ if TYPE_CHECKING:
     from sparrow_megatron.trainer.policy import Policy
 
 MANIFEST = "manifest.json"
-FORMAT = "sparrow-megatron-trainer-ckpt/1"
+FORMAT = "sparrow-megatron-trainer-ckpt/2"
+RNG_DIR = "rng"
 
 
-def _coords() -> tuple[int, int, int]:
+def _layout() -> dict[str, int]:
     from megatron.core import parallel_state
 
-    return (
-        parallel_state.get_tensor_model_parallel_rank(),
-        parallel_state.get_pipeline_model_parallel_rank(),
-        torch.distributed.get_rank(),
-    )
+    return {
+        "tp": parallel_state.get_tensor_model_parallel_world_size(),
+        "pp": parallel_state.get_pipeline_model_parallel_world_size(),
+        "world_size": torch.distributed.get_world_size(),
+    }
 
 
-def _bytes_tensor(obj) -> torch.Tensor:
-    return torch.frombuffer(bytearray(pickle.dumps(obj)), dtype=torch.uint8).clone()
-
-
-def _state(policy: Policy, for_load: bool) -> dict[str, torch.Tensor]:
-    tp_rank, pp_rank, rank = _coords()
-    prefix = f"tp{tp_rank}.pp{pp_rank}."
-    state: dict[str, torch.Tensor] = {}
-    for name, p in policy.model.module.named_parameters():
-        state[prefix + "model." + name] = p.data
-    opt = policy.optimizer
-    if not hasattr(opt, "state_tensors"):
-        raise UserError("checkpointing the Megatron distributed optimizer (GPU) is not implemented yet")
-    opt_state = opt.state_template() if for_load else opt.state_tensors()
-    for key, t in opt_state.items():
-        state[prefix + "optim." + key] = t
-    return state
+def _sharded_state(policy: Policy, is_loading: bool) -> dict:
+    model_sd = policy.model.module.sharded_state_dict()
+    return {"model": model_sd, "optimizer": policy.optimizer.sharded_state_dict(model_sd, is_loading)}
 
 
 def _rng_state() -> dict:
@@ -74,36 +65,35 @@ def _set_rng_state(state: dict) -> None:
 
 
 def save_checkpoint(policy: Policy, ckpt_dir: Path, step: int, extra_state: dict) -> Path:
-    """Collective. Writes DCP shards, then (rank 0) the manifest. Returns ckpt_dir."""
-    import torch.distributed.checkpoint as dcp
+    """Collective. Writes the sharded state, each rank's RNG, then (rank 0) the manifest."""
+    from megatron.core import dist_checkpointing
 
     try:
         extra_json = json.dumps(extra_state)
     except TypeError as exc:
         raise UserError(f"save_checkpoint: extra_state must be JSON-serialisable ({exc})") from exc
     rank = torch.distributed.get_rank()
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
-    if rank == 0 and (ckpt_dir / MANIFEST).exists():
-        (ckpt_dir / MANIFEST).unlink()  # overwriting: the directory is incomplete until we finish
+    if rank == 0:
+        if (ckpt_dir / MANIFEST).exists():
+            (ckpt_dir / MANIFEST).unlink()  # overwriting: the directory is incomplete until we finish
+        if ckpt_dir.exists():  # dist_checkpointing refuses a non-empty directory
+            shutil.rmtree(ckpt_dir)
+        (ckpt_dir / RNG_DIR).mkdir(parents=True)
     torch.distributed.barrier()
-    state = _state(policy, for_load=False)
-    _, _, rank = _coords()
-    state[f"rank{rank}.rng"] = _bytes_tensor(_rng_state())
-    dcp.save(state, checkpoint_id=str(ckpt_dir))
+    dist_checkpointing.save(_sharded_state(policy, is_loading=False), str(ckpt_dir))
+    torch.save(_rng_state(), ckpt_dir / RNG_DIR / f"rank{rank}.pt")
     torch.distributed.barrier()
     if rank == 0:
         files = {
-            f.name: f.stat().st_size for f in sorted(ckpt_dir.iterdir()) if f.is_file() and f.name != MANIFEST
+            str(f.relative_to(ckpt_dir)): f.stat().st_size
+            for f in sorted(ckpt_dir.rglob("*"))
+            if f.is_file() and f.name != MANIFEST
         }
-        from megatron.core import parallel_state
-
         manifest = {
             "format": FORMAT,
             "step": int(step),
             "trainer_step": int(policy.step),
-            "tp": parallel_state.get_tensor_model_parallel_world_size(),
-            "pp": parallel_state.get_pipeline_model_parallel_world_size(),
-            "world_size": torch.distributed.get_world_size(),
+            **_layout(),
             "extra_state": json.loads(extra_json),
             "files": files,
         }
@@ -150,47 +140,25 @@ def latest_checkpoint(root: str | Path) -> Path | None:
 
 
 def load_checkpoint(policy: Policy, ckpt_dir: Path) -> dict:
-    """Collective. Restores model, optimizer, step and RNG in place; returns the saved extra_state."""
-    import torch.distributed.checkpoint as dcp
-    from megatron.core import parallel_state
+    """Collective. Restores model, optimizer, step and RNG in place (any TP x PP); returns extra_state."""
+    from megatron.core import dist_checkpointing
+    from torch.distributed.checkpoint.api import CheckpointException
 
     manifest = read_manifest(ckpt_dir)
-    layout = (
-        parallel_state.get_tensor_model_parallel_world_size(),
-        parallel_state.get_pipeline_model_parallel_world_size(),
-    )
-    if (manifest["tp"], manifest["pp"]) != layout:
-        raise UserError(
-            f"{ckpt_dir}: saved with tp={manifest['tp']} pp={manifest['pp']}, "
-            f"cannot resume with tp={layout[0]} pp={layout[1]}"
-        )
-    state = _state(policy, for_load=True)
-    _, _, rank = _coords()
-    rng_key = f"rank{rank}.rng"
-    # The RNG blob's size is only known from the checkpoint metadata.
     try:
-        meta = dcp.FileSystemReader(str(ckpt_dir)).read_metadata()
-        if rng_key in meta.state_dict_metadata:
-            state[rng_key] = torch.empty(meta.state_dict_metadata[rng_key].size, dtype=torch.uint8)
-        dcp.load(state, checkpoint_id=str(ckpt_dir))
+        state = dist_checkpointing.load(_sharded_state(policy, is_loading=True), str(ckpt_dir))
+        policy.model.module.load_state_dict(state["model"])
+        policy.optimizer.load_sharded_state_dict(state["optimizer"])
     except UserError:
         raise
-    except Exception as exc:  # DCP raises CheckpointException/RuntimeError wrappers for bad files
-        raise UserError(f"{ckpt_dir}: cannot load checkpoint ({type(exc).__name__}: {exc})") from exc
-    with torch.no_grad():
-        for name, p in policy.model.module.named_parameters():
-            p.copy_(state[_prefix() + "model." + name])
-    opt_prefix = _prefix() + "optim."
-    policy.optimizer.load_state_tensors(
-        {k[len(opt_prefix) :]: v for k, v in state.items() if k.startswith(opt_prefix)}
-    )
+    # Shape mismatches, missing keys, unreadable shards (DCP's CheckpointException is a BaseException).
+    except (Exception, CheckpointException) as exc:
+        raise UserError(
+            f"{ckpt_dir}: cannot load checkpoint into this model ({type(exc).__name__}: {exc})"
+        ) from exc
     policy.step = int(manifest["trainer_step"])
-    if rng_key in state:
-        _set_rng_state(pickle.loads(state[rng_key].numpy().tobytes()))
+    rng = ckpt_dir / RNG_DIR / f"rank{torch.distributed.get_rank()}.pt"
+    if all(manifest.get(k) == v for k, v in _layout().items()) and rng.is_file():
+        _set_rng_state(torch.load(rng, weights_only=False))
     torch.distributed.barrier()
     return manifest["extra_state"]
-
-
-def _prefix() -> str:
-    tp_rank, pp_rank, _ = _coords()
-    return f"tp{tp_rank}.pp{pp_rank}."

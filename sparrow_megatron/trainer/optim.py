@@ -87,28 +87,40 @@ class CpuAdamW:
         self.opt.step()
         return norm
 
-    # Flat, name-keyed optimizer state: checkpoints must not depend on parameter order.
-    def state_tensors(self) -> dict[str, torch.Tensor]:
-        out = {}
-        for name, p in self.named:
-            for key, value in self.opt.state.get(p, {}).items():
-                out[f"{name}.{key}"] = value if torch.is_tensor(value) else torch.tensor(value)
-        return out
+    # Checkpoints: the AdamW moments become ShardedTensors shaped like their parameters' (Megatron's own
+    # helpers, as its non-distributed optimizer does), so they reshard across TP x PP with the model.
+    def sharded_state_dict(self, model_sharded_state_dict: dict, is_loading: bool = False) -> dict:
+        from megatron.core.dist_checkpointing.optimizer import (
+            get_param_id_to_sharded_param_map,
+            optim_state_to_sharding_state,
+        )
 
-    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
-        for name, p in self.named:
-            state = {k[len(name) + 1 :]: v for k, v in tensors.items() if k.rsplit(".", 1)[0] == name}
-            if state:
-                self.opt.state[p] = {k: v.clone() for k, v in state.items()}
+        # Before the first step AdamW has no state: write (and, loading, fill) the state AdamW starts
+        # from (step 0, zero moments), so every checkpoint has the same keys whenever it was taken.
+        for _, p in self.named:
+            if is_loading or not self.opt.state.get(p):
+                self.opt.state[p] = {
+                    "step": torch.zeros((), dtype=torch.float32),
+                    "exp_avg": torch.zeros_like(p, dtype=torch.float32, memory_format=torch.preserve_format),
+                    "exp_avg_sq": torch.zeros_like(
+                        p, dtype=torch.float32, memory_format=torch.preserve_format
+                    ),
+                }
+        state = self.opt.state_dict()
+        params = [p for group in self.opt.param_groups for p in group["params"]]
+        id_map = get_param_id_to_sharded_param_map(model_sharded_state_dict, params)
+        steps = {float(s["step"]) for s in state["state"].values()}
+        if len(steps) > 1:
+            raise RuntimeError(f"CpuAdamW: parameters at different steps {sorted(steps)}")
+        optim_state_to_sharding_state(state, id_map, exclude_keys=("step",))
+        state["common_step"] = steps.pop() if steps else 0.0
+        return state
 
-    def state_template(self) -> dict[str, torch.Tensor]:
-        """Empty tensors shaped like a post-first-step state (what a checkpoint holds)."""
-        out = {}
-        for name, p in self.named:
-            out[f"{name}.step"] = torch.zeros((), dtype=torch.float32)
-            out[f"{name}.exp_avg"] = torch.zeros_like(p, dtype=torch.float32)
-            out[f"{name}.exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32)
-        return out
+    def load_sharded_state_dict(self, state: dict) -> None:
+        step = torch.tensor(float(state.pop("common_step")), dtype=torch.float32)
+        for param_state in state["state"].values():
+            param_state["step"] = step.clone()
+        self.opt.load_state_dict(state)
 
 
 class MegatronOptimizer:
@@ -137,6 +149,17 @@ class MegatronOptimizer:
 
     def zero_grad(self) -> None:
         self.opt.zero_grad()
+
+    def sharded_state_dict(self, model_sharded_state_dict: dict, is_loading: bool = False) -> dict:
+        """Megatron's own, in its canonical per-parameter layout ("fully_reshardable"): a checkpoint
+        resumes under another TP x PP x DP."""
+        metadata = {"distrib_optim_sharding_type": "fully_reshardable"}
+        return compat.call_with_supported(
+            self.opt.sharded_state_dict, model_sharded_state_dict, is_loading=is_loading, metadata=metadata
+        )
+
+    def load_sharded_state_dict(self, state: dict) -> None:
+        self.opt.load_state_dict(state)
 
     def step(self, lr: float) -> float:
         for group in self.opt.param_groups:

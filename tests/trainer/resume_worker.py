@@ -30,6 +30,11 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     ap.add_argument("--tp", type=int, default=1)
     ap.add_argument("--pp", type=int, default=1)
+    ap.add_argument(
+        "--save-only",
+        action="store_true",
+        help="train, save, export HF (saved_hf/), train once more, export (expected_hf/): for resharding",
+    )
     args = ap.parse_args()
     from sparrow_megatron.trainer import Policy, TrainerConfig
 
@@ -42,6 +47,15 @@ def main() -> None:
     run = Policy(cfg())
     run.train_step(batch(0))
     run.save_checkpoint(out / "ckpt", extra_state={"cursor": 3})
+    if args.save_only:
+        run.export_hf(out / "saved_hf")
+        metrics = run.train_step(batch(1))
+        run.export_hf(out / "expected_hf")
+        if torch.distributed.get_rank() == 0:
+            torch.save(metrics, out / "expected.pt")
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+        return
     expected = run.train_step(batch(1))
     expected_params = {n: p.detach().clone() for n, p in run.model.module.named_parameters()}
     resumed = Policy(cfg())

@@ -1,6 +1,12 @@
-"""Kill-and-resume equals an uninterrupted run; partial or corrupt checkpoints are refused clearly."""
+"""Kill-and-resume equals an uninterrupted run, also under another TP x PP; partial, corrupt or foreign
+checkpoints are refused clearly."""
 
 import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -64,10 +70,7 @@ def test_partial_and_corrupt_checkpoints_are_refused(tiny_tied, tmp_path):
 
     # Interrupted save: shards written, manifest missing.
     partial = tmp_path / "partial"
-    partial.mkdir()
-    for f in ckpt.iterdir():
-        if f.name != MANIFEST:
-            (partial / f.name).write_bytes(f.read_bytes())
+    shutil.copytree(ckpt, partial, ignore=shutil.ignore_patterns(MANIFEST))
     with pytest.raises(UserError, match="incomplete checkpoint"):
         policy.load_checkpoint(partial)
     assert latest_checkpoint(tmp_path) == ckpt  # the partial one is skipped
@@ -84,13 +87,21 @@ def test_partial_and_corrupt_checkpoints_are_refused(tiny_tied, tmp_path):
         policy.save_checkpoint(tmp_path / "bad_extra", extra_state={"x": object()})
 
 
-@pytest.mark.slow
-def test_resume_under_tp2_gives_the_same_next_step(tiny_untied, tmp_path):
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
+def test_old_format_and_another_model_are_refused(tiny_tied, tiny_untied, tmp_path):
+    policy = Policy(_cfg(tiny_tied))
+    ckpt = policy.save_checkpoint(tmp_path / "tied", extra_state={})
+    manifest = json.loads((ckpt / MANIFEST).read_text())
+    (ckpt / MANIFEST).write_text(json.dumps({**manifest, "format": "sparrow-megatron-trainer-ckpt/1"}))
+    with pytest.raises(UserError, match="field 'format'"):
+        policy.load_checkpoint(ckpt)
+    (ckpt / MANIFEST).write_text(json.dumps(manifest))
+    assert policy.load_checkpoint(ckpt) == {} and policy.step == 0  # saved before any step: loads
+    other = Policy(_cfg(tiny_untied))  # an untied output layer the checkpoint does not hold
+    with pytest.raises(UserError, match="cannot load checkpoint into this model"):
+        other.load_checkpoint(ckpt)
 
+
+def _torchrun(worker_args: list[str], tmp_path) -> None:
     worker = Path(__file__).with_name("resume_worker.py")
     cmd = [
         sys.executable,
@@ -101,10 +112,39 @@ def test_resume_under_tp2_gives_the_same_next_step(tiny_untied, tmp_path):
         "--standalone",
         str(worker),
     ]
-    cmd += ["--model-dir", str(tiny_untied), "--out", str(tmp_path), "--tp", "2"]
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(cmd + worker_args, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", ["--tp=2", "--pp=2"])
+def test_a_tp2_or_pp2_checkpoint_resumes_in_one_process(tiny_untied, tmp_path, layout):
+    """Resharding on resume: the weights come back exactly, and the next step matches the run that
+    saved them (reduction order differs across layouts, so within 1e-5)."""
+    from safetensors.torch import load_file
+
+    _torchrun(["--model-dir", str(tiny_untied), "--out", str(tmp_path), layout, "--save-only"], tmp_path)
+    cfg = TrainerConfig(model_dir=str(tiny_untied), lr=1e-3, warmup_steps=1, micro_batch_tokens=20)
+    resumed = Policy(cfg)
+    assert resumed.load_checkpoint(tmp_path / "ckpt") == {"cursor": 3} and resumed.step == 1
+    resumed.export_hf(tmp_path / "got_saved")
+    saved = load_file(tmp_path / "saved_hf" / "model.safetensors")
+    for name, t in load_file(tmp_path / "got_saved" / "model.safetensors").items():
+        assert torch.equal(t, saved[name]), name
+    got = resumed.train_step(_batch(1))  # the worker's batch(1)
+    want = torch.load(tmp_path / "expected.pt")
+    for key in ("loss", "grad_norm", "lr", "num_tokens"):
+        assert got[key] == pytest.approx(want[key], rel=1e-5, abs=1e-7), key
+    resumed.export_hf(tmp_path / "got_next")
+    expected = load_file(tmp_path / "expected_hf" / "model.safetensors")
+    for name, t in load_file(tmp_path / "got_next" / "model.safetensors").items():
+        torch.testing.assert_close(t, expected[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.slow
+def test_resume_under_tp2_gives_the_same_next_step(tiny_untied, tmp_path):
+    _torchrun(["--model-dir", str(tiny_untied), "--out", str(tmp_path), "--tp", "2"], tmp_path)
     for rank in range(2):
         r = torch.load(tmp_path / f"rank{rank}.pt")
         assert r["extra"] == {"cursor": 3}
