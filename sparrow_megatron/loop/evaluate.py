@@ -36,7 +36,7 @@ def mean_at_k(rewards: Sequence[Sequence[float]]) -> float:
 def evaluate(
     fleet, task, tokenizer, spec: EvalSpec, sampling: SamplingParams, schedule: Schedule | None
 ) -> dict[str, float]:
-    """eval/{dense,sparse}/{mean_at_k,pass_at_k,response_len} (sparse only when a schedule is set)."""
+    """eval/{dense,sparse}/{mean_at_k,pass_at_k,response_len,tokens_per_s} (sparse only with a schedule)."""
     prompts = task.prompts("eval", 0, spec.prompts)
     ids = [tokenizer(p.text, add_special_tokens=False)["input_ids"] for p in prompts]
     out = {"eval/k": float(spec.k), "eval/prompts": float(len(prompts))}
@@ -50,6 +50,7 @@ def evaluate(
         out[f"eval/{name}/mean_at_k"] = mean_at_k(rewards)
         out[f"eval/{name}/pass_at_k"] = pass_at_k([[r >= spec.pass_reward for r in g] for g in rewards])
         out[f"eval/{name}/response_len"] = float(np.mean([s.response_len for s in batch.flat()]))
+        out[f"eval/{name}/tokens_per_s"] = batch.tokens_per_s
     return out
 
 

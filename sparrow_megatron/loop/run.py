@@ -29,7 +29,7 @@ from sparrow_megatron.loop.evaluate import EvalSpec, eval_sampling, evaluate
 from sparrow_megatron.loop.monitor import TailMonitor
 from sparrow_megatron.loop.recorder import StepRecorder
 from sparrow_megatron.loop.rundir import RunDir
-from sparrow_megatron.loop.tasks import Prompt, make_task
+from sparrow_megatron.loop.tasks import make_task
 from sparrow_megatron.loop.tracking import MlflowTracker
 from sparrow_megatron.rollout.config import RolloutConfig as FleetConfig
 from sparrow_megatron.rollout.fleet import RolloutFleet
@@ -419,16 +419,13 @@ def _seeded(sampling: SamplingParams, seed: int, step: int) -> SamplingParams:
 
 
 def _measure_throughput(fleet, task, tokenizer, cfg: JobConfig, schedule) -> dict[str, float]:
-    """Rollout tokens/s of the same eval prompts, dense and with the schedule, on this machine."""
-    prompts: list[Prompt] = task.prompts("eval", 0, max(cfg.loop.prompts_per_step, 1))
-    ids = [tokenizer(p.text, add_special_tokens=False)["input_ids"] for p in prompts]
-    sampling = SamplingParams(temperature=0.0, max_new_tokens=cfg.data.max_response_tokens)
-    out = {}
-    for name, sched in (("dense", None), ("sparse", schedule)):
-        if name == "sparse" and sched is None:
-            continue
-        batch = fleet.generate(ids, sampling, n=cfg.rollout.n_samples, schedule=sched)
-        rewards = [task.reward(prompts[s.prompt_index], tokenizer.decode(s.output_ids)) for s in batch.flat()]
-        out[f"{name}_tokens_per_s"] = batch.tokens_per_s
-        out[f"{name}_greedy_reward"] = float(np.mean(rewards))
-    return out
+    """Rollout tokens/s (and greedy reward) of the same eval prompts, dense and with the schedule."""
+    spec = EvalSpec(max(cfg.loop.prompts_per_step, 1), cfg.rollout.n_samples)
+    greedy = SamplingParams(temperature=0.0, max_new_tokens=cfg.data.max_response_tokens)
+    out = evaluate(fleet, task, tokenizer, spec, greedy, schedule)
+    result = {}
+    for path in ("dense", "sparse"):
+        if f"eval/{path}/tokens_per_s" in out:
+            result[f"{path}_tokens_per_s"] = out[f"eval/{path}/tokens_per_s"]
+            result[f"{path}_greedy_reward"] = out[f"eval/{path}/mean_at_k"]
+    return result

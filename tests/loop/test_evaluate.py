@@ -66,6 +66,7 @@ def test_evaluate_scores_dense_and_sparse_paths():
     assert out["eval/sparse/mean_at_k"] == pytest.approx((1 / 3 + 0) / 2)
     assert out["eval/sparse/pass_at_k"] == 0.5
     assert out["eval/k"] == 3 and out["eval/prompts"] == 2
+    assert out["eval/dense/tokens_per_s"] == 0.0  # the stand-in batches report no wall time
 
     dense_only = evaluate(_Fleet([]), _Task(), _Tokenizer(), EvalSpec(2, 1), SamplingParams(), None)
     assert not any(k.startswith("eval/sparse") for k in dense_only)
