@@ -70,8 +70,9 @@ class RolloutConfig:
     max_inflight_per_engine: int = 64
     restart_dead: bool = True
     health_interval_s: float = 5.0
-    # Consecutive failed /health probes before a live process counts as dead (SGLang's /health runs a
-    # one-token generation, which a busy CPU engine can be slow to answer); an exited process is dead at once.
+    # Consecutive failed /health probes before a live process counts as dead (a busy CPU engine can be
+    # slow to answer); an exited process is dead at once. The probe is liveness only (launched engines
+    # run no generation for it, see server_env); a hung forward pass is SGLang's watchdog's to kill.
     health_strikes: int = 3
     top_logprobs: int = 20
     # Per-request sampling seeds (SamplingParams.seed) honoured by the engines, so a sample's tokens do

@@ -115,6 +115,10 @@ def server_env(config: RolloutConfig) -> dict[str, str]:
         env[SCHEDULE_ENV] = config.schedule
     if config.seeded_sampling:
         env[SEEDED_SAMPLING_ENV] = "1"
+    # SGLang's /health otherwise runs a one-token generation, which joins whatever batch runs next: the
+    # fleet's periodic probes would change batch composition, and with it the bits of a seeded sample.
+    # The one generation that proves the model serves is /health_generate in wait_healthy.
+    env[HEALTH_GENERATION_ENV] = "0"
     env.update(config.env)
     return env
 
@@ -123,6 +127,7 @@ def server_env(config: RolloutConfig) -> dict[str, str]:
 SCHEDULE_ENV = "SPARROW_SCHEDULE"
 # Per-request sampling seeds in the server (sglang_patches/seeded_sampling.py).
 SEEDED_SAMPLING_ENV = "SPARROW_SEEDED_SAMPLING"
+HEALTH_GENERATION_ENV = "SGLANG_ENABLE_HEALTH_ENDPOINT_GENERATION"
 
 
 @dataclass
@@ -166,7 +171,8 @@ class ServerProcess:
             return "(no log)"
 
     def wait_healthy(self, timeout_s: float, poll_s: float = 0.5) -> None:
-        """Block until /health answers 200; raise with the log tail if the process exits or time runs out."""
+        """Block until the server generates a token (/health_generate answers 200); raise with the log tail
+        if the process exits or time runs out."""
         deadline = time.monotonic() + timeout_s
         with httpx.Client(timeout=5.0) as client:
             while time.monotonic() < deadline:
@@ -176,7 +182,7 @@ class ServerProcess:
                         f" (log {self.log_path}):\n{self.log_tail()}"
                     )
                 try:
-                    if client.get(f"{self.url}/health").status_code == 200:
+                    if client.get(f"{self.url}/health_generate").status_code == 200:
                         return
                 except httpx.HTTPError:
                     pass

@@ -63,6 +63,21 @@ def test_seeded_samples_do_not_depend_on_what_the_engines_served_before(fleet):
     assert other != first
 
 
+def test_health_probes_run_no_generation(fleet):
+    """A probe's one-token generation would join the next batch and change a seeded sample's bits."""
+    engine = fleet.engines[0]
+
+    def prefills() -> int:
+        time.sleep(1.0)  # the server's log lines of what it just ran
+        return engine.server.log_path.read_text(errors="replace").count("Prefill batch")
+
+    before = prefills()
+    assert all(engine.check_health() for _ in range(3))
+    assert prefills() == before
+    assert engine.client.get(f"{engine.url}/health_generate", timeout=30).status_code == 200
+    assert prefills() == before + 1  # the startup check's endpoint does generate, and shows in the log
+
+
 def test_greedy_token_is_top1_and_matches_hf(fleet, tiny_model):
     batch = fleet.generate(PROMPTS, GREEDY)
     hf = load_hf(tiny_model)
