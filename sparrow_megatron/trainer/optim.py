@@ -11,6 +11,7 @@ import math
 
 import torch
 
+from sparrow_megatron.errors import UserError
 from sparrow_megatron.trainer import compat
 from sparrow_megatron.trainer.config import TrainerConfig
 
@@ -153,13 +154,39 @@ class MegatronOptimizer:
     def sharded_state_dict(self, model_sharded_state_dict: dict, is_loading: bool = False) -> dict:
         """Megatron's own, in its canonical per-parameter layout ("fully_reshardable"): a checkpoint
         resumes under another TP x PP x DP."""
+        if is_loading:
+            self._materialize_state()
         metadata = {"distrib_optim_sharding_type": "fully_reshardable"}
         return compat.call_with_supported(
             self.opt.sharded_state_dict, model_sharded_state_dict, is_loading=is_loading, metadata=metadata
         )
 
     def load_sharded_state_dict(self, state: dict) -> None:
-        self.opt.load_state_dict(state)
+        try:
+            self.opt.load_state_dict(state)
+        except KeyError as exc:
+            if exc.args != ("step",):
+                raise
+            # megatron-core 0.16.1 over torch's Adam (no TE/Apex): the fully_reshardable loader copies
+            # every per-parameter state key but torch Adam's 'step'. TE/Apex FusedAdam keep the step in
+            # the param group and load fine; the GPU image has TE.
+            raise UserError(
+                "resuming Megatron's distributed optimizer needs Transformer Engine or Apex (FusedAdam): "
+                "this megatron-core cannot load its state into torch's Adam (KeyError 'step')"
+            ) from exc
+
+    def _materialize_state(self) -> None:
+        """A never-stepped DistributedOptimizer has no state and its state_dict() asserts, so a resume
+        into a fresh one would fail. Megatron's own remedy (its fsdp_dtensor load path): dummy states,
+        every value of which the load overwrites."""
+        for opt in getattr(self.opt, "chained_optimizers", [self.opt]):
+            inner = getattr(opt, "optimizer", None)
+            if (
+                inner is not None
+                and not inner.state
+                and hasattr(opt, "_init_optimizer_states_with_dummy_values")
+            ):
+                opt._init_optimizer_states_with_dummy_values()
 
     def step(self, lr: float) -> float:
         for group in self.opt.param_groups:
