@@ -133,11 +133,11 @@ def solve_schedule(
         elif dense_fallback:
             chosen.append(None)
         else:
-            start, end = j * table.bin_width, (j + 1) * table.bin_width
             best = max((row[j] for row in table.p5 if row[j] is not None), default=None)
             raise UserError(
-                f"bin {j} (positions {start}-{end}): no candidate budget >= {floor} reaches p5 >= {tau}"
+                f"bin {j} ({_positions(table, j)}): no candidate budget >= {floor} reaches p5 >= {tau}"
                 + (f" (best p5 {best:.3f})" if best is not None else " (no measurements)")
+                + _filled_from(table, j)
                 + "; add larger candidates or pass --dense-fallback"
             )
     meta = {
@@ -147,3 +147,16 @@ def solve_schedule(
         **(provenance or {}),
     }
     return Schedule(tuple(chosen), table.bin_width, table.geometry, name=name, provenance=meta)
+
+
+def _positions(table: TailTable, j: int) -> str:
+    return f"positions {j * table.bin_width}-{(j + 1) * table.bin_width}"
+
+
+def _filled_from(table: TailTable, j: int) -> str:
+    """Which measured bin an unmeasured bin's cells stand in for (calibrate's fill_unmeasured)."""
+    sources = sorted({src for _, cell, src in (table.provenance or {}).get("filled_cells", []) if cell == j})
+    if not sources:
+        return ""
+    measured = ", ".join(f"bin {k} ({_positions(table, k)})" for k in sources)
+    return f"; bin {j} was not measured (no rollout tokens there), its p5 is that of {measured}"

@@ -48,6 +48,20 @@ def test_dense_fallback_makes_the_failing_bin_and_later_bins_dense():
     assert solve_schedule(table, 0.86, dense_fallback=True).budgets == (64, None, None)
 
 
+def test_a_failing_unmeasured_bin_names_the_measured_bin_it_stands_for():
+    from sparrow_megatron.sparsity.calibrate import fill_unmeasured
+
+    # Rollouts start at position 250: bins 0-1 are unmeasured and take bin 2's p5.
+    table, filled = fill_unmeasured(
+        TailTable((64, 128), ((None, None, 0.5), (None, None, 0.7)), bin_width=100)
+    )
+    assert filled == [(64, 0, 2), (64, 1, 2), (128, 0, 2), (128, 1, 2)]
+    with pytest.raises(
+        UserError, match=r"bin 0 \(positions 0-100\).*not measured.*bin 2 \(positions 200-300\)"
+    ):
+        solve_schedule(table, 0.86)
+
+
 def test_table_file_round_trip_and_errors(tmp_path):
     table = TailTable((128, 64), ((0.9, None), (0.8, 0.7)), bin_width=100)
     path = table.save(tmp_path / "t.json")
