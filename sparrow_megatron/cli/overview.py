@@ -24,7 +24,7 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
-    from sparrow_megatron.sparsity.plots import plot_schedules
+    from sparrow_megatron.plots import plot_schedules
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -51,7 +51,7 @@ def run(args) -> int:
         )
     (out / "speedups.json").write_text(json.dumps(rows, indent=2) + "\n")
     plot = plot_schedules(
-        list(PRESETS.values()), out / "schedules.png", max_len=args.gen_len + args.prompt_len
+        out / "schedules.png", list(PRESETS.values()), max_len=args.gen_len + args.prompt_len
     )
     console = Console()
     console.print(table)

@@ -69,9 +69,9 @@ def run_show(args) -> int:
         for s in schedules:
             console.print(_table(s))
     if args.plot:
-        from sparrow_megatron.sparsity.plots import plot_schedules
+        from sparrow_megatron.plots import plot_schedules
 
-        plot_schedules(schedules, args.plot)
+        plot_schedules(args.plot, schedules)
         if not args.json:
             print(f"plot: {args.plot}")
     return 0
@@ -102,7 +102,7 @@ def run_solve(args) -> int:
         schedule.save(args.out)
         console.print(f"schedule: {args.out}")
     if args.plot:
-        from sparrow_megatron.sparsity.plots import plot_schedules
+        from sparrow_megatron.plots import plot_schedules
 
-        plot_schedules([schedule], args.plot)
+        plot_schedules(args.plot, [schedule])
     return 0

@@ -31,9 +31,9 @@ def run(args) -> int:
     estimate, lower, upper, positions = acceptance_of(read_topk_jsonl(args.file))
     report = tail_report(estimate, positions, args.bin_width, lower=lower, upper=upper, tau=args.tau)
     if args.plot:
-        from sparrow_megatron.sparsity.plots import plot_tails
+        from sparrow_megatron.plots import plot_tails
 
-        plot_tails(report, args.plot, tau=args.tau)
+        plot_tails(args.plot, report, tau=args.tau)
     if args.json:
         out = {
             "bins": [

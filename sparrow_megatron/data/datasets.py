@@ -16,6 +16,7 @@ import json
 import logging
 import math
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -244,72 +245,53 @@ def _rows(config: DatasetConfig, report: LoadReport):
         yield number, row
 
 
-def load_math_dataset(config: DatasetConfig) -> tuple[list[MathExample], LoadReport]:
-    """Math examples from a local file, plus a report of what was skipped and why."""
+def _load(config: DatasetConfig, build: Callable[[dict, str, str, str], Any]) -> tuple[list, LoadReport]:
+    """The row loop both kinds share: `build(row, id, problem, source)` makes an example or raises
+    SkipRow, which is logged and counted; everything else about a row is the same for every kind."""
     path = Path(config.path)
     report = LoadReport(str(path))
-    examples: list[MathExample] = []
+    examples = []
     for number, row in _rows(config, report):
         try:
             _, problem = _pick(row, config.problem_key, PROBLEM_KEYS)
             if problem is None:
                 raise SkipRow("missing_problem")
-            problem = _problem_text(problem)
-            _, answer = _pick(row, config.answer_key, ANSWER_KEYS)
-            answer = _answer_text(answer)
+            _, ident = _pick(row, config.id_key, ID_KEYS)
+            ident = str(ident) if ident is not None else f"{path.stem}-{number}"
+            examples.append(build(row, ident, _problem_text(problem), where(path, number)))
         except SkipRow as err:
             _skip(report, path, number, err)
             continue
-        _, ident = _pick(row, config.id_key, ID_KEYS)
-        examples.append(
-            MathExample(
-                id=str(ident) if ident is not None else f"{path.stem}-{number}",
-                problem=problem,
-                answer=answer,
-                source=where(path, number),
-                instruction=config.instruction,
-            )
-        )
         report.loaded += 1
     _finish(report)
     return examples, report
+
+
+def load_math_dataset(config: DatasetConfig) -> tuple[list[MathExample], LoadReport]:
+    """Math examples from a local file, plus a report of what was skipped and why."""
+
+    def build(row: dict, ident: str, problem: str, source: str) -> MathExample:
+        _, answer = _pick(row, config.answer_key, ANSWER_KEYS)
+        return MathExample(ident, problem, _answer_text(answer), source, instruction=config.instruction)
+
+    return _load(config, build)
 
 
 def load_code_dataset(config: DatasetConfig) -> tuple[list[CodeExample], LoadReport]:
     """Code examples (TACO / APPS rows) with validated test cases; rows with broken tests are skipped."""
     from sparrow_megatron.reward.code_reward import parse_tests
 
-    path = Path(config.path)
-    report = LoadReport(str(path))
-    examples: list[CodeExample] = []
-    for number, row in _rows(config, report):
+    def build(row: dict, ident: str, problem: str, source: str) -> CodeExample:
+        _, tests = _pick(row, config.tests_key, CODE_TESTS_KEYS)
+        if tests is None:
+            raise SkipRow("missing_tests")
         try:
-            _, problem = _pick(row, config.problem_key, PROBLEM_KEYS)
-            if problem is None:
-                raise SkipRow("missing_problem")
-            problem = _problem_text(problem)
-            _, tests = _pick(row, config.tests_key, CODE_TESTS_KEYS)
-            if tests is None:
-                raise SkipRow("missing_tests")
-            try:
-                cases = parse_tests(tests, where(path, number))
-            except UserError as err:
-                raise SkipRow("broken_tests", str(err)) from err
-        except SkipRow as err:
-            _skip(report, path, number, err)
-            continue
-        _, ident = _pick(row, config.id_key, ID_KEYS)
-        examples.append(
-            CodeExample(
-                id=str(ident) if ident is not None else f"{path.stem}-{number}",
-                problem=problem,
-                tests=cases,
-                source=where(path, number),
-            )
-        )
-        report.loaded += 1
-    _finish(report)
-    return examples, report
+            cases = parse_tests(tests, source)
+        except UserError as err:
+            raise SkipRow("broken_tests", str(err)) from err
+        return CodeExample(ident, problem, cases, source)
+
+    return _load(config, build)
 
 
 def _finish(report: LoadReport) -> None:

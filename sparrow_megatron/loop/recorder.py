@@ -16,9 +16,9 @@ from typing import Any
 from sparrow_megatron.loop.console import REWARD_KEY, LoopProgress
 from sparrow_megatron.loop.controller import BudgetChange, schedule_metrics
 from sparrow_megatron.loop.monitor import TailMonitor
-from sparrow_megatron.loop.plots import plot_rewards, plot_schedules, plot_tail_heatmap
 from sparrow_megatron.loop.rundir import RunDir
 from sparrow_megatron.loop.tracking import MlflowTracker
+from sparrow_megatron.plots import plot_rewards, plot_schedules, plot_tail_heatmap
 from sparrow_megatron.sparsity.schedule import Schedule
 
 log = logging.getLogger(__name__)
@@ -45,12 +45,7 @@ class StepRecorder:
         """One completed step; `schedule` = the one its rollout ran under, recorded with its metrics."""
         if schedule is not None:
             metrics = {**metrics, **schedule_metrics(schedule)}
-        self.run_dir.append_metrics(step, metrics)  # first: the durable record survives an MLflow outage
-        if self.tracker is not None:
-            try:
-                self.tracker.log_metrics(step, metrics)
-            except Exception as err:  # a tracking hiccup must not kill a training run; the jsonl has it
-                log.warning("step %d: MLflow logging failed (%s); metrics.jsonl keeps the step", step, err)
+        self._store(step, metrics, what=f"step {step}")
         if self.progress is not None:
             self.progress.update(step, metrics)
         if self.plot_every and step % self.plot_every == 0:
@@ -58,14 +53,7 @@ class StepRecorder:
 
     def record_eval(self, step: int, metrics: Mapping[str, Any]) -> None:
         """An evaluation of the weights after `step` updates (0: the initial policy); its own row."""
-        self.run_dir.append_metrics(step, metrics)
-        if self.tracker is not None:
-            try:
-                self.tracker.log_metrics(step, metrics)
-            except Exception as err:
-                log.warning(
-                    "eval after step %d: MLflow logging failed (%s); metrics.jsonl keeps it", step, err
-                )
+        self._store(step, metrics, what=f"eval after step {step}")
         if self.progress is not None:
             parts = [
                 f"{path} mean@k {metrics[f'eval/{path}/mean_at_k']:.3f} pass@k {metrics[f'eval/{path}/pass_at_k']:.3f}"
@@ -75,6 +63,14 @@ class StepRecorder:
             self.progress.print(
                 f"[cyan]eval[/] after step {step} (k={int(metrics['eval/k'])}): " + ", ".join(parts)
             )
+
+    def _store(self, step: int, metrics: Mapping[str, Any], what: str) -> None:
+        self.run_dir.append_metrics(step, metrics)  # first: the durable record survives an MLflow outage
+        if self.tracker is not None:
+            try:
+                self.tracker.log_metrics(step, metrics)
+            except Exception as err:  # a tracking hiccup must not kill a training run; the jsonl has it
+                log.warning("%s: MLflow logging failed (%s); metrics.jsonl keeps it", what, err)
 
     def schedule_changed(self, step: int, schedule: Schedule, changes: Sequence[BudgetChange] = ()) -> Path:
         """Save the schedule in force from `step` (and log it); report the controller's changes."""

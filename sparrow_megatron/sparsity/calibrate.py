@@ -535,12 +535,12 @@ def _predict(cfg: CalibrateConfig, model_dir: Path, schedule: Schedule, prompt_l
 
 def plot_calibration_heatmap(table: TailTable, path: str | Path, tau: float) -> Path:
     """Budget x bin -> p5, restricted to the bins that were measured for some budget."""
-    from sparrow_megatron.sparsity.plots import plot_heatmap
+    from sparrow_megatron.plots import plot_heatmap
 
     values = np.array([[math.nan if v is None else v for v in row] for row in table.p5], dtype=float)
     cols = [j for j in range(table.num_bins) if np.isfinite(values[:, j]).any()]
     labels = [f"{j * table.bin_width}-{(j + 1) * table.bin_width}" for j in cols]
-    return plot_heatmap(values[:, cols], list(table.budgets), labels, path,
+    return plot_heatmap(path, values[:, cols], list(table.budgets), labels,
                         title="p5 acceptance",
                         xlabel="position bin (prompt + generated)", ylabel="KV budget (tokens)",
                         tau=tau)  # fmt: skip

@@ -1,4 +1,5 @@
-"""The run's PNG plots: tail heatmap (step x position bin, p5), reward curves, schedules.
+"""Every PNG the project writes: the run's tail heatmap (step x position bin, p5), reward and eval
+curves, KV budget schedules, a tail report by position, the calibration heatmap (budget x bin).
 
 Figures are built on matplotlib's object API with the Agg canvas, so importing this module never
 switches the global backend of whoever imports it (a notebook, a test). Each `*_figure` function
@@ -7,6 +8,7 @@ returns the Figure (tests inspect its data); `save_png` writes it.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -16,6 +18,7 @@ from matplotlib.colors import TwoSlopeNorm
 from matplotlib.figure import Figure
 
 from sparrow_megatron.sparsity.schedule import Schedule
+from sparrow_megatron.sparsity.tails import TailReport
 
 
 def save_png(fig: Figure, path: str | Path, dpi: int = 120) -> Path:
@@ -117,7 +120,10 @@ def schedule_figure(
     A dense bin (budget None) is drawn on the dense line; past its last bin a schedule holds.
     """
     if not isinstance(schedules, Mapping):
-        schedules = {s.name: s for s in schedules}
+        names = Counter(s.name for s in schedules)  # two files of one name are both drawn
+        schedules = {
+            s.name if names[s.name] == 1 else f"{s.name} #{i + 1}": s for i, s in enumerate(schedules)
+        }
     named = {k: v for k, v in schedules.items() if v is not None}
     if max_len is None:
         max_len = max((len(s.budgets) + 1) * s.bin_width for s in named.values()) if named else 32768
@@ -145,6 +151,62 @@ def schedule_figure(
     return fig
 
 
+def tails_figure(report: TailReport, tau: float | None = None, title: str = "") -> Figure:
+    """p5 (with its bounds) and mean acceptance per position bin."""
+    centres = [b.centre for b in report.bins]
+    fig = Figure(figsize=(7, 4))
+    ax = fig.add_subplot()
+    ax.plot(centres, [b.mean for b in report.bins], "o-", label="mean")
+    ax.plot(centres, [b.p5 for b in report.bins], "s-", label="p5 (estimate)")
+    if report.bins and report.bins[0].p5_lower is not None:
+        lower, upper = [b.p5_lower for b in report.bins], [b.p5_upper for b in report.bins]
+        ax.fill_between(centres, lower, upper, alpha=0.2, label="p5 bounds")
+    if tau is not None:
+        ax.axhline(tau, color="red", linestyle="--", label=f"tau = {tau}")
+    ax.set_xlabel("absolute position (prompt + generated)")
+    ax.set_ylabel("acceptance rate")
+    ax.set_title(title or f"Acceptance by position (bins of {report.bin_width})")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def heatmap_figure(
+    values: np.ndarray,
+    row_labels: Sequence[object],
+    col_labels: Sequence[object],
+    title: str,
+    xlabel: str,
+    ylabel: str,
+    tau: float | None = None,
+) -> Figure:
+    """A labelled heatmap (e.g. candidate budget x bin -> p5); NaN cells blank, cells below tau marked x."""
+    values = np.asarray(values, dtype=float)
+    if values.shape != (len(row_labels), len(col_labels)):
+        raise ValueError(f"values {values.shape} do not match {len(row_labels)} x {len(col_labels)} labels")
+    fig = Figure(figsize=(max(6, 0.5 * len(col_labels)), max(3, 0.4 * len(row_labels))))
+    ax = fig.add_subplot()
+    image = ax.imshow(
+        np.ma.masked_invalid(values),
+        aspect="auto",
+        cmap="viridis",
+        vmin=np.nanmin(values) if np.isfinite(values).any() else 0,
+        vmax=1.0,
+    )
+    ax.set_xticks(range(len(col_labels)), [str(c) for c in col_labels], rotation=60, fontsize=7)
+    ax.set_yticks(range(len(row_labels)), [str(r) for r in row_labels], fontsize=7)
+    if tau is not None:
+        for i, j in zip(*np.nonzero(values < tau), strict=True):
+            ax.text(j, i, "x", ha="center", va="center", color="red", fontsize=7)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title + ("" if tau is None else f" (x: below tau {tau})"))
+    fig.colorbar(image, ax=ax)
+    fig.tight_layout()
+    return fig
+
+
 def plot_tail_heatmap(path: str | Path, steps, bin_starts, matrix, tau: float, bin_width: int, **kw) -> Path:
     return save_png(tail_heatmap_figure(steps, bin_starts, matrix, tau, bin_width, **kw), path)
 
@@ -155,3 +217,11 @@ def plot_rewards(path: str | Path, steps, series: Mapping[str, Sequence[float]],
 
 def plot_schedules(path: str | Path, schedules, max_len: int | None = None, **kw) -> Path:
     return save_png(schedule_figure(schedules, max_len, **kw), path)
+
+
+def plot_tails(path: str | Path, report: TailReport, tau: float | None = None, **kw) -> Path:
+    return save_png(tails_figure(report, tau, **kw), path)
+
+
+def plot_heatmap(path: str | Path, values, row_labels, col_labels, **kw) -> Path:
+    return save_png(heatmap_figure(values, row_labels, col_labels, **kw), path)

@@ -2,15 +2,20 @@ import numpy as np
 import pytest
 from matplotlib.image import imread
 
-from sparrow_megatron.loop.plots import (
+from sparrow_megatron.plots import (
+    heatmap_figure,
+    plot_heatmap,
     plot_rewards,
     plot_schedules,
     plot_tail_heatmap,
+    plot_tails,
     reward_figure,
     schedule_figure,
     tail_heatmap_figure,
+    tails_figure,
 )
 from sparrow_megatron.sparsity.schedule import PRESETS, Schedule
+from sparrow_megatron.sparsity.tails import tail_report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -72,4 +77,36 @@ def test_schedule_figure_overlays_budgets():
 
 def test_plot_schedules_png(tmp_path):
     path = plot_schedules(tmp_path / "s.png", list(PRESETS.values()))
+    assert path.read_bytes()[:8] == PNG_MAGIC
+
+
+def test_schedules_of_one_name_are_all_drawn():
+    a, b = Schedule((96, 192), 128, name="custom"), Schedule((288, 288), 128, name="custom")
+    labels = [line.get_label() for line in schedule_figure([a, b], max_len=300).axes[0].get_lines()]
+    assert labels == ["dense (all L tokens)", "custom #1", "custom #2"]
+
+
+def test_tails_figure_draws_mean_p5_and_tau(tmp_path):
+    rng = np.random.default_rng(0)
+    positions = np.arange(1, 601)
+    alpha = np.clip(1.0 - positions / 2000 + 0.02 * rng.standard_normal(600), 0, 1)
+    report = tail_report(alpha, positions, bin_width=200, tau=0.86)
+    ax = tails_figure(report, tau=0.86).axes[0]
+    mean, p5, tau = ax.get_lines()
+    np.testing.assert_allclose(mean.get_ydata(), [b.mean for b in report.bins])
+    np.testing.assert_allclose(p5.get_ydata(), [b.p5 for b in report.bins])
+    assert list(tau.get_ydata()) == [0.86, 0.86]
+    assert plot_tails(tmp_path / "t.png", report, tau=0.86).read_bytes()[:8] == PNG_MAGIC
+
+
+def test_heatmap_marks_the_cells_below_tau(tmp_path):
+    values = np.array([[0.5, 0.9, np.nan], [0.88, 0.95, 0.99]])
+    fig = heatmap_figure(values, [256, 512], ["0-100", "100-200", "200-300"], "p5", "bin", "budget", tau=0.86)
+    marks = [(t.get_position(), t.get_text()) for t in fig.axes[0].texts]
+    assert marks == [((0, 0), "x")]  # NaN is not below tau
+    with pytest.raises(ValueError, match="do not match"):
+        heatmap_figure(values, [256], ["a", "b", "c"], "p5", "bin", "budget")
+    path = plot_heatmap(
+        tmp_path / "h.png", values, [256, 512], ["a", "b", "c"], title="p5", xlabel="x", ylabel="y"
+    )
     assert path.read_bytes()[:8] == PNG_MAGIC
