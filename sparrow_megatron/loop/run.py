@@ -225,6 +225,8 @@ class Loop:
             shutil.rmtree(final, ignore_errors=True)
             policy.export_hf(final)
             tracker.log_artifact(final, "final_hf")
+            if self.distill is not None:
+                tracker.log_artifact(self.distill.latest_export(), "final_adapter")
         return summary
 
     def _evaluator(self, fleet, task, tokenizer, sampling, recorder, summary: RunSummary):
@@ -384,6 +386,10 @@ class _Distill:
             if old != out:
                 shutil.rmtree(old, ignore_errors=True)
         return int(name.rsplit("-v", 1)[1])
+
+    def latest_export(self) -> Path:
+        """The PEFT adapter the fleet serves now (push keeps one on disk)."""
+        return max((self.run.root / "adapters").iterdir())
 
     def save(self, path: Path) -> None:
         self.distiller.save(path)

@@ -28,6 +28,10 @@ from sparrow_megatron.trainer.batch import RolloutBatch
 from sparrow_megatron.trainer.grpo import GRPOCoefs
 from sparrow_megatron.trainer.lora import LoraAdapter, LoraSpec
 
+FORMAT = "sparrow-megatron-distill-state/2"
+STATE_FILE = "adapter_state.pt"
+MOMENTS = ("exp_avg", "exp_avg_sq")
+
 
 class SparseDistiller:
     """The adapter, its optimizer and the distill step, on top of a `Policy` (collective like it)."""
@@ -136,39 +140,46 @@ class SparseDistiller:
         """The adapter in PEFT format (collective; global rank 0 writes)."""
         return self.adapter.export_peft(out_dir, base_model_path=self.policy.cfg.model_dir)
 
-    def _shard_file(self, path: Path) -> Path:
-        from megatron.core import parallel_state
-
-        tp = parallel_state.get_tensor_model_parallel_rank()
-        pp = parallel_state.get_pipeline_model_parallel_rank()
-        return Path(path) / f"adapter_tp{tp}_pp{pp}.pt"
-
+    # Checkpoints hold the adapter and its AdamW moments in a form that does not depend on TP x PP, so a
+    # run resumes under another layout (the adapter is small: gathering it is cheap).
     def save(self, path: str | Path) -> None:
-        """Collective: this TP x PP shard of the adapter and its optimizer (DP rank 0 writes)."""
-        from megatron.core import parallel_state
-
-        if parallel_state.get_data_parallel_rank() == 0:
+        """Collective; global rank 0 writes `adapter_state.pt` under path."""
+        state = self.optimizer.state
+        moments = {m: self.adapter.full_tensors(lambda p, m=m: state[p][m]) for m in MOMENTS if state}
+        params = self.adapter.full_tensors()
+        if torch.distributed.get_rank() == 0:
             Path(path).mkdir(parents=True, exist_ok=True)
-            state = {
-                "adapter": self.adapter.state_dict(),
-                "optimizer": self.optimizer.state_dict(),
-                "steps": self.step_count,
-            }
-            torch.save(state, self._shard_file(path))
+            adam_step = float(next(iter(state.values()))["step"]) if state else 0.0
+            saved = {"format": FORMAT, "steps": self.step_count, "adam_step": adam_step, "params": params}
+            tmp = Path(path) / (STATE_FILE + ".tmp")
+            torch.save({**saved, **moments}, tmp)
+            tmp.replace(Path(path) / STATE_FILE)
         torch.distributed.barrier()
 
     def load(self, path: str | Path) -> None:
-        """Collective: restore what `save` wrote for this TP x PP shard."""
-        file = self._shard_file(path)
+        """Collective: restore what `save` wrote, under this run's TP x PP."""
+        file = Path(path) / STATE_FILE
         if not file.is_file():
-            raise UserError(f"{file}: missing (checkpoint saved without distill, or with another TP x PP)")
+            raise UserError(f"{file}: missing (a checkpoint saved without distill, or by an older version)")
         try:
-            state = torch.load(file, weights_only=True)
-            self.adapter.load_state_dict(state["adapter"])
-            self.optimizer.load_state_dict(state["optimizer"])
-        except Exception as exc:  # a truncated or foreign file
+            saved = torch.load(file, weights_only=True)
+        except Exception as exc:  # truncated or not a torch file
             raise UserError(
-                f"{file}: cannot load the DistillSparse state ({type(exc).__name__}: {exc})"
+                f"{file}: cannot read the DistillSparse state ({type(exc).__name__}: {exc})"
             ) from exc
-        self.step_count = int(state["steps"])
+        if not isinstance(saved, dict) or saved.get("format") != FORMAT:
+            found = saved.get("format") if isinstance(saved, dict) else type(saved).__name__
+            raise UserError(f"{file}: field 'format' is {found!r}, expected {FORMAT!r}")
+        with torch.no_grad():
+            for param, shard in self.adapter.local_shards(saved["params"], str(file)):
+                param.copy_(shard)
+        self.optimizer.state.clear()
+        if all(m in saved for m in MOMENTS):
+            shards = {m: dict(self.adapter.local_shards(saved[m], str(file))) for m in MOMENTS}
+            for param in shards[MOMENTS[0]]:
+                self.optimizer.state[param] = {
+                    "step": torch.tensor(float(saved["adam_step"]), dtype=torch.float32),
+                    **{m: shards[m][param] for m in MOMENTS},
+                }
+        self.step_count = int(saved["steps"])
         torch.distributed.barrier()

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from sparrow_megatron.errors import UserError
 from sparrow_megatron.trainer.model import Qwen3Arch
-from sparrow_megatron.trainer.weights import _hf_from_full, _Rule, _tp_gather, _unwrap
+from sparrow_megatron.trainer.weights import _hf_from_full, _Rule, _shard_from_hf, _tp_gather, _unwrap
 
 # HF target module -> (Megatron module inside a decoder layer, base parallelism, the fused HF group).
 _TARGETS = {
@@ -220,6 +220,51 @@ class LoraAdapter(torch.nn.Module):
             torch.distributed.all_reduce(sq, group=parallel_state.get_model_parallel_group())
         return float(sq.sqrt())
 
+    # ------------------------------------------------------------------ layout-free state (checkpoints)
+
+    @staticmethod
+    def _split_rules(lora: LoraLinear, module: str) -> tuple[_Rule, _Rule]:
+        """How lora_A and lora_B are split over TP, in weights.py's terms (see the module docstring)."""
+        if lora.kind == "col":
+            return _Rule("replicated", ()), _Rule(_EXPORT_KIND[module], ())
+        return _Rule("col", ()), _Rule("replicated", ())
+
+    def _tensors(self) -> Iterator[tuple[str, torch.nn.Parameter, _Rule]]:
+        for gid, path, lora in self.entries():
+            rule_a, rule_b = self._split_rules(lora, path)
+            yield f"{gid}.{path}.lora_A", lora.lora_A, rule_a
+            yield f"{gid}.{path}.lora_B", lora.lora_B, rule_b
+
+    @torch.no_grad()
+    def full_tensors(self, of: Callable[[torch.nn.Parameter], torch.Tensor] | None = None) -> dict:
+        """Collective over TP and PP: every adapter tensor (or `of(param)`, e.g. an AdamW moment) in a
+        form that does not depend on TP x PP (TP-gathered, fused modules split as in HF), keyed
+        '<global layer>.<module>.lora_A|B'; returned on every rank."""
+        tp, _ = _tp()
+        out = {}
+        for key, param, rule in self._tensors():
+            full = _tp_gather((param if of is None else of(param)).detach(), rule)
+            out[key] = [t.float().cpu().clone() for t in _hf_from_full(rule, self.arch, full, tp)]
+        return _pp_union(out)
+
+    @torch.no_grad()
+    def local_shards(self, full: dict, source: str) -> Iterator[tuple[torch.nn.Parameter, torch.Tensor]]:
+        """Inverse of `full_tensors` on this rank: (parameter, its shard of full[key]) for each one."""
+        tp, rank = _tp()
+        for key, param, rule in self._tensors():
+            if key not in full:
+                raise UserError(f"{source}: no adapter tensor {key} (saved with other target modules?)")
+            try:
+                shard = _shard_from_hf(rule, self.arch, full[key], tp, rank)
+            except (RuntimeError, ValueError, TypeError) as exc:
+                raise UserError(f"{source}: adapter tensor {key} is malformed ({exc})") from exc
+            if tuple(shard.shape) != tuple(param.shape):
+                raise UserError(
+                    f"{source}: adapter tensor {key} gives shape {tuple(shard.shape)} on tp rank {rank}/{tp}, "
+                    f"expected {tuple(param.shape)} (saved with another LoRA rank?)"
+                )
+            yield param, shard.to(param.device, param.dtype)
+
     # ------------------------------------------------------------------ PEFT export
 
     @torch.no_grad()
@@ -250,16 +295,9 @@ class LoraAdapter(torch.nn.Module):
 
         Loadable by `peft.PeftModel.from_pretrained` and SGLang's `/load_lora_adapter`."""
         import peft
-        from megatron.core import parallel_state
         from safetensors.torch import save_file
 
-        tensors = self.hf_tensors()
-        if parallel_state.get_pipeline_model_parallel_world_size() > 1:
-            parts: list = [None] * parallel_state.get_pipeline_model_parallel_world_size()
-            torch.distributed.all_gather_object(
-                parts, tensors, group=parallel_state.get_pipeline_model_parallel_group()
-            )
-            tensors = {k: v for part in parts for k, v in part.items()}
+        tensors = _pp_union(self.hf_tensors())
         written = None
         if torch.distributed.get_rank() == 0:
             out = Path(out_dir)
@@ -278,6 +316,20 @@ class LoraAdapter(torch.nn.Module):
             written = out
         torch.distributed.barrier()
         return written
+
+
+def _pp_union(local: dict) -> dict:
+    """Collective over PP: the union of every stage's dict (each stage holds its own layers' keys)."""
+    from megatron.core import parallel_state
+
+    stages = parallel_state.get_pipeline_model_parallel_world_size()
+    if stages == 1:
+        return local
+    parts: list = [None] * stages
+    torch.distributed.all_gather_object(
+        parts, local, group=parallel_state.get_pipeline_model_parallel_group()
+    )
+    return {k: v for part in parts for k, v in part.items()}
 
 
 def lora_spec_from(distill_cfg, seed: int = 0) -> LoraSpec:

@@ -11,8 +11,13 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from sparrow_megatron.loop.tracking import default_uri, saved_run_id
 
 # Budget 64 tokens against ~1.1K-token prompts: every decode step is sparse (layer 0 stays dense).
 SCHEDULE = {
@@ -84,14 +89,20 @@ def test_distill_trains_exports_and_loads_the_adapter_each_step(single_process_r
     assert (run_dir / "adapters" / "step_000002" / "adapter_model.safetensors").is_file()
     engine_log = (run_dir / "engines" / "engine0.log").read_text()
     assert "distill-v1" in engine_log and "distill-v2" in engine_log
-    assert (run_dir / "checkpoints" / "step_2" / "distill" / "adapter_tp0_pp0.pt").is_file()
+    assert (run_dir / "checkpoints" / "step_2" / "distill" / "adapter_state.pt").is_file()
+    # MLflow holds the final HF checkpoint and the final adapter (PEFT files) as artifacts.
+    client = MlflowClient(default_uri(run_dir))
+    run_id = saved_run_id(run_dir)
+    adapter = {a.path for a in client.list_artifacts(run_id, "final_adapter")}
+    assert {"final_adapter/adapter_model.safetensors", "final_adapter/adapter_config.json"} <= adapter
+    assert "final_hf/model.safetensors" in {a.path for a in client.list_artifacts(run_id, "final_hf")}
 
 
 @pytest.mark.sglang
 @pytest.mark.slow
 def test_distill_under_torchrun_tp2_follows_rank0(single_process_run, schedule_file, tmp_path):
     """Rank 1 replays the distill calls (step, export, probe, save): TP=2 gives the one-process numbers
-    of step 1 (same base weights, same samples) and the checkpoint holds both adapter shards."""
+    of step 1 (same base weights, same samples) and the checkpoint holds the whole adapter."""
     run_dir = tmp_path / "tp2"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
            "-m", "sparrow_megatron.cli.main", "train", "loop.steps=1", *DISTILL_RUN, "trainer.tp=2",
@@ -106,5 +117,11 @@ def test_distill_under_torchrun_tp2_follows_rank0(single_process_run, schedule_f
     for key in ("distill/loss", "distill/kl", "distill/grad_norm", "distill/probe_mean_base",
                 "distill/probe_mean_adapter"):  # fmt: skip
         assert got[key] == pytest.approx(want[key], rel=1e-3, abs=1e-6), key
-    shards = {p.name for p in (run_dir / "checkpoints" / "step_1" / "distill").glob("adapter_*.pt")}
-    assert shards == {"adapter_tp0_pp0.pt", "adapter_tp1_pp0.pt"}
+
+    # The checkpoint's adapter state is layout-free: the TP=2 run saved the one-process shapes.
+    def shapes(state_file: Path) -> dict:
+        state = torch.load(state_file, weights_only=True)
+        return {k: [tuple(t.shape) for t in parts] for k, parts in state["params"].items()}
+
+    tp2 = shapes(run_dir / "checkpoints" / "step_1" / "distill" / "adapter_state.pt")
+    assert tp2 == shapes(single_process_run / "checkpoints" / "step_2" / "distill" / "adapter_state.pt")

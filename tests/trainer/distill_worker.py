@@ -1,7 +1,9 @@
 """Run by test_distill, alone or under torchrun: sparse scoring + two distill steps + PEFT export.
 
 Writes (global rank 0) `result.pt` with the sparse+adapter log-probs before/after, step metrics and the
-exported PEFT tensors into --out; the parent test compares TP/PP splits with the single-rank run.
+exported PEFT tensors into --out; the parent test compares TP/PP splits with the single-rank run. The
+distill state after the first step is saved to --out/ckpt; with --resume-from, the worker loads such a
+state (saved under any layout) instead of taking the first step.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     ap.add_argument("--tp", type=int, default=1)
     ap.add_argument("--pp", type=int, default=1)
+    ap.add_argument("--resume-from", default="")
     args = ap.parse_args()
     out = Path(args.out)
 
@@ -49,7 +52,13 @@ def main() -> None:
     sparse0 = distiller.score(probe, schedules).logprobs
     rollout = [(x - 0.3 * torch.rand(len(x), generator=g)).tolist() for x in sparse0]  # TIS weights != 1
     batch = RolloutBatch(prompts, responses, rollout, [1.0, -1.0, 0.5])
-    metrics = [distiller.step(batch, dense, schedules) for _ in range(2)]
+    if args.resume_from:
+        distiller.load(args.resume_from)
+        metrics = [None]
+    else:
+        metrics = [distiller.step(batch, dense, schedules)]
+        distiller.save(out / "ckpt")
+    metrics.append(distiller.step(batch, dense, schedules))
     after = distiller.score(probe, schedules).logprobs
     exported = distiller.export(out / "adapter")
     if torch.distributed.get_rank() == 0:

@@ -94,10 +94,12 @@ def test_distill_rejects_mismatched_dense_logprobs(setup):
         distiller.adapter.remove()
 
 
-def _run_worker(model_dir, out, tp: int, pp: int, dp: int = 1) -> dict:
+def _run_worker(model_dir, out, tp: int, pp: int, dp: int = 1, resume_from: Path | None = None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     worker = Path(__file__).with_name("distill_worker.py")
     args = [str(worker), "--model-dir", str(model_dir), "--out", str(out), "--tp", str(tp), "--pp", str(pp)]
+    if resume_from is not None:
+        args += ["--resume-from", str(resume_from)]
     cmd = [sys.executable, *args]
     if tp * pp * dp > 1:
         cmd = [
@@ -131,3 +133,56 @@ def test_tp2_pp2_dp2_distill_match_single_rank(tiny_tied, tmp_path):
         assert set(got["peft"]) == set(ref["peft"])
         for name, t in got["peft"].items():
             torch.testing.assert_close(t, ref["peft"][name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def _assert_same_second_step(got: dict, want: dict, exact: bool) -> None:
+    close = {"rtol": 0, "atol": 0} if exact else {"rtol": 1e-4, "atol": 1e-6}
+    for key in ("after",):
+        for a, b in zip(got[key], want[key], strict=True):
+            torch.testing.assert_close(a, b, **close)
+    for name in ("loss", "grad_norm", "kl"):
+        assert got["metrics"][1][name] == pytest.approx(
+            want["metrics"][1][name], rel=close["rtol"], abs=1e-12
+        )
+    assert set(got["peft"]) == set(want["peft"])
+    for name, t in got["peft"].items():
+        torch.testing.assert_close(t, want["peft"][name], **close, msg=name)
+
+
+@pytest.mark.slow
+def test_distill_state_resumes_under_another_layout(tiny_tied, tmp_path):
+    """The adapter and its AdamW moments saved after step 1 under TP=2 or PP=2 resume in one process
+    (and one-process state in one process, bit-exact): step 2 and the exported adapter are the saved
+    run's."""
+    one = _run_worker(tiny_tied, tmp_path / "one", 1, 1)
+    again = _run_worker(tiny_tied, tmp_path / "one-resumed", 1, 1, resume_from=tmp_path / "one" / "ckpt")
+    _assert_same_second_step(again, one, exact=True)
+    for tp, pp in [(2, 1), (1, 2)]:
+        split = _run_worker(tiny_tied, tmp_path / f"tp{tp}pp{pp}", tp, pp)
+        resumed = _run_worker(
+            tiny_tied, tmp_path / f"from-tp{tp}pp{pp}", 1, 1, resume_from=tmp_path / f"tp{tp}pp{pp}" / "ckpt"
+        )
+        _assert_same_second_step(resumed, split, exact=False)
+
+
+def test_a_foreign_or_corrupt_distill_state_is_refused(setup, tmp_path):
+    policy, prompts, responses = setup
+    saved = SparseDistiller(policy, LoraSpec(rank=4, alpha=8.0, seed=1))
+    try:
+        saved.save(tmp_path / "ok")
+    finally:
+        saved.adapter.remove()
+    other_rank = SparseDistiller(policy, LoraSpec(rank=2, alpha=8.0, seed=1))
+    try:
+        with pytest.raises(
+            UserError, match=r"adapter_state.pt: adapter tensor 0\.self_attention.*another LoRA rank"
+        ):
+            other_rank.load(tmp_path / "ok")
+        with pytest.raises(UserError, match="missing"):
+            other_rank.load(tmp_path / "nothing-here")
+        state = tmp_path / "ok" / "adapter_state.pt"
+        state.write_bytes(state.read_bytes()[:200])
+        with pytest.raises(UserError, match="cannot read the DistillSparse state"):
+            other_rank.load(tmp_path / "ok")
+    finally:
+        other_rank.adapter.remove()
