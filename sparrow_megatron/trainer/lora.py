@@ -42,6 +42,7 @@ _TARGETS = {
 }
 _HF_PARENT = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn"}
 _EXPORT_KIND = {"self_attention.linear_qkv": "qkv", "mlp.linear_fc1": "fc1"}
+_HF_GROUP = {module: group for module, _, group in _TARGETS.values()}  # Megatron module -> its HF modules
 
 
 @dataclass(frozen=True)
@@ -267,27 +268,18 @@ class LoraAdapter(torch.nn.Module):
 
     # ------------------------------------------------------------------ PEFT export
 
-    @torch.no_grad()
     def hf_tensors(self) -> dict[str, torch.Tensor]:
-        """This stage's adapter under PEFT names, TP-gathered (collective over TP)."""
-        tp, _ = _tp()
+        """The whole adapter under PEFT names (collective over TP and PP): `full_tensors` renamed, the
+        shared A of a fused module copied to each of its HF modules."""
+        full = self.full_tensors()
         out: dict[str, torch.Tensor] = {}
-        for gid, path, lora in self.entries():
-            module, kind = path, lora.kind
-            hf_names = next(g for m, k, g in _TARGETS.values() if m == module and k == kind)
-            if kind == "col":
-                a = lora.lora_A.detach()
-                b_full = _tp_gather(lora.lora_B.detach(), _Rule("row", ()))
-                rule = _Rule(_EXPORT_KIND.get(module, "row"), ())
-                parts = _hf_from_full(rule, self.arch, b_full, tp)
-                pairs = [(n, a, b) for n, b in zip(hf_names, parts, strict=True)]
-            else:
-                a = _tp_gather(lora.lora_A.detach(), _Rule("col", ()))
-                pairs = [(hf_names[0], a, lora.lora_B.detach())]
-            for name, a_t, b_t in pairs:
+        for key in (k for k in full if k.endswith(".lora_A")):
+            gid, module = key[: -len(".lora_A")].split(".", 1)
+            (a,) = full[key]
+            for name, b in zip(_HF_GROUP[module], full[f"{gid}.{module}.lora_B"], strict=True):
                 prefix = f"base_model.model.model.layers.{gid}.{_HF_PARENT.get(name, 'mlp')}.{name}"
-                out[f"{prefix}.lora_A.weight"] = a_t.float().cpu().clone()  # shared A: own copy each
-                out[f"{prefix}.lora_B.weight"] = b_t.float().cpu().clone()
+                out[f"{prefix}.lora_A.weight"] = a.clone()
+                out[f"{prefix}.lora_B.weight"] = b
         return out
 
     def export_peft(self, out_dir: str | Path, base_model_path: str = "") -> Path | None:
@@ -297,7 +289,7 @@ class LoraAdapter(torch.nn.Module):
         import peft
         from safetensors.torch import save_file
 
-        tensors = _pp_union(self.hf_tensors())
+        tensors = self.hf_tensors()
         written = None
         if torch.distributed.get_rank() == 0:
             out = Path(out_dir)
