@@ -76,11 +76,14 @@ def save_checkpoint(policy: Policy, ckpt_dir: Path, step: int, extra_state: dict
     if rank == 0:
         if (ckpt_dir / MANIFEST).exists():
             (ckpt_dir / MANIFEST).unlink()  # overwriting: the directory is incomplete until we finish
-        if ckpt_dir.exists():  # dist_checkpointing refuses a non-empty directory
+        if ckpt_dir.exists():  # dist_checkpointing wants an empty directory (else it warns "corrupted")
             shutil.rmtree(ckpt_dir)
-        (ckpt_dir / RNG_DIR).mkdir(parents=True)
+        ckpt_dir.mkdir(parents=True)
     torch.distributed.barrier()
     dist_checkpointing.save(_sharded_state(policy, is_loading=False), str(ckpt_dir))
+    if rank == 0:
+        (ckpt_dir / RNG_DIR).mkdir()
+    torch.distributed.barrier()
     torch.save(_rng_state(), ckpt_dir / RNG_DIR / f"rank{rank}.pt")
     torch.distributed.barrier()
     if rank == 0:

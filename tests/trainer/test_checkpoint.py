@@ -61,6 +61,19 @@ def test_resume_gives_the_same_next_step_as_an_uninterrupted_run(tiny_tied, tmp_
     assert latest_checkpoint(tmp_path) == tmp_path / "step2"
 
 
+def test_saving_warns_of_no_corrupted_checkpoint(tiny_tied, tmp_path, caplog):
+    """dist_checkpointing warns "Overwriting old incomplete / corrupted checkpoint" into a non-empty
+    directory: a save (also over an older one) must give it an empty one."""
+    policy = Policy(_cfg(tiny_tied))
+    with caplog.at_level("WARNING"):
+        policy.save_checkpoint(tmp_path / "ckpt")
+        policy.save_checkpoint(tmp_path / "ckpt")
+    assert "Overwriting" not in caplog.text
+    assert (tmp_path / "ckpt" / "rng" / "rank0.pt").is_file() and latest_checkpoint(
+        tmp_path
+    ) == tmp_path / "ckpt"
+
+
 def test_partial_and_corrupt_checkpoints_are_refused(tiny_tied, tmp_path):
     policy = Policy(_cfg(tiny_tied))
     policy.train_step(_batch(0))
