@@ -278,7 +278,7 @@ class LoraAdapter(torch.nn.Module):
             (a,) = full[key]
             for name, b in zip(_HF_GROUP[module], full[f"{gid}.{module}.lora_B"], strict=True):
                 prefix = f"base_model.model.model.layers.{gid}.{_HF_PARENT.get(name, 'mlp')}.{name}"
-                out[f"{prefix}.lora_A.weight"] = a.clone()
+                out[f"{prefix}.lora_A.weight"] = a.clone()  # safetensors refuses tensors shared by names
                 out[f"{prefix}.lora_B.weight"] = b
         return out
 
