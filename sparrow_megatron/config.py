@@ -156,9 +156,13 @@ class LoopConfig:
 
 @dataclass
 class TrackingConfig:
-    mlflow_uri: str = ""  # empty = sqlite:///<run_dir>/mlflow.db
-    experiment: str = "sparrow"
-    run_name: str = ""
+    # empty = sqlite:///<run_dir>/../mlflow.db: one store for the run directories beside each other
+    mlflow_uri: str = ""
+    experiment: str = ""  # empty = the job's name (one experiment per recipe)
+    run_name: str = ""  # empty = the run directory's name
+    # The final weights are referenced by path and sha256; copied into the artifact store only when
+    # smaller than this many MB (0 = never).
+    copy_weights: int = 1024
 
 
 @dataclass
@@ -213,10 +217,10 @@ class JobConfig:
 
     @property
     def mlflow_uri(self) -> str:
-        """The tracking URI in force: the configured one, or a sqlite file in the run directory."""
+        """The tracking URI in force: the configured one, or mlflow.db beside the run directory."""
         if self.tracking.mlflow_uri:
             return self.tracking.mlflow_uri
-        return f"sqlite:///{(self.run_dir / 'mlflow.db').resolve()}"
+        return f"sqlite:///{self.run_dir.resolve().parent / 'mlflow.db'}"
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -643,7 +647,7 @@ def _problems(cfg: JobConfig, check_paths: bool) -> list[str]:
         f"GRPO needs >= 2 samples per prompt for a group advantage, got {cfg.rollout.n_samples}",
     )
     need(bool(cfg.loop.run_dir), "loop.run_dir", "is empty")
-    need(bool(cfg.tracking.experiment), "tracking.experiment", "is empty")
+    need(cfg.tracking.copy_weights >= 0, "tracking.copy_weights", "must be >= 0 (MB; 0 = never copy)")
 
     # Schedule: resolvable, and consistent with the controller.
     schedule = None

@@ -19,6 +19,7 @@ COMMAND_MODULES = [
     "sparrow_megatron.cli.submit",
     "sparrow_megatron.cli.serve",
     "sparrow_megatron.cli.calibrate",
+    "sparrow_megatron.cli.ui",
 ]
 
 

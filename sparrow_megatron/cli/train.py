@@ -43,28 +43,14 @@ def _interrupt(signum, frame) -> None:
 
 
 def print_summary(summary, cfg) -> None:
+    from sparrow_megatron.loop.recorder import summary_rows
+
     console = Console()
-    steps = summary.steps
     table = Table(title=f"Sparrow run: {summary.run_dir}")
     table.add_column("quantity")
     table.add_column("value", justify="right")
-    if steps:
-        first, last = steps[0].metrics, steps[-1].metrics
-        table.add_row(
-            "reward (first -> last step)", f"{first['reward/mean']:.3f} -> {last['reward/mean']:.3f}"
-        )
-        if len(steps) >= 10:  # one step's 4-8 prompts are noisy: the ends of the curve, averaged
-            ends = [sum(s.metrics["reward/mean"] for s in part) / 5 for part in (steps[:5], steps[-5:])]
-            table.add_row("reward (first 5 -> last 5 steps)", f"{ends[0]:.3f} -> {ends[1]:.3f}")
-        for key in sorted(k for k in last if k.startswith("tail/p5/")):
-            table.add_row(f"p5 acceptance {key.split('/')[-1]}", f"{last[key]:.3f} (tau {cfg.monitor.tau})")
-    if len(summary.evals) >= 2:
-        (s0, e0), (s1, e1) = summary.evals[0], summary.evals[-1]
-        for key in (k for k in e1 if k.endswith(("mean_at_k", "pass_at_k")) and k in e0):
-            name = key.removeprefix("eval/").replace("/", " ").replace("_at_k", "@k")
-            table.add_row(f"eval {name} (step {s0} -> {s1})", f"{e0[key]:.3f} -> {e1[key]:.3f}")
-    for key, value in summary.throughput.items():
-        table.add_row(key.replace("_", " "), f"{value:.3f}" if "reward" in key else f"{value:.1f}")
+    for quantity, value in summary_rows(summary, cfg.monitor.tau):
+        table.add_row(quantity, value)
     table.add_row("MLflow store", summary.mlflow_uri)
     table.add_row("open the UI", summary.ui_command)
     console.print(table)

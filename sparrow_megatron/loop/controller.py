@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -37,19 +37,23 @@ class BudgetChange:
         return asdict(self)
 
 
-def schedule_metrics(schedule: Schedule | None) -> dict[str, float]:
-    """The schedule in force as per-step metrics: `schedule/budget/bin_XXXXX` per explicit bin.
+def schedule_metrics(schedule: Schedule | None, bin_starts: Iterable[int] = ()) -> dict[str, float]:
+    """The schedule in force as per-step metrics: `tail_bin_XXXXX/budget` for each explicit bin of the
+    schedule and for each bin start in `bin_starts` (the bins the tail monitor saw: a schedule holds
+    its last budget past its last bin), so every bin's budget is on record from the first step.
 
     Dense bins (and a dense rollout, schedule None) have no budget metric; `schedule/dense` says which.
     """
-    from sparrow_megatron.loop.monitor import bin_key
+    from sparrow_megatron.loop.monitor import bin_metric
 
     if schedule is None:
         return {"schedule/dense": 1.0}
     out = {"schedule/dense": 0.0}
-    for i, budget in enumerate(schedule.budgets):
+    starts = {i * schedule.bin_width for i in range(len(schedule.budgets))} | set(bin_starts)
+    for start in sorted(starts):
+        budget = schedule.budget_at(start)
         if budget is not None:
-            out[f"schedule/budget/{bin_key(i * schedule.bin_width)}"] = float(budget)
+            out[bin_metric(start, "budget")] = float(budget)
     return out
 
 

@@ -30,6 +30,12 @@ def bin_key(start: int) -> str:
     return f"bin_{start:05d}"
 
 
+def bin_metric(start: int, stat: str) -> str:
+    """`tail_bin_XXXXX/<stat>`: one name prefix per bin, so MLflow's UI (which groups charts by the part
+    before the first '/') puts a bin's p5, its bounds, its margin to tau and its budget in one section."""
+    return f"tail_{bin_key(start)}/{stat}"
+
+
 @dataclass
 class TailAlarm:
     """Bins whose p5 sat below tau for at least k consecutive observations, as of `step`."""
@@ -67,25 +73,26 @@ class StepTails:
         return min((b.p5 for b in self.populated()), default=None)
 
     def metrics(self) -> dict[str, float]:
-        """Flat MLflow metrics: `tail/<stat>/bin_XXXXX` per bin plus run-level summaries."""
+        """Flat metrics: `tail_bin_XXXXX/<stat>` per bin plus run-level `tail/*` summaries."""
         out: dict[str, float] = {}
         for b in self.bins:
-            key = bin_key(b.start)
-            out[f"tail/count/{key}"] = float(b.count)
-            out[f"tail/mean/{key}"] = b.mean
-            out[f"tail/p5/{key}"] = b.p5
+            out[bin_metric(b.start, "count")] = float(b.count)
+            out[bin_metric(b.start, "mean")] = b.mean
+            out[bin_metric(b.start, "p5")] = b.p5
+            out[bin_metric(b.start, "p5_margin")] = b.p5 - self.tau
             if b.p5_lower is not None:
-                out[f"tail/p5_lower/{key}"] = b.p5_lower
+                out[bin_metric(b.start, "p5_lower")] = b.p5_lower
             if b.p5_upper is not None:
-                out[f"tail/p5_upper/{key}"] = b.p5_upper
+                out[bin_metric(b.start, "p5_upper")] = b.p5_upper
             if b.frac_below_tau is not None:
-                out[f"tail/frac_below_tau/{key}"] = b.frac_below_tau
+                out[bin_metric(b.start, "frac_below_tau")] = b.frac_below_tau
         populated = self.populated()
         out["tail/tokens"] = float(self.tokens)
         out["tail/nan_tokens"] = float(self.nan_tokens)
         out["tail/populated_bins"] = float(len(populated))
         if populated:
             out["tail/p5_min"] = min(b.p5 for b in populated)
+            out["tail/p5_margin"] = out["tail/p5_min"] - self.tau  # the worst populated bin's
             out["tail/bins_below_tau"] = float(sum(b.p5 < self.tau for b in populated))
         if self.bins:
             counts = np.array([b.count for b in self.bins], dtype=float)

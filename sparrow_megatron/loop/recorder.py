@@ -4,11 +4,15 @@ The loop calls `record(step, metrics)` once per completed step and `schedule_cha
 schedule in force changes (the first schedule, a controller change). `plots()` redraws the heatmap, the
 reward curve and the schedules from the durable record (metrics.jsonl and schedules/), so they are
 right after a resume too, and logs them to MLflow.
+
+metrics.jsonl keeps every number of a row; MLflow gets the constants among them (`PARAM_KEYS`, e.g.
+the evaluation's k) as params, since a metric that never changes is a flat chart to scroll past.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -23,6 +27,9 @@ from sparrow_megatron.sparsity.schedule import Schedule
 
 log = logging.getLogger(__name__)
 
+# Per-run constants that some rows carry: params in MLflow, not metrics.
+PARAM_KEYS = ("eval/k", "eval/prompts")
+_BIN_COUNT = re.compile(r"^tail_bin_(\d+)/count$")
 EVAL_KEYS = tuple(f"eval/{path}/{m}" for path in ("dense", "sparse") for m in ("mean_at_k", "pass_at_k"))
 
 
@@ -44,7 +51,8 @@ class StepRecorder:
     def record(self, step: int, metrics: Mapping[str, Any], schedule: Schedule | None = None) -> None:
         """One completed step; `schedule` = the one its rollout ran under, recorded with its metrics."""
         if schedule is not None:
-            metrics = {**metrics, **schedule_metrics(schedule)}
+            seen = [int(m.group(1)) for m in map(_BIN_COUNT.match, metrics) if m]
+            metrics = {**metrics, **schedule_metrics(schedule, seen)}
         self._store(step, metrics, what=f"step {step}")
         if self.progress is not None:
             self.progress.update(step, metrics)
@@ -68,7 +76,10 @@ class StepRecorder:
         self.run_dir.append_metrics(step, metrics)  # first: the durable record survives an MLflow outage
         if self.tracker is not None:
             try:
-                self.tracker.log_metrics(step, metrics)
+                constants = {k: _param_value(metrics[k]) for k in PARAM_KEYS if k in metrics}
+                if constants:
+                    self.tracker.log_params(constants)
+                self.tracker.log_metrics(step, {k: v for k, v in metrics.items() if k not in constants})
             except Exception as err:  # a tracking hiccup must not kill a training run; the jsonl has it
                 log.warning("%s: MLflow logging failed (%s); metrics.jsonl keeps it", what, err)
 
@@ -144,4 +155,46 @@ class StepRecorder:
         if self.tracker is not None:
             for p in out:
                 self.tracker.log_artifact(p, "plots")
+            self.log_record()
         return out
+
+    def log_record(self) -> None:
+        """config.yaml and metrics.jsonl (as of now) as artifacts: the run's own record beside MLflow's."""
+        for path in (self.run_dir.config_path, self.run_dir.metrics_path):
+            if self.tracker is not None and path.is_file():
+                self.tracker.log_artifact(path)
+
+
+def _param_value(value: Any) -> Any:
+    """4.0 -> 4: counts read as counts on the run page."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+def summary_rows(summary: Any, tau: float) -> list[tuple[str, str]]:
+    """The end-of-run table (a RunSummary): what the console prints and the MLflow run's description."""
+    rows: list[tuple[str, str]] = []
+    steps = summary.steps
+    if steps:
+        first, last = steps[0].metrics, steps[-1].metrics
+        rows.append(("reward (first -> last step)", f"{first[REWARD_KEY]:.3f} -> {last[REWARD_KEY]:.3f}"))
+        if len(steps) >= 10:  # one step's 4-8 prompts are noisy: the ends of the curve, averaged
+            ends = [sum(s.metrics[REWARD_KEY] for s in part) / 5 for part in (steps[:5], steps[-5:])]
+            rows.append(("reward (first 5 -> last 5 steps)", f"{ends[0]:.3f} -> {ends[1]:.3f}"))
+        for key in sorted(k for k in last if k.startswith("tail_bin_") and k.endswith("/p5")):
+            start = int(key[len("tail_bin_") : -len("/p5")])
+            rows.append((f"p5 acceptance, bin from {start}", f"{last[key]:.3f} (tau {tau})"))
+    if len(summary.evals) >= 2:
+        (s0, e0), (s1, e1) = summary.evals[0], summary.evals[-1]
+        for key in (k for k in e1 if k.endswith(("mean_at_k", "pass_at_k")) and k in e0):
+            name = key.removeprefix("eval/").replace("/", " ").replace("_at_k", "@k")
+            rows.append((f"eval {name} (step {s0} -> {s1})", f"{e0[key]:.3f} -> {e1[key]:.3f}"))
+    for key, value in summary.throughput.items():
+        rows.append((key.replace("_", " "), f"{value:.3f}" if "reward" in key else f"{value:.1f}"))
+    return rows
+
+
+def summary_markdown(summary: Any, tau: float) -> str:
+    """The summary as a Markdown table (MLflow renders a run's description as Markdown)."""
+    lines = [f"Sparrow run `{summary.run_dir}`", "", "| quantity | value |", "|---|---|"]
+    lines += [f"| {k} | {v} |" for k, v in summary_rows(summary, tau)]
+    return "\n".join(lines) + "\n"

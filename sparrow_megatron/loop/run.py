@@ -27,10 +27,10 @@ from sparrow_megatron.loop.console import LoopProgress
 from sparrow_megatron.loop.controller import BudgetController
 from sparrow_megatron.loop.evaluate import EvalSpec, eval_sampling, evaluate
 from sparrow_megatron.loop.monitor import TailMonitor
-from sparrow_megatron.loop.recorder import StepRecorder
+from sparrow_megatron.loop.recorder import StepRecorder, summary_markdown
 from sparrow_megatron.loop.rundir import RunDir
 from sparrow_megatron.loop.tasks import make_task
-from sparrow_megatron.loop.tracking import MlflowTracker
+from sparrow_megatron.loop.tracking import MlflowTracker, context_tags, dataset_refs
 from sparrow_megatron.rollout.config import RolloutConfig as FleetConfig
 from sparrow_megatron.rollout.fleet import RolloutFleet
 from sparrow_megatron.rollout.types import Sample, SamplingParams, topk_tensors
@@ -185,11 +185,15 @@ class Loop:
         tracker = MlflowTracker.from_config(cfg)
         progress = LoopProgress(cfg.loop.steps, resume.step, cfg.monitor.tau)
         with tracker, fleet, progress:
-            tracker.start(params=cfg.to_flat_dict(), resume=resume.checkpoint is not None)
+            resumed = resume.checkpoint is not None
+            tracker.start(params=cfg.to_flat_dict(), tags=context_tags(cfg.name), resume=resumed)
             summary.ui_command = tracker.ui_command()
             recorder = StepRecorder(
                 self.run, tracker, progress, monitor, plot_every=cfg.loop.checkpoint_every
             )
+            if not resumed:
+                tracker.log_datasets(dataset_refs(cfg, task))
+                recorder.log_record()
             self._push_weights = weight_pusher(cfg, fleet)
             if resume.checkpoint is not None:
                 # The engines start from the base model: push the resumed weights, under the versions
@@ -224,9 +228,10 @@ class Loop:
             final = self.run.root / "final_hf"
             shutil.rmtree(final, ignore_errors=True)
             policy.export_hf(final)
-            tracker.log_artifact(final, "final_hf")
+            tracker.log_weights(final, cfg.tracking.copy_weights)
             if self.distill is not None:
                 tracker.log_artifact(self.distill.latest_export(), "final_adapter")
+            tracker.set_description(summary_markdown(summary, cfg.monitor.tau))
         return summary
 
     def _evaluator(self, fleet, task, tokenizer, sampling, recorder, summary: RunSummary):
