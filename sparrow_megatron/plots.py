@@ -110,6 +110,10 @@ def reward_figure(
     return fig
 
 
+_LINESTYLES = ("-", "--", "-.", ":")
+_MARKERS = ("o", "s", "^", "D", "v", "P")
+
+
 def schedule_figure(
     schedules: Mapping[str, Schedule | None] | Sequence[Schedule],
     max_len: int | None = None,
@@ -131,13 +135,25 @@ def schedule_figure(
     fig = Figure(figsize=(7, 4.5))
     ax = fig.add_subplot()
     ax.plot(positions, positions, color="0.6", linestyle="--", label="dense (all L tokens)")
-    for label, s in named.items():
+    # Schedules often coincide (a controller change touches one bin): each later line is thinner, in
+    # its own dash pattern, with markers shifted along x, so one drawn exactly over another still
+    # leaves the earlier visible around it.
+    n = len(named)
+    widths = np.linspace(3.2, 1.2, n) if n > 1 else [1.8]
+    every = max(1, len(positions) // 8)
+    for i, (label, s) in enumerate(named.items()):
         budgets = [s.budget_at(int(L)) for L in positions]
         ax.step(
             positions,
             [L if b is None else b for L, b in zip(positions, budgets, strict=True)],
             where="post",
             label=label,
+            linewidth=widths[i],
+            linestyle=_LINESTYLES[i % len(_LINESTYLES)],
+            marker=_MARKERS[i % len(_MARKERS)],
+            markevery=(i * every // max(n, 1), every),
+            markersize=5,
+            alpha=0.9,
         )
     tops = [b for s in named.values() for b in s.budgets if b is not None]
     ax.set_ylim(0, max(tops, default=max_len) * 1.15)

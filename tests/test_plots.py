@@ -75,6 +75,16 @@ def test_schedule_figure_overlays_budgets():
     assert y[np.searchsorted(x, 350)] == 128
 
 
+def test_coinciding_schedules_stay_distinguishable():
+    """A schedule drawn exactly over an earlier one: thinner, another dash and marker positions."""
+    same = Schedule((256,), 256, name="tiny")
+    lines = schedule_figure({"from step 1": same, "from step 5": same}, max_len=1500).axes[0].get_lines()[1:]
+    assert lines[0].get_linewidth() > lines[1].get_linewidth()
+    assert lines[0].get_linestyle() != lines[1].get_linestyle()
+    assert lines[0].get_marker() != lines[1].get_marker()
+    assert lines[0].get_markevery() != lines[1].get_markevery()
+
+
 def test_plot_schedules_png(tmp_path):
     path = plot_schedules(tmp_path / "s.png", list(PRESETS.values()))
     assert path.read_bytes()[:8] == PNG_MAGIC

@@ -388,7 +388,7 @@ class MlflowTracker:
             if self.store is not None and uri.startswith("mlflow-artifacts:"):
                 path = self.store.parent / ARTIFACTS_DIR / uri[len("mlflow-artifacts:") :].lstrip("/")
                 uri = path.as_uri()
-            self._repo = get_artifact_repository(uri)
+            self._repo = get_artifact_repository(uri, tracking_uri=self.uri)
         return self._repo
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:

@@ -116,6 +116,6 @@ def test_schedule_metrics():
     assert schedule_metrics(None) == {"schedule/dense": 1.0}
     assert schedule_metrics(Schedule((512, None, 1024))) == {
         "schedule/dense": 0.0,
-        "schedule/budget/bin_00000": 512.0,
-        "schedule/budget/bin_04000": 1024.0,
+        "tail_bin_00000/budget": 512.0,
+        "tail_bin_04000/budget": 1024.0,
     }

@@ -30,13 +30,13 @@ def test_metrics_per_bin_match_numpy():
     for b in range(3):
         sel = positions // 2000 == b
         key = f"bin_{b * 2000:05d}"
-        assert m[f"tail/count/{key}"] == sel.sum()
-        assert m[f"tail/mean/{key}"] == pytest.approx(alpha[sel].mean())
-        assert m[f"tail/p5/{key}"] == pytest.approx(np.percentile(alpha[sel], 5))
-        assert m[f"tail/p5_lower/{key}"] == pytest.approx(np.percentile(lower[sel], 5))
-        assert m[f"tail/p5_upper/{key}"] == pytest.approx(np.percentile(upper[sel], 5))
-        assert m[f"tail/frac_below_tau/{key}"] == pytest.approx((alpha[sel] < 0.86).mean())
-    assert "tail/p5/bin_02000" in m
+        assert m[f"tail_{key}/count"] == sel.sum()
+        assert m[f"tail_{key}/mean"] == pytest.approx(alpha[sel].mean())
+        assert m[f"tail_{key}/p5"] == pytest.approx(np.percentile(alpha[sel], 5))
+        assert m[f"tail_{key}/p5_lower"] == pytest.approx(np.percentile(lower[sel], 5))
+        assert m[f"tail_{key}/p5_upper"] == pytest.approx(np.percentile(upper[sel], 5))
+        assert m[f"tail_{key}/frac_below_tau"] == pytest.approx((alpha[sel] < 0.86).mean())
+    assert "tail_bin_02000/p5" in m
     assert m["tail/tokens"] == 3000
     assert m["tail/p5_min"] == pytest.approx(
         min(np.percentile(alpha[positions // 2000 == b], 5) for b in range(3))

@@ -33,7 +33,7 @@ def test_low_tail_stream_through_monitor_controller_and_tracking(tmp_path, mlflo
     buf = io.StringIO()
     console = Console(file=buf, force_terminal=False, width=200, color_system=None)
     with (
-        MlflowTracker(f"sqlite:///{mlflow_store}", "recorder", run.root) as tracker,
+        MlflowTracker(f"sqlite:///{mlflow_store}", "recorder", run.root, system_metrics=False) as tracker,
         LoopProgress(4, console=console) as progress,
     ):
         tracker.start({"monitor.tau": 0.86})
@@ -54,20 +54,21 @@ def test_low_tail_stream_through_monitor_controller_and_tracking(tmp_path, mlflo
     rows = run.read_metrics()
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     assert [r["tail/alarm"] for r in rows] == [0.0, 1.0, 1.0, 1.0]
-    assert all(r["tail/p5/bin_02000"] < 0.86 < r["tail/p5/bin_00000"] for r in rows)
+    assert all(r["tail_bin_02000/p5"] < 0.86 < r["tail_bin_00000/p5"] for r in rows)
     # The schedule each step ran under is recorded with it.
-    assert [r["schedule/budget/bin_02000"] for r in rows] == [1024.0, 1280.0, 1536.0, 1792.0]
-    assert all(r["schedule/budget/bin_00000"] == 512.0 for r in rows)
+    assert [r["tail_bin_02000/budget"] for r in rows] == [1024.0, 1280.0, 1536.0, 1792.0]
+    assert all(r["tail_bin_00000/budget"] == 512.0 for r in rows)
     assert Schedule.load(run.schedule_in_force(5)).budgets == schedule.budgets
     assert Schedule.load(run.schedule_in_force(1)).budgets == (512, 1024, 1536)
 
     client = MlflowClient(tracker.uri)
-    history = sorted(client.get_metric_history(run_id, "tail/p5/bin_02000"), key=lambda m: m.step)
+    history = sorted(client.get_metric_history(run_id, "tail_bin_02000/p5"), key=lambda m: m.step)
     assert [m.step for m in history] == [1, 2, 3, 4]
-    np.testing.assert_allclose([m.value for m in history], [r["tail/p5/bin_02000"] for r in rows])
-    plots = {a.path for a in client.list_artifacts(run_id, "plots")}
+    np.testing.assert_allclose([m.value for m in history], [r["tail_bin_02000/p5"] for r in rows])
+    plots = set(tracker.list_artifacts("plots"))
     assert plots == {"plots/tail_p5_heatmap.png", "plots/reward.png", "plots/schedules.png"}
-    assert {a.path for a in client.list_artifacts(run_id, "schedules")} == {
+    assert "metrics.jsonl" in tracker.list_artifacts()  # the durable record, as of the last plots
+    assert set(tracker.list_artifacts("schedules")) == {
         f"schedules/step_{s}.json" for s in range(1, 6)
     }
     assert client.get_run(run_id).data.tags["schedule_in_force"] == "start-ctl (from step 5)"
@@ -85,6 +86,22 @@ def test_record_survives_a_tracking_failure(tmp_path, caplog):
     StepRecorder(run, tracker=Broken()).record(1, {"reward/mean": 0.5})
     assert run.read_metrics() == [{"step": 1, "reward/mean": 0.5}]
     assert "MLflow logging failed (server down)" in caplog.text
+
+
+def test_constants_are_params_and_every_bin_has_its_budget_from_step_1(tmp_path, mlflow_store):
+    run = RunDir(tmp_path / "run").create()
+    schedule = Schedule((256,), 256, name="tiny")  # one explicit bin; the tails sit in bin 1024
+    with MlflowTracker(f"sqlite:///{mlflow_store}", "recorder", run.root, system_metrics=False) as tracker:
+        tracker.start()
+        recorder = StepRecorder(run, tracker)
+        tails = {"tail_bin_01024/count": 40.0, "tail_bin_01024/p5": 0.8, "reward/mean": 0.5}
+        recorder.record(1, tails, schedule)
+        recorder.record_eval(1, {"eval/k": 4.0, "eval/prompts": 8.0, "eval/dense/mean_at_k": 0.5})
+    got = MlflowClient(tracker.uri).get_run(tracker.run_id).data
+    assert got.metrics["tail_bin_01024/budget"] == 256.0 == got.metrics["tail_bin_00000/budget"]
+    assert got.params["eval/k"] == "4" and got.params["eval/prompts"] == "8"
+    assert "eval/k" not in got.metrics and got.metrics["eval/dense/mean_at_k"] == 0.5
+    assert run.read_metrics()[1]["eval/k"] == 4.0  # the durable record keeps the whole row
 
 
 def test_evaluations_are_their_own_rows_and_plot(tmp_path):

@@ -95,14 +95,14 @@ def test_steps_compute_rewards_tails_and_sync_weights(reference_run):
         assert 0.0 <= r["reward/mean"] <= 1.0
         assert r["reward/mean"] * 24 == pytest.approx(round(r["reward/mean"] * 24), abs=1e-9)
         # The ~1.1K-token prompts put every decode step in the bin [1024, 1280).
-        assert r["tail/count/bin_01024"] == r["train/num_tokens"] > 0
-        assert 0.0 < r["tail/p5/bin_01024"] <= 1.0
-        assert r["tail/p5_lower/bin_01024"] <= r["tail/p5/bin_01024"] <= r["tail/p5_upper/bin_01024"]
+        assert r["tail_bin_01024/count"] == r["train/num_tokens"] > 0
+        assert 0.0 < r["tail_bin_01024/p5"] <= 1.0
+        assert r["tail_bin_01024/p5_lower"] <= r["tail_bin_01024/p5"] <= r["tail_bin_01024/p5_upper"]
         assert r["rollout/dropped_samples"] == 0
         # One weight sync per step: the rollout of step s+1 runs on the weights of update s.
         assert r["rollout/weight_version"] == r["step"]
         assert r["rollout/engine_weight_version"] == r["step"] - 1
-        budgets = [v for k, v in r.items() if k.startswith("schedule/budget/")]
+        budgets = [v for k, v in r.items() if k.startswith("tail_bin_") and k.endswith("/budget")]
         assert r["schedule/dense"] == 0 and budgets and min(budgets) >= 128
     assert any(r["reward/signal_frac"] > 0 for r in rows), "no group with differing rewards: no update"
     evals = [r for r in _rows(reference_run) if "eval/k" in r]
@@ -199,5 +199,5 @@ def test_distributed_weight_sync_reaches_the_engines(reference_run, tmp_path):
     # Same prompts and seeds: the same rewards. (Joining the gloo group moves the engine's float bits
     # slightly, so the log-prob statistics are close to the reference's, not bit-equal.)
     for got, want in zip(rows, _metrics(reference_run)[:2], strict=True):
-        assert got["tail/count/bin_01024"] == want["tail/count/bin_01024"]
+        assert got["tail_bin_01024/count"] == want["tail_bin_01024/count"]
         assert got["train/loss"] == pytest.approx(want["train/loss"], rel=0.1, abs=0.01)

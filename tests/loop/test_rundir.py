@@ -23,14 +23,14 @@ def test_layout_and_config(tmp_path):
 
 def test_metrics_append_read_and_torn_line(tmp_path, caplog):
     run = RunDir(tmp_path).create()
-    run.append_metrics(1, {"reward": 0.5, "tail/p5/bin_00000": 0.9})
+    run.append_metrics(1, {"reward": 0.5, "tail_bin_00000/p5": 0.9})
     run.append_metrics(2, {"reward": 0.75, "kl": float("nan")})
     with open(run.metrics_path, "a") as f:
         f.write('{"step": 3, "reward": 0.')  # a kill mid-write
     caplog.set_level(logging.WARNING)
     rows = run.read_metrics()
     assert [r["step"] for r in rows] == [1, 2]
-    assert rows[0] == {"step": 1, "reward": 0.5, "tail/p5/bin_00000": 0.9}
+    assert rows[0] == {"step": 1, "reward": 0.5, "tail_bin_00000/p5": 0.9}
     assert math.isnan(rows[1]["kl"])
     assert "metrics.jsonl:3: skipping a malformed metrics line" in caplog.text
     # The file stays strict JSON (no NaN tokens).
@@ -174,4 +174,4 @@ def test_resume_reproduces_the_uninterrupted_record(tmp_path):
     assert [r["step"] for r in resumed] == list(range(1, 9))
     assert resumed == straight
     assert any(r["tail/alarm"] == 1.0 for r in straight)  # the stream exercised the streak state
-    assert len({r["schedule/budget/bin_02000"] for r in straight}) > 1  # and the controller's
+    assert len({r["tail_bin_02000/budget"] for r in straight}) > 1  # and the controller's
