@@ -19,6 +19,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 
 from sparrow_megatron.data.recall import TINY_RECALL_DIR
@@ -122,7 +123,34 @@ def test_steps_compute_rewards_tails_and_sync_weights(reference_run):
         "eval.png",
         "tail_p5_heatmap.png",
     }
-    assert (reference_run / "mlflow.db").stat().st_size > 0
+    _assert_tracked(reference_run)
+
+
+def _assert_tracked(run_dir: Path) -> None:
+    """The run in the project's store beside its directory: named, tagged, its numbers and files."""
+    client = MlflowClient(f"sqlite:///{run_dir.parent / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("tiny-cpu")  # the recipe's name
+    (run,) = client.search_runs([experiment.experiment_id], f"attributes.run_name = '{run_dir.name}'")
+    assert run.info.status == "FINISHED"
+    tags, params = run.data.tags, run.data.params
+    assert len(tags["mlflow.source.git.commit"]) == 40 and tags["sparrow.recipe"] == "tiny-cpu"
+    assert "reward (first -> last step)" in tags["mlflow.note.content"]  # the end-of-run summary
+    assert params["loop.steps"] == "3" and params["eval/k"] == "2" and "eval/k" not in run.data.metrics
+    rows = _metrics(run_dir)
+    for key in ("reward/mean", "tail_bin_01024/p5", "tail_bin_01024/budget", "train/lr"):
+        logged = {m.step: m.value for m in client.get_metric_history(run.info.run_id, key)}
+        assert logged == {r["step"]: pytest.approx(r[key]) for r in rows}, key
+    assert {d.tags[0].value for d in run.inputs.dataset_inputs} == {"train", "eval"}
+    assert tags["sparrow.final_hf.copied"] == "True"  # the tiny model is below tracking.copy_weights
+    root = run_dir.parent / "mlartifacts" / "tiny-cpu" / run.info.run_id / "artifacts"
+    assert {p.name for p in root.iterdir()} >= {
+        "config.yaml",
+        "metrics.jsonl",
+        "plots",
+        "schedules",
+        "final_hf",
+    }
+    assert (root / "metrics.jsonl").read_text() == (run_dir / "metrics.jsonl").read_text()
 
 
 def test_resume_after_a_kill_reproduces_the_uninterrupted_run(reference_run, tmp_path):
@@ -154,6 +182,8 @@ def test_resume_after_a_kill_reproduces_the_uninterrupted_run(reference_run, tmp
     assert [r["step"] for r in rows] == [0, 1, 2, 2, 3, 3]  # evaluations after steps 0, 2 and 3
     for got, want in zip(rows, _rows(reference_run), strict=True):
         assert _deterministic(got) == pytest.approx(_deterministic(want), rel=1e-6, abs=1e-9), got["step"]
+    # The resumed run continued its MLflow run (one run, every step's numbers in it).
+    _assert_tracked(run_dir)
 
 
 def test_bad_config_fails_before_anything_starts(tmp_path):
