@@ -1,7 +1,7 @@
 """The embedded default job: the synthetic recall task on the committed tiny Qwen3, all on CPU.
 
-One SGLang engine with the `sparrow` backend, the Megatron trainer in-process, MLflow in a sqlite
-file of the run directory. Sized to finish in minutes on 2 cores. `recipes/tiny_cpu.py` returns it.
+One SGLang engine with the `sparrow` backend, the Megatron trainer in-process, MLflow in the sqlite
+store beside the run directory. Sized to finish in minutes on 2 cores. `recipes/tiny_cpu.py` returns it.
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@
       checkpoints/step_N/    the state after step N; complete only once its COMPLETE marker exists
       schedules/step_N.json  the schedule in force from step N (written when it changes)
       plots/                 PNGs
-      mlflow.db, mlartifacts/  the default MLflow store
+      mlflow_run.json        the MLflow run (the default store, mlflow.db, is beside the run directory)
 
 Steps are numbered from 1. The loop appends step N's metrics, then (on checkpoint steps) writes
 checkpoints/step_N. A checkpoint is written into `step_N.partial` and renamed only after the writer

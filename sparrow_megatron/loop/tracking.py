@@ -108,11 +108,14 @@ def git_commit(path: str | Path) -> str | None:
 
 def context_tags(recipe: str, source: str | None = None) -> dict[str, str]:
     """The tags MLflow's UI shows as the run's source, user and git commit, plus the recipe."""
+    # The UI shows the source name's last path component: the command, not its (path) arguments,
+    # which go to sparrow.command.
     tags = {
         "mlflow.source.type": "LOCAL",
-        "mlflow.source.name": source or " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])[:500],
+        "mlflow.source.name": source or " ".join(["sparrow", *sys.argv[1:2]]),
         "mlflow.user": getpass.getuser(),
         "sparrow.recipe": recipe,
+        "sparrow.command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])[:4000],
     }
     commit = git_commit(Path(__file__).resolve().parent)
     if commit:
