@@ -41,12 +41,17 @@ class StepRecorder:
         progress: LoopProgress | None = None,
         monitor: TailMonitor | None = None,
         plot_every: int = 0,
+        constant_keys: Sequence[str] = (),
     ):
         self.run_dir = run_dir
         self.tracker = tracker
         self.progress = progress
         self.monitor = monitor
         self.plot_every = plot_every
+        # Keys this run's config makes constant (a constant learning rate): metrics.jsonl keeps them,
+        # MLflow has them as config params already; as a chart a constant is a flat line on an axis
+        # padded to +-1 around it, which reads as 0 for a 1e-6 learning rate.
+        self.constant_keys = frozenset(constant_keys)
 
     def record(self, step: int, metrics: Mapping[str, Any], schedule: Schedule | None = None) -> None:
         """One completed step; `schedule` = the one its rollout ran under, recorded with its metrics."""
@@ -79,7 +84,8 @@ class StepRecorder:
                 constants = {k: _param_value(metrics[k]) for k in PARAM_KEYS if k in metrics}
                 if constants:
                     self.tracker.log_params(constants)
-                self.tracker.log_metrics(step, {k: v for k, v in metrics.items() if k not in constants})
+                skip = self.constant_keys.union(constants)
+                self.tracker.log_metrics(step, {k: v for k, v in metrics.items() if k not in skip})
             except Exception as err:  # a tracking hiccup must not kill a training run; the jsonl has it
                 log.warning("%s: MLflow logging failed (%s); metrics.jsonl keeps it", what, err)
 

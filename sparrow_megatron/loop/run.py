@@ -188,9 +188,11 @@ class Loop:
             resumed = resume.checkpoint is not None
             tracker.start(params=cfg.to_flat_dict(), tags=context_tags(cfg.name), resume=resumed)
             summary.ui_command = tracker.ui_command()
+            t = cfg.trainer
             recorder = StepRecorder(
-                self.run, tracker, progress, monitor, plot_every=cfg.loop.checkpoint_every
-            )
+                self.run, tracker, progress, monitor, plot_every=cfg.loop.checkpoint_every,
+                constant_keys=("train/lr",) if t.lr_schedule == "constant" and not t.warmup_steps else (),
+            )  # fmt: skip
             if not resumed:
                 tracker.log_datasets(dataset_refs(cfg, task))
                 recorder.log_record()

@@ -68,9 +68,7 @@ def test_low_tail_stream_through_monitor_controller_and_tracking(tmp_path, mlflo
     plots = set(tracker.list_artifacts("plots"))
     assert plots == {"plots/tail_p5_heatmap.png", "plots/reward.png", "plots/schedules.png"}
     assert "metrics.jsonl" in tracker.list_artifacts()  # the durable record, as of the last plots
-    assert set(tracker.list_artifacts("schedules")) == {
-        f"schedules/step_{s}.json" for s in range(1, 6)
-    }
+    assert set(tracker.list_artifacts("schedules")) == {f"schedules/step_{s}.json" for s in range(1, 6)}
     assert client.get_run(run_id).data.tags["schedule_in_force"] == "start-ctl (from step 5)"
     out = buf.getvalue()
     assert "step 1/4  reward 0.100" in out
@@ -93,15 +91,17 @@ def test_constants_are_params_and_every_bin_has_its_budget_from_step_1(tmp_path,
     schedule = Schedule((256,), 256, name="tiny")  # one explicit bin; the tails sit in bin 1024
     with MlflowTracker(f"sqlite:///{mlflow_store}", "recorder", run.root, system_metrics=False) as tracker:
         tracker.start()
-        recorder = StepRecorder(run, tracker)
-        tails = {"tail_bin_01024/count": 40.0, "tail_bin_01024/p5": 0.8, "reward/mean": 0.5}
+        recorder = StepRecorder(run, tracker, constant_keys=("train/lr",))
+        tails = {"tail_bin_01024/count": 40.0, "tail_bin_01024/p5": 0.8, "reward/mean": 0.5, "train/lr": 1e-6}
         recorder.record(1, tails, schedule)
         recorder.record_eval(1, {"eval/k": 4.0, "eval/prompts": 8.0, "eval/dense/mean_at_k": 0.5})
     got = MlflowClient(tracker.uri).get_run(tracker.run_id).data
     assert got.metrics["tail_bin_01024/budget"] == 256.0 == got.metrics["tail_bin_00000/budget"]
     assert got.params["eval/k"] == "4" and got.params["eval/prompts"] == "8"
     assert "eval/k" not in got.metrics and got.metrics["eval/dense/mean_at_k"] == 0.5
-    assert run.read_metrics()[1]["eval/k"] == 4.0  # the durable record keeps the whole row
+    assert "train/lr" not in got.metrics
+    rows = run.read_metrics()  # the durable record keeps whole rows
+    assert rows[0]["train/lr"] == 1e-6 and rows[1]["eval/k"] == 4.0
 
 
 def test_evaluations_are_their_own_rows_and_plot(tmp_path):
