@@ -15,9 +15,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from sparrow_megatron.cli import ui
 from sparrow_megatron.config import JobConfig, apply_overrides
-from sparrow_megatron.errors import UserError
 from sparrow_megatron.loop import tracking
 from sparrow_megatron.loop.default import tiny_cpu
 from sparrow_megatron.loop.recorder import StepRecorder
@@ -281,28 +279,6 @@ def test_two_runs_of_the_embedded_default_share_a_store_that_can_move(tmp_path):
         assert Path(got).read_text() == (moved / "tiny-a" / "config.yaml").read_text()
         page = httpx.get(f"{base}/", timeout=30)
         assert page.status_code == 200 and "<html" in page.text.lower()
-
-
-def test_ui_targets(tmp_path):
-    with pytest.raises(UserError, match="no such run directory"):
-        ui.resolve(tmp_path / "missing")
-    with pytest.raises(UserError, match="neither a run directory"):
-        ui.resolve(tmp_path)
-    (tmp_path / "mlflow.db").write_bytes(b"")
-    assert ui.resolve(tmp_path) == ((tmp_path / "mlflow.db").resolve(), None)
-    run = tmp_path / "remote"
-    run.mkdir()
-    (run / tracking.RUN_ID_FILE).write_text(
-        '{"run_id": "abc", "uri": "http://mlflow.example:5000", "experiment_id": "7"}\n'
-    )
-    proc = subprocess.run(
-        [sys.executable, "-m", "sparrow_megatron.cli.main", "ui", str(run)], capture_output=True, text=True
-    )
-    assert proc.returncode == 0, proc.stderr
-    assert (
-        proc.stdout.strip()
-        == "run: http://mlflow.example:5000/#/experiments/7/runs/abc?workflowType=machine_learning"
-    )
 
 
 def test_resume_continues_the_same_run(cfg):
