@@ -269,9 +269,9 @@ def test_flat_dict_and_round_trip(tmp_path):
         assert load_recipe(path) == cfg
 
 
-def test_mlflow_uri_defaults_to_sqlite_in_run_dir(tmp_path):
+def test_mlflow_uri_defaults_to_sqlite_beside_the_run_dir(tmp_path):
     cfg = apply_overrides(JobConfig(), [f"loop.run_dir={tmp_path / 'run'}"])
-    assert cfg.mlflow_uri == f"sqlite:///{tmp_path / 'run' / 'mlflow.db'}"
+    assert cfg.mlflow_uri == f"sqlite:///{tmp_path / 'mlflow.db'}"  # one store for the runs in tmp_path
     cfg = apply_overrides(cfg, ["tracking.mlflow_uri=http://127.0.0.1:5000"])
     assert cfg.mlflow_uri == "http://127.0.0.1:5000"
 
