@@ -59,6 +59,13 @@ def local_store(uri: str) -> Path | None:
     return Path(uri[len("sqlite:///") :]) if uri.startswith("sqlite:///") else None
 
 
+def local_artifacts(store: str | Path, artifact_uri: str) -> Path | None:
+    """The folder of a run's artifacts in a local store (None if its location is not the store's)."""
+    if not artifact_uri.startswith("mlflow-artifacts:"):
+        return None
+    return Path(store).parent / ARTIFACTS_DIR / artifact_uri[len("mlflow-artifacts:") :].lstrip("/")
+
+
 def run_page_url(base: str, experiment_id: str, run_id: str) -> str:
     """The run's page in the UI, in the model-training view (MLflow 3 defaults to its GenAI view)."""
     return f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}?workflowType=machine_learning"
@@ -388,9 +395,9 @@ class MlflowTracker:
             from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 
             uri = self.client.get_run(self._need_run()).info.artifact_uri
-            if self.store is not None and uri.startswith("mlflow-artifacts:"):
-                path = self.store.parent / ARTIFACTS_DIR / uri[len("mlflow-artifacts:") :].lstrip("/")
-                uri = path.as_uri()
+            folder = local_artifacts(self.store, uri) if self.store is not None else None
+            if folder is not None:
+                uri = folder.as_uri()
             self._repo = get_artifact_repository(uri, tracking_uri=self.uri)
         return self._repo
 

@@ -17,7 +17,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from sparrow_megatron.loop.tracking import default_uri, saved_run_id
+from sparrow_megatron.loop.tracking import default_store, default_uri, local_artifacts, saved_run_id
 
 # Budget 64 tokens against ~1.1K-token prompts: every decode step is sparse (layer 0 stays dense).
 SCHEDULE = {
@@ -91,11 +91,12 @@ def test_distill_trains_exports_and_loads_the_adapter_each_step(single_process_r
     assert "distill-v1" in engine_log and "distill-v2" in engine_log
     assert (run_dir / "checkpoints" / "step_2" / "distill" / "adapter_state.pt").is_file()
     # MLflow holds the final HF checkpoint and the final adapter (PEFT files) as artifacts.
-    client = MlflowClient(default_uri(run_dir))
-    run_id = saved_run_id(run_dir)
-    adapter = {a.path for a in client.list_artifacts(run_id, "final_adapter")}
-    assert {"final_adapter/adapter_model.safetensors", "final_adapter/adapter_config.json"} <= adapter
-    assert "final_hf/model.safetensors" in {a.path for a in client.list_artifacts(run_id, "final_hf")}
+    # (A local store's artifacts sit in mlartifacts/ beside it; a plain sqlite client cannot list them.)
+    run = MlflowClient(default_uri(run_dir)).get_run(saved_run_id(run_dir))
+    root = local_artifacts(default_store(run_dir), run.info.artifact_uri)
+    adapter = {p.name for p in (root / "final_adapter").iterdir()}
+    assert {"adapter_model.safetensors", "adapter_config.json"} <= adapter
+    assert (root / "final_hf" / "model.safetensors").is_file()
 
 
 @pytest.mark.sglang
