@@ -110,7 +110,7 @@ def reward_figure(
     return fig
 
 
-_LINESTYLES = ("-", "--", "-.", ":")
+_LINESTYLES = ("-", "-.", ":", (0, (6, 2)))  # "--" is the dense line
 _MARKERS = ("o", "s", "^", "D", "v", "P")
 
 
