@@ -16,14 +16,19 @@ import json
 import random
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 import torch
 
 from sparrow_megatron.errors import UserError
 
-if TYPE_CHECKING:
-    from sparrow_megatron.trainer.policy import Policy
+
+class Policy(Protocol):
+    """What a checkpoint holds of the policy (trainer.policy.Policy): its public model, optimizer, step."""
+
+    model: Any  # the DDP-wrapped GPTModel
+    optimizer: Any  # CpuAdamW or MegatronOptimizer
+    step: int
 
 MANIFEST = "manifest.json"
 FORMAT = "sparrow-megatron-trainer-ckpt/2"
