@@ -9,9 +9,9 @@ import sys
 from sparrow_megatron.launch import jobs
 from sparrow_megatron.launch.spec import (
     DEFAULT_IMAGE,
-    SlurmSettings,
     LaunchSpec,
     RolloutGroupConfig,
+    SlurmSettings,
     TrainerGroupConfig,
 )
 

@@ -13,7 +13,7 @@ import pytest
 from torchx.specs import AppState
 
 from sparrow_megatron.launch import jobs
-from sparrow_megatron.launch.spec import SlurmSettings, LaunchSpec, RolloutGroupConfig, TrainerGroupConfig
+from sparrow_megatron.launch.spec import LaunchSpec, RolloutGroupConfig, SlurmSettings, TrainerGroupConfig
 
 pytestmark = [pytest.mark.slurm, pytest.mark.timeout(420)]
 
