@@ -121,7 +121,6 @@ class CalibrateConfig:
             raise UserError(f"field 'prompts': {self.prompts}: file not found")
 
 
-
 def load_prompt_texts(path: str | Path, tokenizer: Any, limit: int) -> list[str]:
     """Chat-formatted prompts from a file of math rows (problem + answer: the training instruction is
     appended), code rows or plain {"prompt": ...} rows; malformed rows are skipped and logged."""
@@ -252,7 +251,10 @@ def run_calibration(
         4096, sum(len(p) for p in prompts) + len(prompts) * cfg.samples * cfg.max_new_tokens * 2
     )
     rollout = RolloutConfig(
-        engines=1, urls=list(cfg.urls), top_k_logprobs=top_k, kv_pool_tokens=pool,
+        engines=1,
+        urls=list(cfg.urls),
+        top_k_logprobs=top_k,
+        kv_pool_tokens=pool,
         timeout_s=cfg.request_timeout_s,
     )
     options = FleetOptions(
@@ -390,4 +392,3 @@ def _nanmean(x: np.ndarray) -> float | None:
 def _write_json(path: Path, data: Any) -> Path:
     path.write_text(json.dumps(data, indent=2) + "\n")
     return path
-

@@ -162,7 +162,8 @@ def fill_unmeasured(table: TailTable) -> tuple[TailTable, list[tuple[int, int, i
     """Give each unmeasured cell the p5 of the nearest measured bin after it in the same row.
 
     Calibration only sees positions where rollouts have tokens (after the prompts), yet a schedule has
-    bins from position 0. p5 decays with position (DESIGN section 1), so a later bin's p5 is the
+    bins from position 0. p5 decays with position (longer contexts leave more
+    mass outside a fixed budget), so a later bin's p5 is the
     conservative stand-in. Cells with no measured bin after them stay None. Returns the filled table
     and the (budget, bin, source bin) of every filled cell.
     """
@@ -199,4 +200,3 @@ def solve_calibrated(
 
 
 # --- prompts --------------------------------------------------------------------------------------
-

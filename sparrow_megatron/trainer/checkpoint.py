@@ -23,7 +23,7 @@ import torch
 from sparrow_megatron.errors import UserError
 
 
-class Policy(Protocol):
+class Checkpointable(Protocol):
     """What a checkpoint holds of the policy (trainer.policy.Policy): its public model, optimizer, step."""
 
     model: Any  # the DDP-wrapped GPTModel
@@ -45,7 +45,7 @@ def _layout() -> dict[str, int]:
     }
 
 
-def _sharded_state(policy: Policy, is_loading: bool) -> dict:
+def _sharded_state(policy: Checkpointable, is_loading: bool) -> dict:
     model_sd = policy.model.module.sharded_state_dict()
     return {"model": model_sd, "optimizer": policy.optimizer.sharded_state_dict(model_sd, is_loading)}
 
@@ -69,7 +69,7 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def save_checkpoint(policy: Policy, ckpt_dir: Path, step: int, extra_state: dict) -> Path:
+def save_checkpoint(policy: Checkpointable, ckpt_dir: Path, step: int, extra_state: dict) -> Path:
     """Collective. Writes the sharded state, each rank's RNG, then (rank 0) the manifest."""
     from megatron.core import dist_checkpointing
 
@@ -147,7 +147,7 @@ def latest_checkpoint(root: str | Path) -> Path | None:
     return best[1] if best else None
 
 
-def load_checkpoint(policy: Policy, ckpt_dir: Path) -> dict:
+def load_checkpoint(policy: Checkpointable, ckpt_dir: Path) -> dict:
     """Collective. Restores model, optimizer, step and RNG in place (any TP x PP); returns extra_state."""
     from megatron.core import dist_checkpointing
     from torch.distributed.checkpoint.api import CheckpointException

@@ -1,4 +1,5 @@
-"""DistillSparse: train the sparse rollout's LoRA adapter toward the dense policy (DESIGN section 1).
+"""DistillSparse: train the sparse rollout's LoRA adapter toward the dense policy, so the
+sparse rollout's acceptance tail rises and a cheaper schedule becomes safe.
 
 After the base update of a step, with the base frozen, on the same rollout:
 

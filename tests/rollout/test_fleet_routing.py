@@ -1,5 +1,7 @@
 """Routing, retry and adapter rules of the fleet, isolated from servers (engines that fail on purpose)."""
 
+import dataclasses
+
 import pytest
 
 from sparrow_megatron.errors import UserError
@@ -27,8 +29,9 @@ class DownEngine(Engine):
 
 def fleet_of(n: int, **kw) -> RolloutFleet:
     urls = [f"http://127.0.0.1:{9 + i}" for i in range(n)]
+    options = {k: kw.pop(k) for k in list(kw) if k in {f.name for f in dataclasses.fields(FleetOptions)}}
     rollout = RolloutConfig(urls=urls, timeout_s=1, **kw)
-    fleet = RolloutFleet(rollout, FleetOptions(health_interval_s=0, startup_timeout_s=1))
+    fleet = RolloutFleet(rollout, FleetOptions(health_interval_s=0, startup_timeout_s=1, **options))
     fleet.engines = [DownEngine(i, url) for i, url in enumerate(fleet.rollout.urls)]
     return fleet
 
