@@ -26,16 +26,15 @@ from sparrow_megatron.errors import UserError
 
 
 def read_data_file(path: str | Path, what: str = "file") -> Any:
-    """The parsed content of a .json / .yaml / .yml file; errors name the file and line."""
+    """The parsed content of a YAML (.yaml / .yml) or JSON (any other suffix) file; errors name the
+    file and line."""
     path = Path(path)
-    if path.suffix not in (".json", ".yaml", ".yml"):
-        raise UserError(f"{path}: a {what} must be .json, .yaml or .yml")
     try:
         text = path.read_text()
     except OSError as err:
         raise UserError(f"{path}: cannot read {what} ({err.strerror})") from None
     try:
-        return json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+        return yaml.safe_load(text) if path.suffix in (".yaml", ".yml") else json.loads(text)
     except json.JSONDecodeError as err:
         raise UserError(f"{path}:{err.lineno}: not valid JSON ({err.msg})") from None
     except yaml.YAMLError as err:

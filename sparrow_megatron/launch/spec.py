@@ -14,6 +14,7 @@ from typing import Literal
 
 from sparrow_megatron import loader
 from sparrow_megatron.errors import UserError
+from sparrow_megatron.launch.config import TIME_LIMIT
 
 # The image the Dockerfile builds and documents; recipes that run in containers reference it.
 DEFAULT_IMAGE = "ghcr.io/sparrow-megatron/sparrow:0.1.0"
@@ -128,7 +129,6 @@ def _resolve(cmd: Command, spec: LaunchSpec, name: str) -> list[str]:
     return list(argv)
 
 
-_TIME = re.compile(r"^(\d+-)?\d{1,2}:\d{2}:\d{2}$")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _ENV_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
@@ -194,7 +194,7 @@ def validate(spec: LaunchSpec) -> LaunchSpec:
         fail("rollout.router_port", f"{r.router_port} collides with the engine ports")
     if not c.account:
         fail("cluster.account", "must be set (sbatch --account)")
-    if not _TIME.match(c.time_limit):
+    if not TIME_LIMIT.match(c.time_limit):
         fail("cluster.time_limit", f"{c.time_limit!r} is not [D-]HH:MM:SS")
     for mount in c.container_mounts:
         if ":" not in mount:

@@ -33,9 +33,9 @@ class ModelConfig:
 
 
 def read_hf_config(path: str | Path) -> dict[str, Any]:
-    """The HF `config.json` of a model directory (or the file itself); errors name the file and line."""
+    """The HF `config.json` of a model directory (or a config file itself); errors name the file and line."""
     path = Path(path)
-    if path.is_dir() or path.name != "config.json":
+    if path.is_dir() or not path.suffix:
         path = path / "config.json"
     try:
         data = json.loads(path.read_text())

@@ -30,6 +30,7 @@ class Checkpointable(Protocol):
     optimizer: Any  # CpuAdamW or MegatronOptimizer
     step: int
 
+
 MANIFEST = "manifest.json"
 FORMAT = "sparrow-megatron-trainer-ckpt/2"
 RNG_DIR = "rng"
@@ -132,19 +133,6 @@ def read_manifest(ckpt_dir: Path) -> dict:
         if f.stat().st_size != size:
             raise UserError(f"{f}: size {f.stat().st_size} != {size} recorded in {MANIFEST}; file is corrupt")
     return manifest
-
-
-def latest_checkpoint(root: str | Path) -> Path | None:
-    """The complete checkpoint with the highest step under root (incomplete ones are skipped)."""
-    best: tuple[int, Path] | None = None
-    for m in Path(root).glob(f"*/{MANIFEST}"):
-        try:
-            step = int(json.loads(m.read_text())["step"])
-        except (json.JSONDecodeError, KeyError, ValueError):
-            continue
-        if best is None or step > best[0]:
-            best = (step, m.parent)
-    return best[1] if best else None
 
 
 def load_checkpoint(policy: Checkpointable, ckpt_dir: Path) -> dict:

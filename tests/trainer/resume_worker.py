@@ -39,7 +39,9 @@ def main() -> None:
     from policy_args import make_policy  # this script's directory is on sys.path
 
     def policy():
-        return make_policy(args.model_dir, tp=args.tp, pp=args.pp, lr=1e-3, warmup_steps=1, micro_batch_tokens=20)
+        return make_policy(
+            args.model_dir, tp=args.tp, pp=args.pp, lr=1e-3, warmup_steps=1, micro_batch_tokens=20
+        )
 
     out = Path(args.out)
     run = policy()

@@ -103,7 +103,10 @@ def test_sparse_logprobs_match_the_sglang_sparse_decode(policy, tiny_tied, tmp_p
     g = torch.Generator().manual_seed(3)
     prompts = [torch.randint(0, 128, (n,), generator=g).tolist() for n in (40, 70)]
     options = FleetOptions(
-        model_path=str(tiny_tied), run_dir=str(tmp_path / "engine"), startup_timeout_s=600, health_interval_s=0
+        model_path=str(tiny_tied),
+        run_dir=str(tmp_path / "engine"),
+        startup_timeout_s=600,
+        health_interval_s=0,
     )
     fleet = RolloutFleet(RolloutConfig(engines=1, timeout_s=120), options)
     try:
