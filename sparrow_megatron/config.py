@@ -83,7 +83,7 @@ def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, value in data.items():
         name = f"{prefix}{key}"
-        if isinstance(value, dict) and key not in ("columns", "env"):
+        if isinstance(value, dict) and key != "columns":
             out.update(_flatten(value, name + "."))
         elif isinstance(value, list | tuple | dict):
             out[name] = json.dumps(value, sort_keys=True, default=str)

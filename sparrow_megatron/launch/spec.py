@@ -7,6 +7,7 @@ import dataclasses
 import importlib
 import importlib.util
 import re
+import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -141,8 +142,14 @@ def validate(spec: LaunchSpec) -> LaunchSpec:
 
     if not _NAME.match(spec.name or ""):
         fail("name", f"{spec.name!r} must be letters, digits, '_', '.', '-' (it names the Slurm job)")
-    if spec.executor not in ("slurm", "local"):
-        fail("executor", f"{spec.executor!r} is not one of 'slurm', 'local'")
+    # A Python spec file's values are not type-checked by the dataclass: the Literal fields are here.
+    for section, prefix in [(spec, ""), (spec.rollout, "rollout."), (spec.trainer, "trainer.")]:
+        for name, hint in typing.get_type_hints(type(section)).items():
+            choices = typing.get_args(hint) if typing.get_origin(hint) is Literal else None
+            if choices and getattr(section, name) not in choices:
+                fail(
+                    prefix + name, f"{getattr(section, name)!r} is not one of {', '.join(map(repr, choices))}"
+                )
     r, t, c = spec.rollout, spec.trainer, spec.cluster
     for fieldname, value in [("rollout.nodes", r.nodes), ("trainer.nodes", t.nodes)]:
         if value < 1:
@@ -171,8 +178,6 @@ def validate(spec: LaunchSpec) -> LaunchSpec:
         fail("trainer.tp", f"{t.tp} must divide the trainer's GPUs per node ({t.nproc_per_node})")
     if t.world_size % (t.tp * t.pp):
         fail("trainer.pp", f"TP*PP={t.tp * t.pp} must divide the trainer world size {t.world_size}")
-    if t.launcher not in ("torchrun", "none"):
-        fail("trainer.launcher", f"{t.launcher!r} is not one of 'torchrun', 'none'")
     ports = {
         "rollout.router_port": r.router_port,
         "rollout.engine_base_port": r.engine_base_port,
