@@ -216,7 +216,7 @@ def _with_distributed_optimizer(policy: Policy) -> Policy:
     policy.model = DistributedDataParallel(
         config=policy.config, ddp_config=ddp_config, module=policy.model.module
     )
-    policy.optimizer = MegatronOptimizer(policy.model, policy.cfg, bf16=False)
+    policy.optimizer = MegatronOptimizer(policy.model, policy.trainer, bf16=False)
     return policy
 
 
