@@ -39,8 +39,11 @@ class TrainerConfig:
         p = Problems(prefix)
         p.at_least(1, tp=self.tp, pp=self.pp, micro_batch_tokens=self.micro_batch_tokens)
         p.at_least(0, warmup_steps=self.warmup_steps)
-        p.positive(lr=self.lr, adam_eps=self.adam_eps)
-        p.non_negative(weight_decay=self.weight_decay, grad_clip=self.grad_clip, min_lr=self.min_lr)
+        p.positive(adam_eps=self.adam_eps)
+        # lr 0 is a frozen policy (scores and tails without updates), which the optimizer runs as is.
+        p.non_negative(
+            lr=self.lr, weight_decay=self.weight_decay, grad_clip=self.grad_clip, min_lr=self.min_lr
+        )
         p.need(self.min_lr <= self.lr, "min_lr", f"{self.min_lr} is above trainer.lr {self.lr}")
         for name, beta in [("adam_beta1", self.adam_beta1), ("adam_beta2", self.adam_beta2)]:
             p.need(0 <= beta < 1, name, f"must be in [0, 1), got {beta}")
