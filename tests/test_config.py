@@ -113,6 +113,7 @@ def test_bad_overrides_name_the_field(override, needle):
         ("monitor.controller.min_budget=16", "monitor.controller.min_budget"),
         ("data.train_path=/nonexistent/train.jsonl", "data.train_path"),
         ("model.hf_dir=/nonexistent/model", "model.hf_dir"),
+        ("tracking.copy_weights=-1", "tracking.copy_weights"),
     ],
 )
 def test_validation_names_the_field(override, field):
