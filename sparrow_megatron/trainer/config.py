@@ -13,9 +13,17 @@ class TrainerConfig:
     model_dir: str = ""  # local HF Qwen3 directory (config.json + safetensors)
     tp: int = 1
     pp: int = 1
-    sequence_parallel: bool = False  # GPU only; ignored (forced off) on CPU
+    cp: int = 1  # context parallel size (needs Transformer Engine's attention)
+    # Sequence parallelism: LayerNorm/dropout activations split over TP ranks. None = on when tp > 1.
+    sequence_parallel: bool | None = None
     params_dtype: Literal["float32", "bfloat16"] = "float32"
-    micro_batch_tokens: int = 4096  # token budget per micro-batch (padded length x rows)
+    micro_batch_tokens: int = 4096  # token budget per micro-batch (packed tokens; padded: rows x longest)
+    # Long context: activation recompute (Megatron's recompute_granularity / method / num_layers).
+    recompute: Literal["none", "selective", "full"] = "none"
+    recompute_method: Literal["uniform", "block"] = "uniform"
+    recompute_num_layers: int = 1  # full: layers per checkpoint (uniform) or checkpointed layers (block)
+    logprob_chunk_tokens: int = 4096  # response tokens per fp32 [chunk, V/tp] log-prob/entropy/top-K chunk
+    pack_sequences: bool = True  # THD packing (no padding between samples); False = right-padded rows
     # optimizer and schedule
     lr: float = 1e-6
     min_lr: float = 0.0
@@ -45,9 +53,17 @@ class TrainerConfig:
 
         if not self.model_dir:
             raise bad("model_dir", "is empty; give a local HF Qwen3 directory")
-        for name in ("tp", "pp", "micro_batch_tokens", "top_k_logprobs"):
+        for name in ("tp", "pp", "cp", "micro_batch_tokens", "top_k_logprobs", "logprob_chunk_tokens"):
             if int(getattr(self, name)) < 1:
                 raise bad(name, f"must be >= 1, got {getattr(self, name)}")
+        if self.recompute not in ("none", "selective", "full"):
+            raise bad("recompute", f"must be 'none', 'selective' or 'full', got {self.recompute!r}")
+        if self.recompute_method not in ("uniform", "block"):
+            raise bad("recompute_method", f"must be 'uniform' or 'block', got {self.recompute_method!r}")
+        if self.recompute == "full" and int(self.recompute_num_layers) < 1:
+            raise bad("recompute_num_layers", f"must be >= 1, got {self.recompute_num_layers}")
+        if self.sequence_parallel and self.tp == 1:
+            raise bad("sequence_parallel", "needs tp > 1 (it splits activations over the TP ranks)")
         if self.lr_schedule not in ("constant", "cosine"):
             raise bad("lr_schedule", f"must be 'constant' or 'cosine', got {self.lr_schedule!r}")
         if self.loss_agg not in ("token-mean", "seq-mean-token-mean"):
@@ -64,3 +80,7 @@ class TrainerConfig:
             raise bad("temperature", f"must be > 0, got {self.temperature}")
         if self.kl_coef < 0:
             raise bad("kl_coef", f"must be >= 0, got {self.kl_coef}")
+
+    @property
+    def use_sequence_parallel(self) -> bool:
+        return self.tp > 1 if self.sequence_parallel is None else bool(self.sequence_parallel)
