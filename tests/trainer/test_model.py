@@ -5,7 +5,12 @@ import pytest
 
 from sparrow_megatron.errors import UserError
 from sparrow_megatron.trainer import Policy, TrainerConfig
-from sparrow_megatron.trainer.model import check_parallel_split, read_qwen3_config
+from sparrow_megatron.trainer.model import (
+    LongContext,
+    check_parallel_split,
+    has_transformer_engine,
+    read_qwen3_config,
+)
 
 
 def _copy_with_config(src, dst, **changes):
@@ -55,3 +60,48 @@ def test_bad_trainer_config_fields_are_named():
         TrainerConfig(model_dir="x", loss_agg="sum").validate()
     with pytest.raises(UserError, match="'model_dir'"):
         TrainerConfig().validate()
+
+
+@pytest.mark.parametrize(
+    "fields, named",
+    [
+        (dict(recompute="all"), "'recompute'"),
+        (dict(recompute="full", recompute_method="random"), "'recompute_method'"),
+        (dict(recompute="full", recompute_num_layers=0), "'recompute_num_layers'"),
+        (dict(sequence_parallel=True, tp=1), "'sequence_parallel'"),
+        (dict(cp=0), "'cp'"),
+        (dict(logprob_chunk_tokens=0), "'logprob_chunk_tokens'"),
+    ],
+)
+def test_bad_long_context_fields_are_named(fields, named):
+    with pytest.raises(UserError, match=named):
+        TrainerConfig(model_dir="x", **fields).validate()
+
+
+def test_long_context_settings_map_onto_megatron_fields(tiny_tied):
+    arch = read_qwen3_config(tiny_tied)
+    assert TrainerConfig(model_dir="x", tp=2).use_sequence_parallel  # on by default when TP > 1
+    assert not TrainerConfig(model_dir="x", tp=2, sequence_parallel=False).use_sequence_parallel
+    assert not TrainerConfig(model_dir="x").use_sequence_parallel
+    full = LongContext(
+        sequence_parallel=True, recompute="full", recompute_method="block", recompute_num_layers=2
+    )
+    fields = full.config_fields(arch, tp=2, pp=1)
+    assert fields["sequence_parallel"] and fields["context_parallel_size"] == 1
+    assert (fields["recompute_granularity"], fields["recompute_method"], fields["recompute_num_layers"]) == (
+        "full",
+        "block",
+        2,
+    )
+    selective = LongContext(recompute="selective").config_fields(arch, tp=1, pp=1)
+    assert selective["recompute_granularity"] == "selective" and "core_attn" in selective["recompute_modules"]
+    assert "recompute_granularity" not in LongContext().config_fields(arch, tp=1, pp=1)
+    # 4 layers over pp=2: a checkpoint cannot span more than the stage's 2 layers.
+    with pytest.raises(UserError, match=r"'recompute_num_layers' must be in \[1, 2\]"):
+        LongContext(recompute="full", recompute_num_layers=3).config_fields(arch, tp=1, pp=2)
+
+
+@pytest.mark.skipif(has_transformer_engine(), reason="checks the machine without Transformer Engine")
+def test_context_parallel_without_transformer_engine_is_a_clear_error(tiny_tied):
+    with pytest.raises(UserError, match="'cp' = 2 needs Transformer Engine"):
+        Policy(TrainerConfig(model_dir=str(tiny_tied), cp=2))
