@@ -137,6 +137,13 @@ class TrainerConfig:
     grad_clip: float = 1.0
     micro_batch_tokens: int = 16384
     dtype: Literal["fp32", "bf16"] = "bf16"
+    # Long context (docs/trainer.md): activation recompute, sequence / context parallelism, log-prob chunks.
+    recompute: Literal["none", "selective", "full"] = "none"
+    recompute_method: Literal["uniform", "block"] = "uniform"
+    recompute_num_layers: int = 1
+    sequence_parallel: bool | None = None  # None = on when tp > 1
+    cp: int = 1  # context parallel size; needs Transformer Engine
+    logprob_chunk_tokens: int = 4096
 
 
 @dataclass
@@ -586,6 +593,9 @@ def _problems(cfg: JobConfig, check_paths: bool) -> list[str]:
         ("trainer.tp", cfg.trainer.tp),
         ("trainer.pp", cfg.trainer.pp),
         ("trainer.micro_batch_tokens", cfg.trainer.micro_batch_tokens),
+        ("trainer.cp", cfg.trainer.cp),
+        ("trainer.recompute_num_layers", cfg.trainer.recompute_num_layers),
+        ("trainer.logprob_chunk_tokens", cfg.trainer.logprob_chunk_tokens),
         ("loop.steps", cfg.loop.steps),
         ("loop.prompts_per_step", cfg.loop.prompts_per_step),
         ("loop.eval_samples", cfg.loop.eval_samples),

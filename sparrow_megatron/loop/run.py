@@ -67,7 +67,9 @@ def trainer_config(cfg: JobConfig, model_dir: Path) -> TrainerConfig:
         lr_schedule=t.lr_schedule, total_steps=cfg.loop.steps, weight_decay=t.weight_decay, grad_clip=t.grad_clip,
         eps_low=g.eps_low, eps_high=g.eps_high, dual_clip=g.dual_clip, tis_cap=g.tis_cap, kl_coef=g.kl_coef,
         loss_agg=g.loss_agg, adv_eps=g.adv_eps, temperature=cfg.rollout.temperature,
-        top_k_logprobs=cfg.rollout.top_k_logprobs, seed=cfg.loop.seed,
+        top_k_logprobs=cfg.rollout.top_k_logprobs, seed=cfg.loop.seed, recompute=t.recompute,
+        recompute_method=t.recompute_method, recompute_num_layers=t.recompute_num_layers,
+        sequence_parallel=t.sequence_parallel, cp=t.cp, logprob_chunk_tokens=t.logprob_chunk_tokens,
     )  # fmt: skip
 
 
