@@ -105,3 +105,18 @@ def test_long_context_settings_map_onto_megatron_fields(tiny_tied):
 def test_context_parallel_without_transformer_engine_is_a_clear_error(tiny_tied):
     with pytest.raises(UserError, match="'cp' = 2 needs Transformer Engine"):
         Policy(TrainerConfig(model_dir=str(tiny_tied), cp=2))
+
+
+def test_job_config_long_context_fields_reach_the_trainer(tmp_path):
+    from sparrow_megatron.config import JobConfig, apply_overrides
+    from sparrow_megatron.loop.run import trainer_config
+
+    overrides = ["trainer.recompute=full", "trainer.recompute_method=block", "trainer.recompute_num_layers=2"]
+    overrides += ["trainer.sequence_parallel=false", "trainer.cp=1", "trainer.logprob_chunk_tokens=1024"]
+    t = trainer_config(apply_overrides(JobConfig(), overrides), tmp_path)
+    assert (t.recompute, t.recompute_method, t.recompute_num_layers) == ("full", "block", 2)
+    assert t.sequence_parallel is False and t.cp == 1 and t.logprob_chunk_tokens == 1024
+    default = trainer_config(apply_overrides(JobConfig(), ["trainer.tp=2"]), tmp_path)
+    assert default.sequence_parallel is None and default.use_sequence_parallel
+    with pytest.raises(UserError, match="trainer.recompute"):
+        apply_overrides(JobConfig(), ["trainer.recompute=some"])
