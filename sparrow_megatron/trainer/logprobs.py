@@ -116,7 +116,7 @@ def _stats_of_chunk(z: torch.Tensor, targets: torch.Tensor, want_entropy: bool, 
     exp = z.exp()
     sums = [exp.sum(dim=-1), torch.where(in_range, picked, torch.zeros_like(picked))]
     if want_entropy:
-        sums.append((exp * z).sum(dim=-1))
+        sums.append(exp.mul_(z).sum(dim=-1))  # in place: z and one more chunk are the peak
     sums = torch.stack(sums)
     del exp
     if tp > 1:

@@ -123,9 +123,9 @@ class LongContext:
                 recompute_num_layers=self.recompute_num_layers,
             )
         elif self.recompute == "selective":
-            # Attention and the MLP are recomputed from their inputs; TE can also recompute its norms.
-            modules = ["core_attn", "mlp"] + (["layernorm"] if has_transformer_engine() else [])
-            fields.update(recompute_granularity="selective", recompute_modules=modules)
+            # Attention and the MLP are recomputed from their inputs. ("layernorm" is left out: TE's spec
+            # fuses the norms into the next linear, where it does nothing, and without TE it needs TE.)
+            fields.update(recompute_granularity="selective", recompute_modules=["core_attn", "mlp"])
         return fields
 
 
