@@ -125,7 +125,7 @@ class Policy:
             cp=cfg.cp,
         )
         dtype = torch.bfloat16 if cfg.params_dtype == "bfloat16" else torch.float32
-        # Built (and checked: CP needs TE, recompute layers per stage) before any process group exists.
+        # Built first: its checks (CP needs TE, recompute layers per stage) fail before any group is set up.
         self.config = transformer_config(self.arch, cfg.tp, cfg.pp, long_context, dtype)
         if cfg.cp > 1:
             raise UserError(
