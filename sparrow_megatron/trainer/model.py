@@ -8,7 +8,6 @@ patching the built model.
 from __future__ import annotations
 
 import copy
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from sparrow_megatron.errors import UserError, where
+from sparrow_megatron.models.config import read_hf_config
 from sparrow_megatron.trainer import compat
 
 
@@ -42,10 +42,7 @@ def read_qwen3_config(model_dir: str | Path) -> Qwen3Arch:
     path = Path(model_dir) / "config.json"
     if not path.is_file():
         raise UserError(f"{path}: no config.json in the model directory")
-    try:
-        cfg = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise UserError(f"{where(path, exc.lineno)}: not valid JSON ({exc.msg})") from exc
+    cfg = read_hf_config(path)
     model_type = cfg.get("model_type")
     if model_type != "qwen3":
         raise UserError(
@@ -106,6 +103,17 @@ class LongContext:
     recompute_num_layers: int = 1
     cp: int = 1
 
+    @classmethod
+    def of(cls, trainer) -> LongContext:
+        """From the job config's trainer section (a TrainerConfig)."""
+        return cls(
+            sequence_parallel=trainer.use_sequence_parallel,
+            recompute=trainer.recompute,
+            recompute_method=trainer.recompute_method,
+            recompute_num_layers=trainer.recompute_num_layers,
+            cp=trainer.cp,
+        )
+
     def config_fields(self, arch: Qwen3Arch, tp: int, pp: int) -> dict:
         fields: dict = dict(
             sequence_parallel=self.sequence_parallel and tp > 1, context_parallel_size=self.cp
@@ -114,7 +122,7 @@ class LongContext:
             per_stage = arch.num_layers // pp
             if not 1 <= self.recompute_num_layers <= per_stage:
                 raise UserError(
-                    f"TrainerConfig: field 'recompute_num_layers' must be in [1, {per_stage}] "
+                    f"field 'trainer.recompute_num_layers' must be in [1, {per_stage}] "
                     f"(layers per pipeline stage), got {self.recompute_num_layers}"
                 )
             fields.update(
@@ -147,7 +155,7 @@ def transformer_config(
         long_context = LongContext(sequence_parallel=bool(long_context))
     if long_context.cp > 1 and not has_transformer_engine():
         raise UserError(
-            f"TrainerConfig: field 'cp' = {long_context.cp} needs Transformer Engine's attention (context "
+            f"field 'trainer.cp' = {long_context.cp} needs Transformer Engine's attention (context "
             "parallelism is implemented there only), which this machine does not have; use cp=1 with "
             "recompute='full' and sequence parallelism"
         )

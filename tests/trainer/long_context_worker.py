@@ -136,13 +136,12 @@ def long_batch():
 
 
 def policy_case(model_dir: str, tp: int) -> dict:
-    from sparrow_megatron.trainer import Policy, TrainerConfig
+    from policy_args import make_policy  # this script's directory is on sys.path
 
     out = {}
     for name, overrides in VARIANTS.items():
-        cfg = TrainerConfig(model_dir=model_dir, tp=tp, micro_batch_tokens=400, lr=0.0, grad_clip=0.0,
-                            temperature=0.9, **overrides)  # fmt: skip
-        policy = Policy(cfg)
+        policy = make_policy(model_dir, tp=tp, micro_batch_tokens=400, lr=0.0, grad_clip=0.0, temperature=0.9,
+                             **overrides)  # fmt: skip
         batch = long_batch()
         scored = policy.score(batch, top_k=3)
         batch.old_logprobs = scored.logprobs
