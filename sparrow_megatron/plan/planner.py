@@ -27,12 +27,23 @@ TIGHT_FRACTION = 0.92
 
 
 def model_shape(cfg: JobConfig) -> ModelShape:
-    """The HF config.json in model.hf_dir when there is one, else the Qwen3 shape named by model.name."""
-    if cfg.model.hf_dir and (Path(cfg.model.hf_dir) / "config.json").is_file():
-        return ModelShape.from_hf_config(Path(cfg.model.hf_dir))
-    key = cfg.model.name.lower()
-    if key in MODELS:
-        return MODELS[key]
+    """The HF config.json in model.hf_dir when it holds the shape, else the Qwen3 shape named by
+    model.name (the recipes' placeholders name the size)."""
+    if cfg.model.hf_dir:
+        config = Path(cfg.model.hf_dir) / "config.json"
+    else:
+        from sparrow_megatron.data.recall import TINY_RECALL_DIR  # the embedded tiny Qwen3
+
+        config = Path(TINY_RECALL_DIR) / "config.json"
+    named = MODELS.get(cfg.model.name.lower())
+    if config.is_file():
+        try:
+            return ModelShape.from_hf_config(config)
+        except UserError:
+            if named is None:
+                raise
+    if named is not None:
+        return named
     raise UserError(
         f"field 'model.name': {cfg.model.name!r} is not a known Qwen3 size ({', '.join(MODELS)}) and "
         f"model.hf_dir={cfg.model.hf_dir!r} has no config.json to read the shape from"

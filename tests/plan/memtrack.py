@@ -19,11 +19,13 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import os
 from collections.abc import Iterator
 
 import torch
 
 from sparrow_megatron.plan.shapes import TrainerShape
+from sparrow_megatron.sparsity.cost import MODELS, ModelShape
 from sparrow_megatron.trainer import compat
 from sparrow_megatron.trainer.model import Qwen3Arch, layer_spec, transformer_config
 
@@ -100,6 +102,22 @@ def _spec(arch: Qwen3Arch, sequence_parallel: bool):
 
 
 @contextlib.contextmanager
+def real_parallel(tp: int) -> Iterator[None]:
+    """Megatron's parallel state in the gloo group torchrun started (shape.tp ranks)."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    compat.apply_cpu_shims()
+    dist.init_process_group("gloo")
+    try:
+        parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp)
+        yield
+    finally:
+        parallel_state.destroy_model_parallel()
+        dist.destroy_process_group()
+
+
+@contextlib.contextmanager
 def _cpu_rng_for_recompute() -> Iterator[None]:
     """Megatron's checkpoint saves and restores the CUDA RNG state; with no dropout it is unused."""
     import megatron.core.tensor_parallel.random as mrandom
@@ -125,10 +143,16 @@ def _live_bytes(snapshot: dict, exclude: tuple[str, ...] = ("Parameter", "Gradie
 
 
 def measure_layers(
-    shape: TrainerShape, num_layers: int, tokens: int, recompute: str = "none", recompute_layers: int = 1
+    shape: TrainerShape,
+    num_layers: int,
+    tokens: int,
+    recompute: str = "none",
+    recompute_layers: int = 1,
+    fake: bool = True,
 ) -> Measured:
     """Forward + backward of `num_layers` transformer layers on one sequence of `tokens` tokens (this
-    rank's shard of the TP group: run inside `fake_parallel(shape.tp)`)."""
+    rank's shard of the TP group: run inside `fake_parallel(shape.tp)`, or with fake=False in a real
+    gloo group of shape.tp ranks, where the tensors are allocated)."""
     from megatron.core import parallel_state
     from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
     from megatron.core.transformer.transformer_block import TransformerBlock
@@ -144,7 +168,7 @@ def measure_layers(
         cfg.recompute_granularity = recompute
         cfg.recompute_method = "uniform" if recompute == "full" else None
         cfg.recompute_num_layers = recompute_layers if recompute == "full" else None
-    with FakeTensorMode(), _cpu_rng_for_recompute():
+    with FakeTensorMode() if fake else contextlib.nullcontext(), _cpu_rng_for_recompute():
         # The SP all-gather buffer is a process-wide reusable tensor: a fresh one per fake mode.
         parallel_state._GLOBAL_MEMORY_BUFFER = GlobalMemoryBuffer()
         block = TransformerBlock(cfg, _spec(arch, sp), post_process=False)
@@ -161,3 +185,97 @@ def measure_layers(
             del out
         peak = _live_bytes(tracker.get_tracker_snapshot("peak")) - base
     return Measured(retained=retained, peak=peak)
+
+
+def measure_logprob_chunk(vocab_size: int, tp: int, chunk: int) -> int:
+    """Peak bytes of the trainer's vocab-parallel log-prob over one chunk of `chunk` tokens, forward and
+    backward, with entropy outside autograd (only logged): its fp32 working set and the chunk's grad."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    from sparrow_megatron.trainer.logprobs import vocab_parallel_logprobs
+
+    with FakeTensorMode():
+        logits = torch.zeros(chunk, vocab_size // tp, dtype=torch.bfloat16, requires_grad=True)
+        targets = torch.zeros(chunk, dtype=torch.long)
+        tracker = MemTracker()
+        with tracker:
+            base = _live_bytes(tracker.get_tracker_snapshot("current"))
+            stats = vocab_parallel_logprobs(logits, targets, 1.0, with_entropy=False)
+            stats.logprobs.sum().backward()
+        return _live_bytes(tracker.get_tracker_snapshot("peak")) - base
+
+
+def measure_output_layer(shape: TrainerShape, tokens: int) -> Measured:
+    """The output layer (vocab-parallel, SP-aware like GPTModel's) on `tokens` tokens: the bf16 logits it
+    keeps and, with their gradient, its backward peak."""
+    from megatron.core import parallel_state, tensor_parallel
+    from megatron.core.utils import GlobalMemoryBuffer
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    arch = arch_of(shape, 1)
+    sp = shape.sequence_parallel and shape.tp > 1
+    cfg = transformer_config(arch, shape.tp, 1, False, torch.bfloat16)
+    cfg.sequence_parallel = sp
+    with FakeTensorMode():
+        parallel_state._GLOBAL_MEMORY_BUFFER = GlobalMemoryBuffer()
+        layer = tensor_parallel.ColumnParallelLinear(
+            arch.hidden_size, arch.vocab_size, config=cfg, init_method=cfg.init_method, bias=False,
+            skip_bias_add=False, gather_output=False,
+        )  # fmt: skip
+        local = tokens // shape.tp if sp else tokens
+        x = torch.zeros(local, 1, arch.hidden_size, dtype=torch.bfloat16, requires_grad=True)
+        tracker = MemTracker()
+        tracker.track_external(layer)
+        with tracker:
+            base = _live_bytes(tracker.get_tracker_snapshot("current"))
+            logits, _ = layer(x)
+            retained = _live_bytes(tracker.get_tracker_snapshot("current")) - base
+            logits.backward(torch.ones_like(logits))
+            del logits
+        peak = _live_bytes(tracker.get_tracker_snapshot("peak")) - base
+    return Measured(retained=retained, peak=peak)
+
+
+def model_of(spec) -> ModelShape:
+    """A Qwen3 size by name, or a ModelShape's fields as a mapping (small shapes of the real runs)."""
+    return MODELS[spec] if isinstance(spec, str) else ModelShape(**spec)
+
+
+def _main() -> None:
+    """`python -m tests.plan.memtrack CASES.json OUT.json [--real]`: each case {kind, model, tp, sp,
+    tokens, recompute, layers} measured; writes one JSON list. Fake (default): each TP size in its own
+    fake group, in a fresh process, since a fake default process group cannot share a process with
+    the gloo tests. --real: under torchrun with tp ranks, real tensors."""
+    import json
+    import sys
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    cases = json.loads(open(sys.argv[1]).read())
+    real = "--real" in sys.argv
+    out = []
+    for tp in sorted({c["tp"] for c in cases}):
+        with real_parallel(tp) if real else fake_parallel(tp):
+            for case in (c for c in cases if c["tp"] == tp):
+                shape = TrainerShape(model_of(case["model"]), tp=tp, sequence_parallel=case["sp"])
+                kind = case["kind"]
+                if kind == "layers":
+                    m = measure_layers(
+                        shape, case["layers"], case["tokens"], case["recompute"], fake=not real
+                    )
+                    out.append({**case, "retained": m.retained, "peak": m.peak})
+                elif kind == "output_layer":
+                    m = measure_output_layer(shape, case["tokens"])
+                    out.append({**case, "retained": m.retained, "peak": m.peak})
+                else:
+                    peak = measure_logprob_chunk(shape.model.vocab_size, tp, case["tokens"])
+                    out.append({**case, "peak": peak})
+    if not real or int(os.environ.get("RANK", "0")) == 0:
+        with open(sys.argv[2], "w") as f:
+            json.dump(out, f)
+
+
+if __name__ == "__main__":
+    _main()
