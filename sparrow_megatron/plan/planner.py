@@ -121,7 +121,7 @@ class RolePlan:
 class Plan:
     job: str
     model: str
-    hardware: str
+    hardware: str  # h100, h200, b200
     layer_spec: str
     settings: dict[str, Any]
     roles: list[RolePlan]
@@ -244,7 +244,7 @@ def make_plan(cfg: JobConfig, hardware: str = "h100", layer_spec: str = "te", mf
         "micro_batches_per_rank": shape.num_micro_batches, "trainer_gpus": trainer_gpus,
         "schedule": schedule.name if schedule is not None else "dense", "mfu": mfu,
     }  # fmt: skip
-    return Plan(cfg.name, model.name, hw.name, layer_spec, settings, roles, time)
+    return Plan(cfg.name, model.name, hw_key, layer_spec, settings, roles, time)
 
 
 __all__ = ["DEVICE_BYTES", "HARDWARE", "Plan", "RolePlan", "make_plan", "model_shape", "trainer_shape"]

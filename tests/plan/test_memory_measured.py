@@ -12,8 +12,6 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-import pytest
-
 from sparrow_megatron.config import load_recipe
 from sparrow_megatron.plan import memory
 from sparrow_megatron.plan.planner import model_shape, trainer_shape
@@ -136,13 +134,14 @@ def test_plan_matches_memtracker_at_every_gpu_recipes_shapes(tmp_path):
     assert not misses, "\n".join(misses)
 
 
-@pytest.mark.parametrize("sp", [True, False])
-def test_plan_matches_real_tensors_under_tp2_on_gloo(sp, tmp_path):
-    shape = TrainerShape(SMALL, tp=2, sequence_parallel=sp, layer_spec="local")
-    cases = [c for c in _cases(shape, 512) if c["kind"] == "layers"]
-    results = _run(cases, tmp_path, tp=2, real=True)
-    assert len(results) == 3
-    misses = _check(shape, results)
+def test_plan_matches_real_tensors_under_tp2_on_gloo(tmp_path):
+    shapes = [TrainerShape(SMALL, tp=2, sequence_parallel=sp, layer_spec="local") for sp in (True, False)]
+    cases = [c for s in shapes for c in _cases(s, 512) if c["kind"] == "layers"]
+    results = _run(cases, tmp_path, tp=2, real=True)  # one torchrun for both
+    assert len(results) == 6
+    misses = []
+    for shape in shapes:
+        misses += _check(shape, [r for r in results if r["sp"] == shape.sequence_parallel])
     assert not misses, "\n".join(misses)
 
 
