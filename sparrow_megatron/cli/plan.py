@@ -57,7 +57,9 @@ def print_plan(plan) -> None:
     for role in data["roles"]:
         title = f"{role['role']}: {role['verdict']} ({role['total_gib']:.1f} of {role['device_gib']:.1f} GiB)"
         if role["role"] == "trainer":
-            title += f", stage {role['stage']} with {role['micro_batches_in_flight']} micro-batch(es) in flight"
+            title += (
+                f", stage {role['stage']} with {role['micro_batches_in_flight']} micro-batch(es) in flight"
+            )
         else:
             title += (
                 f", {role['engines']} engines of TP {role['engine_tp']}, pool {role['kv_pool_tokens']} "

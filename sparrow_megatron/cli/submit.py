@@ -22,7 +22,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--hardware", default="h100", help="GPU kind the memory plan checks against: h100, h200, b200 [h100]"
     )
-    p.add_argument("--force", action="store_true", help="submit even when `sparrow plan` says it does not fit")
+    p.add_argument(
+        "--force", action="store_true", help="submit even when `sparrow plan` says it does not fit"
+    )
     p.set_defaults(func=cmd_submit)
 
     for name, func, text in [

@@ -181,7 +181,9 @@ def make_plan(cfg: JobConfig, hardware: str = "h100", layer_spec: str = "te", mf
     if shape.recompute not in ("none", "selective", "full"):
         raise UserError(f"field 'trainer.recompute': {shape.recompute!r} is not none, selective or full")
     if shape.recompute_method not in ("uniform", "block"):
-        raise UserError(f"field 'trainer.recompute_method': {shape.recompute_method!r} is not uniform or block")
+        raise UserError(
+            f"field 'trainer.recompute_method': {shape.recompute_method!r} is not uniform or block"
+        )
     stages = trainer_memory(shape)
     worst = max(stages, key=lambda st: st.total)
     roles.append(

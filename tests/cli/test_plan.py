@@ -57,8 +57,12 @@ def _submit_args(tmp_path: Path) -> list[str]:
     )
     train = tmp_path / "train.jsonl"
     train.write_text('{"problem": "1+1", "answer": "2"}\n')
-    return [f"model.hf_dir={model}", f"data.train_path={train}", f"cluster.job_dir={tmp_path / 'jobs'}",
-            "cluster.account=acct"]  # fmt: skip
+    return [
+        f"model.hf_dir={model}",
+        f"data.train_path={train}",
+        f"cluster.job_dir={tmp_path / 'jobs'}",
+        "cluster.account=acct",
+    ]
 
 
 def test_submit_refuses_a_job_that_does_not_fit_with_the_plans_numbers(sparrow, tmp_path):
@@ -80,8 +84,12 @@ def test_submit_refuses_a_job_that_does_not_fit_with_the_plans_numbers(sparrow, 
 def test_submit_checks_against_the_named_hardware(sparrow, tmp_path):
     # 14B unsplit on short sequences: ~93 GiB of weights, fp32 gradients and optimizer shards (DP 16)
     # per GPU whatever the activation settings: over an H100, within an H200.
-    over = [*NO_MODEL_PARALLEL, "data.max_prompt_tokens=512", "data.max_response_tokens=512",
-            "trainer.micro_batch_tokens=1024"]  # fmt: skip
+    over = [
+        *NO_MODEL_PARALLEL,
+        "data.max_prompt_tokens=512",
+        "data.max_response_tokens=512",
+        "trainer.micro_batch_tokens=1024",
+    ]
     args = _submit_args(tmp_path)
     code, _, err = sparrow("submit", RECIPE, *args, *over, "--dry-run")
     assert code == 2 and "does not fit on h100" in err

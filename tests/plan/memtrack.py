@@ -172,7 +172,9 @@ def measure_layers(
         # The SP all-gather buffer is a process-wide reusable tensor: a fresh one per fake mode.
         parallel_state._GLOBAL_MEMORY_BUFFER = GlobalMemoryBuffer()
         block = TransformerBlock(cfg, _spec(arch, sp), post_process=False)
-        rope = RotaryEmbedding(kv_channels=arch.head_dim, rotary_percent=1.0, rotary_base=int(arch.rope_theta))
+        rope = RotaryEmbedding(
+            kv_channels=arch.head_dim, rotary_percent=1.0, rotary_base=int(arch.rope_theta)
+        )
         local = tokens // shape.tp if sp else tokens
         x = torch.zeros(local, 1, arch.hidden_size, dtype=torch.bfloat16, requires_grad=True)
         tracker = MemTracker()
@@ -253,7 +255,8 @@ def _main() -> None:
     import warnings
 
     warnings.filterwarnings("ignore")
-    cases = json.loads(open(sys.argv[1]).read())
+    with open(sys.argv[1]) as f:
+        cases = json.load(f)
     real = "--real" in sys.argv
     out = []
     for tp in sorted({c["tp"] for c in cases}):

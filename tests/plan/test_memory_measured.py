@@ -72,7 +72,9 @@ def _run(cases: list[dict], tmp: Path, tp: int = 1, real: bool = False) -> list[
 def _planned(shape: TrainerShape, case: dict) -> dict[str, float]:
     """The plan's bytes for what a case measures (the plan's terms, summed as the run holds them)."""
     s = case["tokens"]
-    shape = replace(shape, micro_batch_tokens=s, recompute=case.get("recompute", "none"), recompute_num_layers=1)
+    shape = replace(
+        shape, micro_batch_tokens=s, recompute=case.get("recompute", "none"), recompute_num_layers=1
+    )
     buffers = 4.0 * s * shape.model.head_dim + (2.0 * s * shape.model.hidden_size if shape.sp > 1 else 0.0)
     output = memory.checkpoint_bytes(shape)  # the block's output hidden state / the output layer's input
     if case["kind"] == "layers":
@@ -81,9 +83,12 @@ def _planned(shape: TrainerShape, case: dict) -> dict[str, float]:
         return {
             "layer": memory.layer_activation_bytes(shape),
             "retained": held + buffers + output,
-            "peak": held + memory.recompute_working_bytes(shape, layers=n)
-            + memory.backward_transient_bytes(shape) + buffers + output,
-        }  # fmt: skip
+            "peak": held
+            + memory.recompute_working_bytes(shape, layers=n)
+            + memory.backward_transient_bytes(shape)
+            + buffers
+            + output,
+        }
     if case["kind"] == "output_layer":
         logits = memory.logits_bytes(shape)
         return {
@@ -107,8 +112,10 @@ def _check(shape: TrainerShape, results: list[dict]) -> list[str]:
             if key in case and key in want:
                 ratio = want[key] / case[key]
                 if abs(ratio - 1) > TOLERANCE:
-                    misses.append(f"{label} {key}: plan {want[key] / 2**30:.3f} GiB, measured "
-                                  f"{case[key] / 2**30:.3f} GiB (ratio {ratio:.3f})")  # fmt: skip
+                    misses.append(
+                        f"{label} {key}: plan {want[key] / 2**30:.3f} GiB, measured "
+                        f"{case[key] / 2**30:.3f} GiB (ratio {ratio:.3f})"
+                    )
     one, two = layer_runs[("none", 1)], layer_runs[("none", 2)]
     measured_layer = two["retained"] - one["retained"]
     planned_layer = _planned(shape, one)["layer"]
@@ -153,4 +160,6 @@ def test_recompute_and_sequence_parallel_shrink_the_planned_activations():
     full = replace(sp, recompute="full")
     assert memory.retained_per_micro_batch(sp) < memory.retained_per_micro_batch(base)
     assert memory.retained_per_micro_batch(full) == 4 * memory.checkpoint_bytes(sp)
-    assert memory.layer_activation_bytes(replace(base, layer_spec="local")) > memory.layer_activation_bytes(base)
+    assert memory.layer_activation_bytes(replace(base, layer_spec="local")) > memory.layer_activation_bytes(
+        base
+    )

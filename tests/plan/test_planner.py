@@ -28,7 +28,9 @@ def _recipe(name: str) -> JobConfig:
     return load_recipe(REPO / "recipes" / f"{name}.py")
 
 
-@pytest.mark.skipif(not HAS_MEMORY_FIELDS, reason="trainer.recompute / logprob_chunk_tokens not in the config")
+@pytest.mark.skipif(
+    not HAS_MEMORY_FIELDS, reason="trainer.recompute / logprob_chunk_tokens not in the config"
+)
 @pytest.mark.parametrize("hardware", ["h100", "h200"])
 @pytest.mark.parametrize("recipe", GPU_RECIPES)
 def test_every_gpu_recipe_fits_as_shipped(recipe, hardware):
@@ -66,9 +68,20 @@ def test_14b_terms_add_up_to_the_numbers_in_the_docs():
     gib = {k: round(v / GIB, 2) for k, v in trainer.terms.items()}
     assert trainer.detail["stage"] == 1  # the last stage: the logits outweigh stage 0's second micro-batch
     assert gib == pytest.approx(
-        {"weights": 3.44, "gradients": 6.88, "optimizer": 10.32, "activations": 1.95, "recompute": 1.84,
-         "backward_transient": 0.76, "rope_and_buffers": 0.41, "head_inputs": 0.2, "logits": 2.9,
-         "logits_grad": 2.9, "logprob_chunk": 2.32, "runtime": 3.0},  # fmt: skip
+        {
+            "weights": 3.44,
+            "gradients": 6.88,
+            "optimizer": 10.32,
+            "activations": 1.95,
+            "recompute": 1.84,
+            "backward_transient": 0.76,
+            "rope_and_buffers": 0.41,
+            "head_inputs": 0.2,
+            "logits": 2.9,
+            "logits_grad": 2.9,
+            "logprob_chunk": 2.32,
+            "runtime": 3.0,
+        },
         abs=0.01,
     )
     text = (REPO / "docs" / "memory_plan.md").read_text()
@@ -81,8 +94,16 @@ def test_model_shape_from_config_json_or_by_name(tmp_path):
     cfg.model.hf_dir = str(tmp_path)
     assert model_shape(cfg).num_layers == 36  # no config.json: the name
     (tmp_path / "config.json").write_text(
-        json.dumps({"num_hidden_layers": 4, "hidden_size": 256, "num_attention_heads": 4,
-                    "num_key_value_heads": 2, "intermediate_size": 512, "vocab_size": 1000})  # fmt: skip
+        json.dumps(
+            {
+                "num_hidden_layers": 4,
+                "hidden_size": 256,
+                "num_attention_heads": 4,
+                "num_key_value_heads": 2,
+                "intermediate_size": 512,
+                "vocab_size": 1000,
+            }
+        )
     )
     assert model_shape(cfg).num_layers == 4  # config.json wins
     cfg.model.name, cfg.model.hf_dir = "my-model", ""
