@@ -16,7 +16,7 @@ from sparrow_megatron.plan.engine import EngineShape, engine_memory
 from sparrow_megatron.plan.memory import GIB, trainer_memory
 from sparrow_megatron.plan.shapes import TrainerShape
 from sparrow_megatron.plan.timing import rollout_seconds, trainer_seconds
-from sparrow_megatron.sparsity.cost import HARDWARE, MODELS, ModelShape, resolve_hardware
+from sparrow_megatron.sparsity.cost import MODELS, ModelShape, resolve_hardware
 from sparrow_megatron.sparsity.schedule import resolve_schedule
 
 # Memory per GPU as the driver reports it (nvidia-smi's total: 81559 MiB on H100 SXM, 143771 MiB on
@@ -176,7 +176,7 @@ def make_plan(cfg: JobConfig, hardware: str = "h100", layer_spec: str = "te", mf
         ("trainer.tp", model.num_kv_heads, cfg.trainer.tp),
         ("trainer.pp", model.num_layers, cfg.trainer.pp),
     ]:
-        if value % size:
+        if value % size:  # validation checks this only when config.json exists; the plan needs it always
             raise UserError(f"field '{name}': {size} does not divide the model's {value}")
     if shape.recompute not in ("none", "selective", "full"):
         raise UserError(f"field 'trainer.recompute': {shape.recompute!r} is not none, selective or full")
@@ -247,6 +247,3 @@ def make_plan(cfg: JobConfig, hardware: str = "h100", layer_spec: str = "te", mf
         "schedule": schedule.name if schedule is not None else "dense", "mfu": mfu,
     }  # fmt: skip
     return Plan(cfg.name, model.name, hw_key, layer_spec, settings, roles, time)
-
-
-__all__ = ["DEVICE_BYTES", "HARDWARE", "Plan", "RolePlan", "make_plan", "model_shape", "trainer_shape"]
