@@ -50,18 +50,10 @@ def model_shape(cfg: JobConfig) -> ModelShape:
     )
 
 
-def _trainer_field(cfg: JobConfig, name: str, default: Any) -> Any:
-    return getattr(cfg.trainer, name, default)
-
-
 def trainer_shape(cfg: JobConfig, model: ModelShape, layer_spec: str = "te") -> TrainerShape:
     c, t = cfg.cluster, cfg.trainer
     gpus = c.trainer_nodes * c.gpus_per_node
-    cp = int(_trainer_field(cfg, "cp", 1))
-    sp = _trainer_field(cfg, "sequence_parallel", None)
-    if sp is None:
-        sp = t.tp > 1  # on by default when TP > 1
-    dp = max(gpus // (t.tp * t.pp * cp), 1)
+    dp = max(gpus // (t.tp * t.pp * t.cp), 1)
     longest = cfg.data.max_prompt_tokens + cfg.data.max_response_tokens
     samples = cfg.loop.prompts_per_step * cfg.rollout.n_samples
     mb_tokens = max(t.micro_batch_tokens, longest)  # a longer sample gets a micro-batch of its own
@@ -70,14 +62,14 @@ def trainer_shape(cfg: JobConfig, model: ModelShape, layer_spec: str = "te") -> 
         model=model,
         tp=t.tp,
         pp=t.pp,
-        cp=cp,
+        cp=t.cp,
         dp=dp,
-        sequence_parallel=bool(sp),
-        recompute=str(_trainer_field(cfg, "recompute", "none")),
-        recompute_method=str(_trainer_field(cfg, "recompute_method", "uniform")),
-        recompute_num_layers=int(_trainer_field(cfg, "recompute_num_layers", 1) or 1),
+        sequence_parallel=t.use_sequence_parallel,
+        recompute=t.recompute,
+        recompute_method=t.recompute_method,
+        recompute_num_layers=t.recompute_num_layers,
         micro_batch_tokens=mb_tokens,
-        logprob_chunk_tokens=int(_trainer_field(cfg, "logprob_chunk_tokens", 0) or 0),
+        logprob_chunk_tokens=t.logprob_chunk_tokens,
         distributed_optimizer=True,
         layer_spec=layer_spec,
         num_micro_batches=max(1, math.ceil(per_rank_tokens / mb_tokens)),

@@ -6,9 +6,8 @@ from dataclasses import dataclass
 from typing import Literal
 
 from sparrow_megatron.sparsity.cost import ModelShape
+from sparrow_megatron.trainer.config import Recompute, RecomputeMethod
 
-Recompute = Literal["none", "selective", "full"]
-RecomputeMethod = Literal["uniform", "block"]
 # "te": Transformer Engine's fused layers (the GPU path: fused RMSNorm + linear, fused SwiGLU, flash
 # attention). "local": Megatron's local spec (the CPU path: torch RMSNorm computed in fp32, unfused
 # SwiGLU), with flash-style attention.
@@ -27,7 +26,7 @@ class TrainerShape:
     recompute_method: RecomputeMethod = "uniform"
     recompute_num_layers: int = 1
     micro_batch_tokens: int = 16384  # tokens of the longest (packed) micro-batch
-    logprob_chunk_tokens: int = 0  # 0 = the log-probs of a whole micro-batch at once
+    logprob_chunk_tokens: int = 0  # 0 (or >= the micro-batch) = the log-probs of a whole micro-batch at once
     distributed_optimizer: bool = True
     layer_spec: LayerSpec = "te"
     num_micro_batches: int = 1  # per DP rank and step: bounds the micro-batches in flight under PP

@@ -6,12 +6,12 @@ so 37K-token sequences at 14B widths run in seconds on a CPU, while `MemTracker`
 the forward keeps and the backward allocates. A fake process group ("fake" backend) gives one process
 any TP size: collectives only shape their outputs, which is all the memory count needs.
 
-Two substitutions, each standing for what the GPU path does and the CPU spec cannot:
+The trainer's local spec already has SDPA core attention and SP-capable norms (`trainer/local_layers.py`).
+Two substitutions keep what this harness has measured from the start, each standing for the GPU path:
 - core attention is torch SDPA with a causal mask (the flash kernel on CPU: it saves q, k, v, the
-  output and an fp32 log-sum-exp, as flash attention on GPU does); the local spec's
-  DotProductAttention would materialise s x s scores.
-- with sequence parallelism the norms are a `torch.nn.RMSNorm` whose weight is marked
-  `sequence_parallel` (the local WrappedTorchNorm refuses SP).
+  output and an fp32 log-sum-exp, as flash attention on GPU does).
+- with sequence parallelism the norms are a `torch.nn.RMSNorm` in the parameters' dtype (bf16, as TE's
+  fused norm), whose weight is marked `sequence_parallel`.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import torch
 from sparrow_megatron.plan.shapes import TrainerShape
 from sparrow_megatron.sparsity.cost import MODELS, ModelShape
 from sparrow_megatron.trainer import compat
-from sparrow_megatron.trainer.model import Qwen3Arch, layer_spec, transformer_config
+from sparrow_megatron.trainer.model import LongContext, Qwen3Arch, layer_spec, transformer_config
 
 
 def arch_of(shape: TrainerShape, num_layers: int) -> Qwen3Arch:
@@ -162,12 +162,10 @@ def measure_layers(
 
     arch = arch_of(shape, num_layers)
     sp = shape.sequence_parallel and shape.tp > 1
-    cfg = transformer_config(arch, shape.tp, 1, False, torch.bfloat16)
-    cfg.sequence_parallel = sp  # transformer_config turns SP off on CPU; the SP norms above make it run
-    if recompute != "none":
-        cfg.recompute_granularity = recompute
-        cfg.recompute_method = "uniform" if recompute == "full" else None
-        cfg.recompute_num_layers = recompute_layers if recompute == "full" else None
+    long_context = LongContext(
+        sequence_parallel=sp, recompute=recompute, recompute_num_layers=recompute_layers
+    )
+    cfg = transformer_config(arch, shape.tp, 1, long_context, torch.bfloat16)
     with FakeTensorMode() if fake else contextlib.nullcontext(), _cpu_rng_for_recompute():
         # The SP all-gather buffer is a process-wide reusable tensor: a fresh one per fake mode.
         parallel_state._GLOBAL_MEMORY_BUFFER = GlobalMemoryBuffer()
@@ -218,8 +216,7 @@ def measure_output_layer(shape: TrainerShape, tokens: int) -> Measured:
 
     arch = arch_of(shape, 1)
     sp = shape.sequence_parallel and shape.tp > 1
-    cfg = transformer_config(arch, shape.tp, 1, False, torch.bfloat16)
-    cfg.sequence_parallel = sp
+    cfg = transformer_config(arch, shape.tp, 1, LongContext(sequence_parallel=sp), torch.bfloat16)
     with FakeTensorMode():
         parallel_state._GLOBAL_MEMORY_BUFFER = GlobalMemoryBuffer()
         layer = tensor_parallel.ColumnParallelLinear(
