@@ -10,4 +10,10 @@ from sparrow_megatron.recipes import qwen3_rl
 
 
 def recipe():
-    return qwen3_rl("1.7b", "code")
+    cfg = qwen3_rl("1.7b", "code")
+    # Long-context memory settings (docs/trainer.md): full recompute of every layer and log-probs in
+    # 4096-token chunks; sequence parallelism is on by default at TP > 1.
+    # `sparrow plan recipes/qwen3_1p7b_code.py` shows every term against the GPU.
+    cfg.trainer.recompute = "full"
+    cfg.trainer.logprob_chunk_tokens = 4096
+    return cfg

@@ -248,11 +248,11 @@ def _placement_problems(cfg: JobConfig, p: Problems) -> None:
     if gpus:
         trainer_gpus = (c.nodes - c.rollout_nodes) * c.gpus_per_node
         rollout_gpus = c.rollout_nodes * c.gpus_per_node or gpus
-        model_parallel = t.tp * t.pp
+        model_parallel = t.tp * t.pp * t.cp
         p.need(
             trainer_gpus > 0 and trainer_gpus % model_parallel == 0,
             "trainer.tp",
-            f"tp*pp = {model_parallel} must divide the trainer's {trainer_gpus} GPUs",
+            f"tp*pp*cp = {model_parallel} must divide the trainer's {trainer_gpus} GPUs",
         )
         p.need(
             t.tp <= c.gpus_per_node,
@@ -321,6 +321,12 @@ def _model_problems(cfg: JobConfig, p: Problems) -> None:
         )
     if isinstance(layers, int):
         p.need(layers % t.pp == 0, "trainer.pp", f"{t.pp} does not divide the model's {layers} layers")
+        per_stage = layers // max(t.pp, 1)
+        p.need(
+            t.recompute != "full" or t.recompute_num_layers <= per_stage,
+            "trainer.recompute_num_layers",
+            f"{t.recompute_num_layers} is more than the {per_stage} layers per pipeline stage",
+        )
     max_pos = model.get("max_position_embeddings")
     total = cfg.data.max_prompt_tokens + cfg.data.max_response_tokens
     # RoPE scaling (YaRN) legitimately runs past max_position_embeddings.

@@ -166,7 +166,9 @@ def test_parallelism_checked_against_the_cluster():
     validate(
         apply_overrides(base, ["trainer.tp=8", "trainer.pp=2", "rollout.engines=4", "rollout.engine_tp=2"])
     )
-    with pytest.raises(UserError, match="field 'trainer.tp': tp\\*pp = 24 must divide the trainer's 16 GPUs"):
+    with pytest.raises(
+        UserError, match="field 'trainer.tp': tp\\*pp\\*cp = 24 must divide the trainer's 16 GPUs"
+    ):
         validate(apply_overrides(base, ["trainer.tp=8", "trainer.pp=3"]))
     with pytest.raises(UserError, match="field 'rollout.engines'"):
         validate(apply_overrides(base, ["rollout.engines=8", "rollout.engine_tp=2"]))

@@ -101,6 +101,24 @@ def _reach_dtype(cfg, value, tmp_path):
     assert next(policy.model.module.parameters()).dtype == want
 
 
+def _megatron_config(trainer):
+    from sparrow_megatron.trainer.model import LongContext, read_qwen3_config, transformer_config
+
+    arch = read_qwen3_config(TINY_RECALL_DIR)
+    return transformer_config(arch, 1, 1, LongContext.of(trainer), torch.float32)
+
+
+def _reach_recompute(cfg, value, tmp_path):
+    config = _megatron_config(cfg.trainer)
+    assert config.recompute_granularity == {"none": None, "selective": "selective", "full": "full"}[value]
+
+
+def _reach_recompute_method(cfg, value, tmp_path):
+    cfg.trainer.recompute = "full"  # the method applies to full recompute
+    config = _megatron_config(cfg.trainer)
+    assert (config.recompute_granularity, config.recompute_method) == ("full", value)
+
+
 def _reach_executor(cfg, value, tmp_path):
     from sparrow_megatron.launch.job import launch_spec
 
@@ -115,6 +133,8 @@ REACH = {
     "grpo.loss_agg": _reach_loss_agg,
     "trainer.lr_schedule": _reach_lr_schedule,
     "trainer.dtype": _reach_dtype,
+    "trainer.recompute": _reach_recompute,
+    "trainer.recompute_method": _reach_recompute_method,
     "cluster.executor": _reach_executor,
 }
 CASES = [(name, value) for name, values in _literal_fields(JobConfig) for value in values]

@@ -14,6 +14,7 @@ COMMAND_MODULES = [
     "sparrow_megatron.cli.tail",
     "sparrow_megatron.cli.schedule",
     "sparrow_megatron.cli.cost",
+    "sparrow_megatron.cli.plan",
     "sparrow_megatron.cli.train",
     "sparrow_megatron.cli.reward",
     "sparrow_megatron.cli.submit",

@@ -19,6 +19,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("overrides", nargs="*", help="key=value, e.g. trainer.tp=4 cluster.account=myacct")
     p.add_argument("--executor", choices=["slurm", "local"], help="override the spec's executor")
     p.add_argument("--dry-run", action="store_true", help="write the sbatch script, submit nothing")
+    p.add_argument(
+        "--hardware", default="h100", help="GPU kind the memory plan checks against: h100, h200, b200 [h100]"
+    )
+    p.add_argument(
+        "--force", action="store_true", help="submit even when `sparrow plan` says it does not fit"
+    )
     p.set_defaults(func=cmd_submit)
 
     for name, func, text in [
@@ -34,8 +40,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         q.set_defaults(func=func)
 
 
-def load_launch_spec(source: str, overrides: list[str], executor: str | None):
-    """A job recipe (`recipe() -> JobConfig`, YAML/JSON) or a LaunchSpec file, overridden and validated."""
+def load_launch_spec(source: str, overrides: list[str], executor: str | None, check=None):
+    """A job recipe (`recipe() -> JobConfig`, YAML/JSON) or a LaunchSpec file, overridden and validated.
+    check: called with a job recipe's JobConfig before the spec is built (the memory plan)."""
     from sparrow_megatron.launch.job import is_job_recipe
     from sparrow_megatron.launch.spec import apply_overrides, load_spec, validate
 
@@ -45,15 +52,41 @@ def load_launch_spec(source: str, overrides: list[str], executor: str | None):
 
         overrides = overrides + ([f"cluster.executor={executor}"] if executor else [])
         cfg = load_config(source, overrides)  # every field and path, before anything is submitted
+        if check is not None:
+            check(cfg)
         return validate(launch_spec(cfg, source, overrides))
     overrides = overrides + ([f"executor={executor}"] if executor else [])
     return validate(apply_overrides(load_spec(source), overrides))
 
 
+def check_memory(cfg, hardware: str, force: bool) -> None:
+    """Refuse (UserError with the plan's numbers) a GPU job whose trainer or engines do not fit."""
+    if not cfg.cluster.gpus_per_node:
+        return  # CPU nodes: host memory, not what the plan models
+    from sparrow_megatron.errors import UserError
+    from sparrow_megatron.plan import make_plan
+
+    plan = make_plan(cfg, hardware)
+    if plan.fits:
+        return
+    if force:
+        print(f"warning (--force): {plan.refusal()}")
+        return
+    raise UserError(
+        f"{plan.refusal()}\nSee `sparrow plan` for every term; set trainer.recompute / "
+        "trainer.logprob_chunk_tokens / parallelism, or pass --force to submit anyway."
+    )
+
+
 def cmd_submit(args: argparse.Namespace) -> int:
     from sparrow_megatron.launch import jobs
 
-    spec = load_launch_spec(args.spec, list(args.overrides), args.executor)
+    spec = load_launch_spec(
+        args.spec,
+        list(args.overrides),
+        args.executor,
+        check=lambda cfg: check_memory(cfg, args.hardware, args.force),
+    )
     sub = jobs.submit(spec, dry_run=args.dry_run)
     print(f"experiment: {sub.experiment_id}")
     print(f"job dir:    {spec.cluster.job_dir}")

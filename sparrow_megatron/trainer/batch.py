@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -81,13 +83,35 @@ class RolloutBatch:
                         f"RolloutBatch: sample {i} response_masks has {len(m)} entries, want {len(r)}"
                     )
 
-    def shard(self, rank: int, world: int) -> list[int]:
-        """Indices of the samples this DP rank takes (round-robin keeps long/short mixes balanced)."""
-        return list(range(rank, len(self), world))
+
+def balanced_shards(lengths: Sequence[int], world: int) -> list[list[int]]:
+    """Split sample indices over `world` DP ranks with near-equal token totals.
+
+    Greedy largest-first onto the rank with the fewest tokens so far (LPT: within 4/3 of the optimal
+    makespan), ties to the rank with fewer samples, then the lower rank; deterministic, so every rank
+    computes the same split without communication. Round-robin by count would put a 37K- and a
+    2K-token response on the same footing.
+    """
+    heap = [(0, 0, r) for r in range(world)]
+    shards: list[list[int]] = [[] for _ in range(world)]
+    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        tokens, count, r = heapq.heappop(heap)
+        shards[r].append(i)
+        heapq.heappush(heap, (tokens + lengths[i], count + 1, r))
+    return [sorted(s) for s in shards]
 
 
-def pack_micro_batches(lengths: Sequence[int], token_budget: int, min_count: int = 1) -> list[list[int]]:
-    """Group sample indices into micro-batches whose padded size (rows x longest) fits token_budget.
+def micro_batch_cost(lengths: Sequence[int], ids: Sequence[int], packed: bool) -> int:
+    """Tokens a micro-batch occupies: the sum when packed (THD), rows x longest when right-padded."""
+    if not ids:
+        return 0
+    return sum(lengths[j] for j in ids) if packed else max(lengths[j] for j in ids) * len(ids)
+
+
+def pack_micro_batches(
+    lengths: Sequence[int], token_budget: int, min_count: int = 1, packed: bool = False
+) -> list[list[int]]:
+    """Group sample indices into micro-batches whose cost (`micro_batch_cost`) fits token_budget.
 
     First-fit over samples sorted by length (longest first), then rebalanced to `max(count, min_count)`
     bins with greedy longest-processing-time so every DP rank can run the same number of micro-batches.
@@ -99,45 +123,70 @@ def pack_micro_batches(lengths: Sequence[int], token_budget: int, min_count: int
     bins: list[list[int]] = []
     for i in order:
         for b in bins:
-            longest = max(lengths[j] for j in b)
-            if max(longest, lengths[i]) * (len(b) + 1) <= token_budget:
+            if micro_batch_cost(lengths, b + [i], packed) <= token_budget:
                 b.append(i)
                 break
         else:
             bins.append([i])
     count = max(len(bins), min_count)
-    # Balanced: assign longest-first to the bin with the fewest padded tokens so far.
+    # Balanced: assign longest-first to the bin with the lowest cost so far.
     balanced: list[list[int]] = [[] for _ in range(count)]
     for i in order:
-        target = min(range(count), key=lambda k: (_padded(lengths, balanced[k] + [i]), k))
+        target = min(range(count), key=lambda k: (micro_batch_cost(lengths, balanced[k] + [i], packed), k))
         balanced[target].append(i)
-    if all(_padded(lengths, b) <= token_budget or len(b) == 1 for b in balanced):
+    if all(micro_batch_cost(lengths, b, packed) <= token_budget or len(b) == 1 for b in balanced):
         return [sorted(b) for b in balanced]
     return [sorted(b) for b in bins] + [[] for _ in range(count - len(bins))]
 
 
-def _padded(lengths: Sequence[int], ids: list[int]) -> int:
-    return max(lengths[j] for j in ids) * len(ids) if ids else 0
-
-
 @dataclass
 class MicroBatch:
-    """Right-padded [rows, seq] tokens; response tokens are predicted at positions start-1 .. end-2."""
+    """Tokens [rows, seq]: right-padded rows, or one packed (THD) row of back-to-back samples.
+
+    Sample j's response tokens are predicted at `target_positions[j]` of row `rows[j]` (its positions
+    start-1 .. end-2). Packed: `cu_seqlens` [n+1] int32 bounds each sample (and a trailing pad segment)
+    inside row 0; positions restart at 0 per sample.
+    """
 
     sample_ids: list[int]
     tokens: torch.Tensor  # [b, s] int64
     position_ids: torch.Tensor  # [b, s]
-    target_positions: list[torch.Tensor]  # per row: positions whose next-token logit scores a response token
-    targets: list[torch.Tensor]  # per row: the response token ids
+    # per sample: the positions whose next-token logit scores a response token
+    target_positions: list[torch.Tensor]
+    targets: list[torch.Tensor]  # per sample: the response token ids
+    rows: list[int] = field(default_factory=list)  # per sample: its row
+    cu_seqlens: torch.Tensor | None = None  # packed only
+    max_seqlen: int = 0  # packed only
 
     @property
     def seq_len(self) -> int:
         return int(self.tokens.shape[1])
 
+    @property
+    def packed(self) -> bool:
+        return self.cu_seqlens is not None
+
+    def flat_target_index(self) -> torch.Tensor:
+        """Indices into the [b * s] flattened logits of every scored position, sample after sample."""
+        if not self.target_positions:
+            return torch.zeros(0, dtype=torch.long)
+        rows = self.rows or list(range(len(self.target_positions)))
+        return torch.cat([r * self.seq_len + p for r, p in zip(rows, self.target_positions, strict=True)])
+
+
+def _targets(batch: RolloutBatch, i: int, offset: int) -> tuple[torch.Tensor, torch.Tensor]:
+    p, r = len(batch.prompt_ids[i]), len(batch.response_ids[i])
+    return torch.arange(offset + p - 1, offset + p + r - 1), torch.tensor(
+        batch.response_ids[i], dtype=torch.long
+    )
+
 
 def build_micro_batch(
-    batch: RolloutBatch, sample_ids: list[int], pad_id: int = 0, pad_to: int = 1
+    batch: RolloutBatch, sample_ids: list[int], pad_id: int = 0, pad_to: int = 1, packed: bool = False
 ) -> MicroBatch:
+    """pad_to: the sequence length (packed: the total) is rounded up to a multiple (SP needs TP)."""
+    if packed:
+        return _packed_micro_batch(batch, sample_ids, pad_id, pad_to)
     seqs = [list(batch.prompt_ids[i]) + list(batch.response_ids[i]) for i in sample_ids]
     if not seqs:
         # An empty micro-batch keeps the count equal across DP ranks: one pad token, nothing scored.
@@ -150,9 +199,30 @@ def build_micro_batch(
     positions, targets = [], []
     for row, (i, seq) in enumerate(zip(sample_ids, seqs, strict=True)):
         tokens[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
-        p = len(batch.prompt_ids[i])
-        r = len(batch.response_ids[i])
-        positions.append(torch.arange(p - 1, p + r - 1))
-        targets.append(torch.tensor(batch.response_ids[i], dtype=torch.long))
+        pos, tgt = _targets(batch, i, 0)
+        positions.append(pos)
+        targets.append(tgt)
     position_ids = torch.arange(s).unsqueeze(0).expand(len(seqs), s).contiguous()
-    return MicroBatch(sample_ids, tokens, position_ids, positions, targets)
+    return MicroBatch(sample_ids, tokens, position_ids, positions, targets, rows=list(range(len(seqs))))
+
+
+def _packed_micro_batch(batch: RolloutBatch, sample_ids: list[int], pad_id: int, pad_to: int) -> MicroBatch:
+    seqs = [list(batch.prompt_ids[i]) + list(batch.response_ids[i]) for i in sample_ids]
+    lengths = [len(x) for x in seqs]
+    used = sum(lengths)
+    total = max(int(math.ceil(used / pad_to) * pad_to), pad_to)
+    # The round-up pad is its own segment: attention never mixes it with a sample.
+    bounds = [0, *itertools.accumulate(lengths)] + ([total] if total > used else [])
+    tokens = torch.full((1, total), pad_id, dtype=torch.long)
+    tokens[0, :used] = torch.tensor([t for x in seqs for t in x], dtype=torch.long)
+    position_ids = torch.cat([torch.arange(b - a) for a, b in zip(bounds[:-1], bounds[1:], strict=True)])
+    positions, targets = [], []
+    for i, offset in zip(sample_ids, bounds, strict=False):
+        pos, tgt = _targets(batch, i, offset)
+        positions.append(pos)
+        targets.append(tgt)
+    segment = [b - a for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+    return MicroBatch(
+        sample_ids, tokens, position_ids.unsqueeze(0), positions, targets, rows=[0] * len(sample_ids),
+        cu_seqlens=torch.tensor(bounds, dtype=torch.int32), max_seqlen=max(segment),
+    )  # fmt: skip

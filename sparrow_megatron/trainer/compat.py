@@ -122,6 +122,10 @@ def apply_cpu_shims() -> None:
     # The CUDA RNG tracker reads CUDA generator states; with no dropout a null tracker is exact.
     mrandom._CUDA_RNG_STATE_TRACKER = _CpuRNGTracker()
     mrandom._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
+    # Activation recompute saves and restores the CUDA RNG state around each checkpoint; on CPU there
+    # is none (and no dropout), so an empty state and a no-op restore keep recompute exact.
+    mrandom._get_cuda_rng_state = lambda *a, **k: torch.empty(0, dtype=torch.uint8)
+    mrandom._set_cuda_rng_state = lambda *a, **k: None
     # The schedules build total_num_tokens with device="cuda" literally.
     schedules.torch = _TorchWithCpuDefault()
     _applied = True

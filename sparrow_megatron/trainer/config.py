@@ -16,6 +16,12 @@ LrSchedule = Literal["constant", "cosine", "linear"]
 # the same (its tokens averaged); seq-mean-token-sum: sequences weigh the same, tokens summed within.
 LossAgg = Literal["token-mean", "seq-mean-token-sum", "seq-mean-token-mean"]
 TrainDtype = Literal["fp32", "bf16"]
+# Megatron's recompute_granularity: none; selective (core attention and the MLP, from their inputs);
+# full (whole layers, grouped by recompute_method / recompute_num_layers).
+Recompute = Literal["none", "selective", "full"]
+# full recompute: uniform = checkpoint every group of recompute_num_layers layers; block = checkpoint
+# only the first recompute_num_layers layers of each pipeline stage.
+RecomputeMethod = Literal["uniform", "block"]
 
 
 @dataclass
@@ -27,17 +33,35 @@ class TrainerConfig:
     lr_schedule: LrSchedule = "constant"  # after warmup; cosine and linear decay to min_lr at loop.steps
     weight_decay: float = 0.0
     grad_clip: float = 1.0
-    micro_batch_tokens: int = 16384  # token budget per micro-batch (padded length x rows)
+    micro_batch_tokens: int = 16384  # token budget per micro-batch (packed tokens; padded: rows x longest)
     dtype: TrainDtype = "bf16"
     min_lr: float = 0.0
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     adam_eps: float = 1e-8
-    sequence_parallel: bool = False  # GPU only; ignored (forced off) on CPU
+    # Long context (docs/trainer.md): activation recompute, sequence / context parallelism, log-prob chunks.
+    recompute: Recompute = "none"
+    recompute_method: RecomputeMethod = "uniform"
+    recompute_num_layers: int = 1  # full: layers per checkpoint (uniform) or checkpointed layers (block)
+    # Norm activations split over the TP ranks. None = on when tp > 1.
+    sequence_parallel: bool | None = None
+    cp: int = 1  # context parallel size (needs Transformer Engine's attention)
+    logprob_chunk_tokens: int = 4096  # response tokens per fp32 [chunk, V/tp] log-prob/entropy/top-K chunk
+
+    @property
+    def use_sequence_parallel(self) -> bool:
+        return self.tp > 1 if self.sequence_parallel is None else bool(self.sequence_parallel)
 
     def problems(self, prefix: str = "trainer.") -> list[str]:
         p = Problems(prefix)
         p.at_least(1, tp=self.tp, pp=self.pp, micro_batch_tokens=self.micro_batch_tokens)
+        p.at_least(1, cp=self.cp, recompute_num_layers=self.recompute_num_layers)
+        p.at_least(1, logprob_chunk_tokens=self.logprob_chunk_tokens)
+        p.need(
+            not (self.sequence_parallel and self.tp == 1),
+            "sequence_parallel",
+            "needs tp > 1 (it splits activations over the TP ranks)",
+        )
         p.at_least(0, warmup_steps=self.warmup_steps)
         p.positive(adam_eps=self.adam_eps)
         # lr 0 is a frozen policy (scores and tails without updates), which the optimizer runs as is.

@@ -7,6 +7,7 @@ patching the built model.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -92,9 +93,72 @@ def check_parallel_split(arch: Qwen3Arch, tp: int, pp: int, source: str = "model
             raise UserError(f"{source}: {field}={value} is not divisible by {name}={size}")
 
 
-def transformer_config(arch: Qwen3Arch, tp: int, pp: int, sequence_parallel: bool, dtype: torch.dtype):
+@dataclass(frozen=True)
+class LongContext:
+    """The memory settings of the trainer (TrainerConfig fields), as Megatron TransformerConfig fields."""
+
+    sequence_parallel: bool = False
+    recompute: str = "none"  # none | selective | full
+    recompute_method: str = "uniform"
+    recompute_num_layers: int = 1
+    cp: int = 1
+
+    @classmethod
+    def of(cls, trainer) -> LongContext:
+        """From the job config's trainer section (a TrainerConfig)."""
+        return cls(
+            sequence_parallel=trainer.use_sequence_parallel,
+            recompute=trainer.recompute,
+            recompute_method=trainer.recompute_method,
+            recompute_num_layers=trainer.recompute_num_layers,
+            cp=trainer.cp,
+        )
+
+    def config_fields(self, arch: Qwen3Arch, tp: int, pp: int) -> dict:
+        fields: dict = dict(
+            sequence_parallel=self.sequence_parallel and tp > 1, context_parallel_size=self.cp
+        )
+        if self.recompute == "full":
+            per_stage = arch.num_layers // pp
+            if not 1 <= self.recompute_num_layers <= per_stage:
+                raise UserError(
+                    f"field 'trainer.recompute_num_layers' must be in [1, {per_stage}] "
+                    f"(layers per pipeline stage), got {self.recompute_num_layers}"
+                )
+            fields.update(
+                recompute_granularity="full",
+                recompute_method=self.recompute_method,
+                recompute_num_layers=self.recompute_num_layers,
+            )
+        elif self.recompute == "selective":
+            # Attention and the MLP are recomputed from their inputs. ("layernorm" is left out: TE's spec
+            # fuses the norms into the next linear, where it does nothing, and without TE it needs TE.)
+            fields.update(recompute_granularity="selective", recompute_modules=["core_attn", "mlp"])
+        return fields
+
+
+def has_transformer_engine() -> bool:
+    compat.apply_cpu_shims()
+    from megatron.core.models.gpt import gpt_layer_specs as specs
+
+    return bool(compat.HAS_CUDA and getattr(specs, "HAVE_TE", False))
+
+
+def transformer_config(
+    arch: Qwen3Arch, tp: int, pp: int, long_context: LongContext | bool, dtype: torch.dtype
+):
+    """long_context: the recompute / SP / CP settings (a bool is the SP switch alone)."""
     compat.apply_cpu_shims()
     from megatron.core.transformer.transformer_config import TransformerConfig
+
+    if not isinstance(long_context, LongContext):
+        long_context = LongContext(sequence_parallel=bool(long_context))
+    if long_context.cp > 1 and not has_transformer_engine():
+        raise UserError(
+            f"field 'trainer.cp' = {long_context.cp} needs Transformer Engine's attention (context "
+            "parallelism is implemented there only), which this machine does not have; use cp=1 with "
+            "recompute='full' and sequence parallelism"
+        )
 
     fields = dict(
         num_layers=arch.num_layers,
@@ -114,7 +178,6 @@ def transformer_config(arch: Qwen3Arch, tp: int, pp: int, sequence_parallel: boo
         attention_dropout=0.0,
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp,
-        sequence_parallel=sequence_parallel and tp > 1 and compat.HAS_CUDA,
         params_dtype=dtype,
         pipeline_dtype=dtype,
         bf16=dtype == torch.bfloat16,
@@ -125,6 +188,7 @@ def transformer_config(arch: Qwen3Arch, tp: int, pp: int, sequence_parallel: boo
         calculate_per_token_loss=True,
         apply_rope_fusion=False,
     )
+    fields.update(long_context.config_fields(arch, tp, pp))
     fields.update(compat.cpu_config_overrides())
     return TransformerConfig(**compat.dataclass_kwargs(TransformerConfig, **fields))
 
@@ -134,11 +198,31 @@ def layer_spec(arch: Qwen3Arch):
     compat.apply_cpu_shims()
     from megatron.core.models.gpt import gpt_layer_specs as specs
 
-    if compat.HAS_CUDA and getattr(specs, "HAVE_TE", False):
+    if has_transformer_engine():
         return compat.call_with_supported(specs.get_gpt_layer_with_transformer_engine_spec, qk_layernorm=True)
-    return compat.call_with_supported(
+    spec = compat.call_with_supported(
         specs.get_gpt_layer_local_spec, qk_layernorm=True, normalization="RMSNorm"
     )
+    return with_local_layers(spec)
+
+
+def with_local_layers(spec):
+    """The local spec with SP-capable norms and SDPA core attention (packed THD, no s x s mask)."""
+    from megatron.core.transformer import transformer_block
+
+    from sparrow_megatron.trainer.local_layers import SdpaCoreAttention, SequenceParallelRMSNorm
+
+    spec = copy.deepcopy(spec)
+    sub = spec.submodules
+    sub.input_layernorm = SequenceParallelRMSNorm
+    sub.pre_mlp_layernorm = SequenceParallelRMSNorm
+    attn = sub.self_attention.submodules
+    attn.core_attention = SdpaCoreAttention
+    attn.q_layernorm = SequenceParallelRMSNorm
+    attn.k_layernorm = SequenceParallelRMSNorm
+    # The block's final norm is not part of the layer spec: Megatron reads a module global for it.
+    transformer_block.LayerNormImpl = SequenceParallelRMSNorm
+    return spec
 
 
 def build_gpt_model(arch: Qwen3Arch, config, spec=None):

@@ -1,8 +1,11 @@
 """The dense Qwen3 policy in Megatron-Core: score (log-probs, entropy, top-K) and GRPO train steps.
 
 Every forward, scoring or training, goes through `get_forward_backward_func`, so PP=1 and PP>1 share
-one path. Every rank receives the whole batch; DP ranks take round-robin shards and the micro-batch
+one path. Every rank receives the whole batch; DP ranks take token-balanced shards and the micro-batch
 count is agreed from the same deterministic packing on every rank (no communication needed).
+Micro-batches are packed (THD: samples back to back, attention bounded by `cu_seqlens`, no mask
+tensor) unless `pack_sequences` is off or a sparse forward needs rows; log-probs are computed in
+chunks of `logprob_chunk_tokens` scored positions.
 """
 
 from __future__ import annotations
@@ -18,12 +21,19 @@ import torch
 
 from sparrow_megatron.errors import UserError
 from sparrow_megatron.trainer import compat
-from sparrow_megatron.trainer.batch import MicroBatch, RolloutBatch, build_micro_batch, pack_micro_batches
+from sparrow_megatron.trainer.batch import (
+    MicroBatch,
+    RolloutBatch,
+    balanced_shards,
+    build_micro_batch,
+    pack_micro_batches,
+)
 from sparrow_megatron.trainer.checkpoint import load_checkpoint, save_checkpoint
 from sparrow_megatron.trainer.config import GRPOConfig, TrainerConfig
 from sparrow_megatron.trainer.grpo import GRPOCoefs, grpo_token_loss, token_weights
-from sparrow_megatron.trainer.logprobs import vocab_parallel_logprobs, vocab_parallel_topk
+from sparrow_megatron.trainer.logprobs import token_stats
 from sparrow_megatron.trainer.model import (
+    LongContext,
     build_gpt_model,
     check_parallel_split,
     layer_spec,
@@ -41,7 +51,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def init_distributed(tp: int, pp: int) -> None:
+def init_distributed(tp: int, pp: int, cp: int = 1) -> None:
     """Initialise torch.distributed (gloo on CPU, a 1-process group if none) and Megatron's groups."""
     from megatron.core import parallel_state
 
@@ -64,17 +74,22 @@ def init_distributed(tp: int, pp: int) -> None:
         if compat.HAS_CUDA:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     world = torch.distributed.get_world_size()
-    if world % (tp * pp):
-        raise UserError(f"field 'trainer.tp': tp*pp = {tp * pp} does not divide the world size {world}")
+    if world % (tp * pp * cp):
+        raise UserError(
+            f"field 'trainer.tp': tp*pp*cp = {tp * pp * cp} does not divide the world size {world}"
+        )
     if parallel_state.model_parallel_is_initialized():
         same = (
             parallel_state.get_tensor_model_parallel_world_size() == tp
             and parallel_state.get_pipeline_model_parallel_world_size() == pp
+            and parallel_state.get_context_parallel_world_size() == cp
         )
         if same:
             return
         parallel_state.destroy_model_parallel()
-    parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, context_parallel_size=cp
+    )
 
 
 @dataclass
@@ -88,7 +103,8 @@ class ScoreResult:
 
 
 def _causal_mask(s: int, device: torch.device) -> torch.Tensor:
-    """Explicit causal mask (True = masked); Megatron's default one is built on CUDA."""
+    """Explicit causal mask (True = masked), for direct model calls in tests; the trainer passes None
+    (causal mask type): an [s, s] mask is 1.4 GB at 37K tokens and every recompute checkpoint saves it."""
     return torch.triu(torch.ones(s, s, dtype=torch.bool, device=device), diagonal=1).view(1, 1, s, s)
 
 
@@ -105,10 +121,12 @@ class Policy:
         temperature: float = 1.0,
         top_k_logprobs: int = 20,
         seed: int = 1234,
+        pack_sequences: bool = True,
     ):
         """trainer, grpo: the job config's sections. model_dir: a local HF Qwen3 directory; total_steps:
         the LR schedule's horizon (loop.steps); temperature and top_k_logprobs: the rollout's, so that
-        scores are of the distribution the engines sampled from."""
+        scores are of the distribution the engines sampled from. pack_sequences: THD-packed micro-batches
+        (False: right-padded rows, which the tests compare against)."""
         from megatron.core import parallel_state
         from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
         from megatron.core.distributed import finalize_model_grads as _finalize
@@ -126,18 +144,25 @@ class Policy:
         self.trainer, self.grpo = trainer, grpo
         self.model_dir = str(model_dir)
         self.total_steps, self.temperature, self.top_k_logprobs = total_steps, temperature, top_k_logprobs
+        self.pack_sequences = pack_sequences
         cfg = trainer
         self.arch = read_qwen3_config(self.model_dir)
         check_parallel_split(self.arch, cfg.tp, cfg.pp, source=f"{self.model_dir}/config.json")
-        init_distributed(cfg.tp, cfg.pp)
+        dtype = torch.bfloat16 if cfg.dtype == "bf16" else torch.float32
+        # Built first: its checks (CP needs TE, recompute layers per stage) fail before any group is set up.
+        self.config = transformer_config(self.arch, cfg.tp, cfg.pp, LongContext.of(cfg), dtype)
+        if cfg.cp > 1:
+            raise UserError(
+                "field 'trainer.cp' > 1: the trainer's context-parallel data split is not built "
+                "yet; use cp=1 with recompute='full' and sequence parallelism"
+            )
+        init_distributed(cfg.tp, cfg.pp, cfg.cp)
         torch.manual_seed(seed)
         if compat.HAS_CUDA:
             # GPU init draws from Megatron's per-TP-rank CUDA RNG streams, which must be seeded first.
             from megatron.core import tensor_parallel
 
             tensor_parallel.model_parallel_cuda_manual_seed(seed)
-        dtype = torch.bfloat16 if cfg.dtype == "bf16" else torch.float32
-        self.config = transformer_config(self.arch, cfg.tp, cfg.pp, cfg.sequence_parallel, dtype)
         # Dense unless a sparse_rows() context is active (DistillSparse's sparse forward).
         model = build_gpt_model(self.arch, self.config, spec=with_sparse_attention(layer_spec(self.arch)))
         load_hf_weights(model, self.arch, self.model_dir)
@@ -164,37 +189,54 @@ class Policy:
         self.device = compat.device()
         self.dp_rank = parallel_state.get_data_parallel_rank()
         self.dp_size = parallel_state.get_data_parallel_world_size()
+        # SP splits the sequence (packed: the whole pack) over the TP ranks.
         self.pad_to = cfg.tp if self.config.sequence_parallel else 1
 
     # ------------------------------------------------------------------ plumbing
 
-    def _micro_batches(self, batch: RolloutBatch) -> tuple[list[list[int]], list[list[list[int]]]]:
+    def _micro_batches(
+        self, batch: RolloutBatch, packed: bool
+    ) -> tuple[list[list[int]], list[list[list[int]]]]:
         """Per DP rank: its sample ids and its micro-batches (same count on every rank)."""
         lengths = [len(p) + len(r) for p, r in zip(batch.prompt_ids, batch.response_ids, strict=True)]
-        shards = [batch.shard(r, self.dp_size) for r in range(self.dp_size)]
-        packs = [pack_micro_batches([lengths[i] for i in s], self.trainer.micro_batch_tokens) for s in shards]
+        shards = balanced_shards(lengths, self.dp_size)
+        budget = self.trainer.micro_batch_tokens
+        packs = [pack_micro_batches([lengths[i] for i in s], budget, packed=packed) for s in shards]
         count = max(max(len(p) for p in packs), 1)
         packs = [
-            pack_micro_batches([lengths[i] for i in s], self.trainer.micro_batch_tokens, min_count=count)
+            pack_micro_batches([lengths[i] for i in s], budget, min_count=count, packed=packed)
             for s in shards
         ]
         return shards, [
             [[shard[j] for j in mb] for mb in pack] for shard, pack in zip(shards, packs, strict=True)
         ]
 
+    def _build_micro_batches(self, batch: RolloutBatch, sparse: bool) -> list[MicroBatch]:
+        """This DP rank's micro-batches; a sparse forward attends per row, so it gets padded rows."""
+        packed = self.pack_sequences and not sparse
+        _, packs = self._micro_batches(batch, packed)
+        return [
+            build_micro_batch(batch, ids, pad_to=self.pad_to, packed=packed) for ids in packs[self.dp_rank]
+        ]
+
     def _run(self, micro_batches: list[MicroBatch], loss_fn, forward_only: bool, rows_of=None) -> list[dict]:
         """rows_of: optional MicroBatch -> [SparseRow per row] for a sparse forward (DistillSparse)."""
+        from megatron.core.packed_seq_params import PackedSeqParams
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
         def forward_step(data_iterator: Iterator[MicroBatch], model):
             mb = next(data_iterator)
             dev = self.device
+            packed = None
+            if mb.packed:
+                cu = mb.cu_seqlens.to(dev)
+                packed = PackedSeqParams(
+                    qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
+                    max_seqlen_q=mb.max_seqlen, max_seqlen_kv=mb.max_seqlen,
+                )  # fmt: skip
             with sparse_rows(rows_of(mb) if rows_of is not None else None):
-                output = model(
-                    mb.tokens.to(dev),
-                    mb.position_ids.to(dev),
-                    _causal_mask(mb.seq_len, dev),
-                )
+                # attention_mask=None: causal mask type, no [s, s] tensor (TE, SDPA and the sparse path).
+                output = model(mb.tokens.to(dev), mb.position_ids.to(dev), None, packed_seq_params=packed)
             return output, lambda out, mb=mb: loss_fn(mb, out)
 
         fwd_bwd = get_forward_backward_func()
@@ -208,17 +250,15 @@ class Policy:
             forward_only=forward_only,
         )
 
-    def _response_logits(self, mb: MicroBatch, logits: torch.Tensor):
-        """[b, s, V/tp] logits -> concatenated rows at each response-token prediction position."""
-        rows = [logits[r, pos.to(logits.device)] for r, pos in enumerate(mb.target_positions)]
-        targets = (
-            torch.cat(mb.targets).to(logits.device)
-            if mb.targets
-            else torch.zeros(0, dtype=torch.long, device=logits.device)
-        )
-        sizes = [len(t) for t in mb.targets]
-        flat = torch.cat(rows) if rows else logits.reshape(-1, logits.shape[-1])[:0]  # keeps the graph
-        return flat, targets, sizes
+    def _token_stats(self, mb: MicroBatch, logits: torch.Tensor, top_k: int = 0, with_entropy: bool = True):
+        """Chunked stats of every response token of mb from its [b, s, V/tp] logits; and the per-sample
+        token counts."""
+        targets = torch.cat(mb.targets) if mb.targets else torch.zeros(0, dtype=torch.long)
+        stats = token_stats(
+            logits, mb.flat_target_index(), targets, temperature=self.temperature,
+            chunk_tokens=self.trainer.logprob_chunk_tokens, with_entropy=with_entropy, top_k=top_k,
+        )  # fmt: skip
+        return stats, [len(t) for t in mb.targets]
 
     def _pp_broadcast(self, obj):
         """Send a Python object from the last pipeline stage to every stage."""
@@ -267,24 +307,20 @@ class Policy:
         schedules: one `Schedule` (or None = dense) per sample for the sparse forward of the rollout."""
         batch.validate(self.arch.vocab_size, need_training_fields=False)
         k = self.top_k_logprobs if top_k is None else top_k
-        temp = self.temperature
         self.model.eval()
-        shards, packs = self._micro_batches(batch)
-        mbs = [build_micro_batch(batch, ids, pad_to=self.pad_to) for ids in packs[self.dp_rank]]
+        mbs = self._build_micro_batches(batch, sparse=schedules is not None)
 
         def loss_fn(mb: MicroBatch, logits: torch.Tensor):
-            flat, targets, sizes = self._response_logits(mb, logits)
-            stats = vocab_parallel_logprobs(flat, targets, temperature=temp)
+            stats, sizes = self._token_stats(mb, logits, top_k=k)
             out = {
                 "ids": mb.sample_ids,
                 "lp": stats.logprobs.cpu().split(sizes),
                 "ent": stats.entropy.cpu().split(sizes),
             }
             if k > 0:
-                ids, lps = vocab_parallel_topk(flat, k, temperature=temp)
-                out["topk_ids"] = ids.cpu().split(sizes)
-                out["topk_lp"] = lps.cpu().split(sizes)
-            return torch.zeros((), device=logits.device), torch.tensor(len(targets)), out
+                out["topk_ids"] = stats.topk_ids.cpu().split(sizes)
+                out["topk_lp"] = stats.topk_logprobs.cpu().split(sizes)
+            return torch.zeros((), device=logits.device), torch.tensor(sum(sizes)), out
 
         results = self._run(mbs, loss_fn, forward_only=True, rows_of=self.sparse_rows_of(batch, schedules))
         results = self._pp_broadcast(results)
@@ -351,12 +387,10 @@ class Policy:
         """Forward + backward of the GRPO loss over all micro-batches (grads accumulate where they
         are enabled); returns the per-micro-batch metric sums and the micro-batch count. rows_of:
         the sparse forward (see `_run`)."""
-        _, packs = self._micro_batches(batch)
-        mbs = [build_micro_batch(batch, ids, pad_to=self.pad_to) for ids in packs[self.dp_rank]]
+        mbs = self._build_micro_batches(batch, sparse=rows_of is not None)
 
         def loss_fn(mb: MicroBatch, logits: torch.Tensor):
-            flat, targets, sizes = self._response_logits(mb, logits)
-            stats = vocab_parallel_logprobs(flat, targets, temperature=self.temperature)
+            stats, _ = self._token_stats(mb, logits)
             dev = logits.device
             ids = mb.sample_ids
 

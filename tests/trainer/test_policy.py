@@ -130,3 +130,29 @@ def test_tp2_pp2_dp2_match_single_rank_and_round_trip_hf(tiny_tied, tiny_untied,
         exported = _load_hf_dir(out / "hf_export_untied")
         assert set(exported) == set(original_untied) and "lm_head.weight" in exported
         assert all(torch.equal(exported[k], original_untied[k]) for k in original_untied)
+
+
+@pytest.mark.parametrize("pack", [True, False])
+def test_forwards_pass_no_mask_tensor_and_packs_without_padding(tiny_tied, monkeypatch, pack):
+    from sparrow_megatron.trainer.local_layers import SdpaCoreAttention
+
+    seen = []
+    original = SdpaCoreAttention.forward
+
+    def spy(self, query, key, value, attention_mask, *args, **kwargs):
+        seen.append((attention_mask, kwargs.get("packed_seq_params"), query.shape[0]))
+        return original(self, query, key, value, attention_mask, *args, **kwargs)
+
+    monkeypatch.setattr(SdpaCoreAttention, "forward", spy)
+    policy = make_policy(str(tiny_tied), micro_batch_tokens=64, pack_sequences=pack)
+    batch = RolloutBatch(
+        [[5, 6, 7], [8, 9]], [[20, 21, 22, 23], [40, 41, 42]], [[-1.0] * 4, [-1.0] * 3], [1.0, -1.0]
+    )
+    policy.train_step(batch)  # scores old log-probs, then forward + backward
+    assert seen and all(mask is None for mask, _, _ in seen)  # causal mask type, no [s, s] tensor
+    if pack:
+        assert all(p is not None and p.qkv_format == "thd" for _, p, _ in seen)
+        assert all(p.cu_seqlens_q.tolist() == [0, 7, 12] for _, p, _ in seen)
+        assert all(tokens == 12 for _, _, tokens in seen)  # 7 + 5 tokens, nothing padded
+    else:
+        assert all(p is None for _, p, _ in seen)
