@@ -82,7 +82,7 @@ if os.WIFSIGNALED(status):
     sys.exit("program killed by signal " + str(os.WTERMSIG(status)))
 if os.WEXITSTATUS(status) != 0:
     sys.exit(os.WEXITSTATUS(status))
-sys.stdout.write("{RESULT_MARKER} " + nonce + " " + data.decode("utf-8", "replace") + "\n")
+sys.stdout.write("{RESULT_MARKER} " + nonce + " " + data.decode("utf-8", "replace") + "\\n")
 """
 
 _ERRORS_LOCK = threading.Lock()

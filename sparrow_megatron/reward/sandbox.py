@@ -184,6 +184,14 @@ def ensure_isolation(config: SandboxConfig) -> None:
         _VERIFIED.add(key)
 
 
+def isolation_available(config: SandboxConfig = SandboxConfig()) -> bool:
+    try:
+        ensure_isolation(config)
+    except IsolationUnavailable:
+        return False
+    return True
+
+
 def _refusal(missing: list[str]) -> str:
     return (
         "code rewards refuse to run without isolation. Missing: "
