@@ -29,6 +29,7 @@ def register(subparsers) -> None:
     c.add_argument("program", nargs="?", metavar="PROGRAM.py", help="the program to judge (runs sandboxed)")
     c.add_argument("--tests", metavar="TESTS.json", help="stdin/stdout or call-based tests")
     c.add_argument("--timeout", type=float, default=5.0, help="seconds per test case (default 5)")
+    c.add_argument("--memory-mb", type=int, default=1024, help="memory per test case run (default 1024)")
     c.add_argument("--all-or-nothing", action="store_true", help="reward 1 only if every case passes")
     c.add_argument("--workers", type=int, default=0, help="parallel sandboxes (default: half the cores)")
     c.add_argument(
@@ -95,6 +96,8 @@ def run_code(args) -> int:
         raise UserError(f"--timeout must be positive, got {args.timeout}")
     if args.workers < 0:
         raise UserError(f"--workers must be >= 0, got {args.workers}")
+    if args.memory_mb < 16:
+        raise UserError(f"--memory-mb must be >= 16, got {args.memory_mb}")
     if args.check:
         return run_check(args)
     if not args.program or not args.tests:
@@ -103,7 +106,7 @@ def run_code(args) -> int:
     tests = load_tests(args.tests)
     config = CodeRewardConfig(
         all_or_nothing=args.all_or_nothing,
-        sandbox=SandboxConfig(timeout_s=args.timeout, isolation=args.isolation),
+        sandbox=SandboxConfig(timeout_s=args.timeout, memory_mb=args.memory_mb, isolation=args.isolation),
     )
     try:
         with SandboxPool(config.sandbox, workers=args.workers or None) as pool:

@@ -42,6 +42,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from sparrow_megatron.errors import UserError
 from sparrow_megatron.reward import cgroup, seccomp
 
 LAUNCHER = Path(__file__).with_name("sandbox_launcher.py")
@@ -58,8 +59,9 @@ class SandboxError(RuntimeError):
     """The sandbox itself failed (not a judgment of the program)."""
 
 
-class IsolationUnavailable(SandboxError):
-    """This machine cannot isolate programs; the message names the missing feature."""
+class IsolationUnavailable(SandboxError, UserError):
+    """This machine cannot isolate programs; the message names the missing feature and what to do.
+    A UserError too: `sparrow train` stops with the message (exit 2), not a traceback."""
 
 
 @dataclass(frozen=True)
@@ -113,10 +115,10 @@ def _default_python() -> str:
 
 
 def _bwrap_path(config: SandboxConfig) -> str | None:
-    return (
-        config.bwrap
-        or shutil.which("bwrap")
-        or next((p for p in ("/usr/bin/bwrap", "/usr/local/bin/bwrap") if os.access(p, os.X_OK)), None)
+    if config.bwrap:
+        return config.bwrap if os.access(config.bwrap, os.X_OK) else None
+    return shutil.which("bwrap") or next(
+        (p for p in ("/usr/bin/bwrap", "/usr/local/bin/bwrap") if os.access(p, os.X_OK)), None
     )
 
 
@@ -177,11 +179,28 @@ def ensure_isolation(config: SandboxConfig) -> None:
                 "print('ok')", "", SandboxConfig(**{**config.__dict__, "timeout_s": 30.0}), None, None
             )
         except SandboxError as err:
-            raise IsolationUnavailable(_refusal([f"bwrap could not set up a sandbox: {err}"])) from err
+            raise IsolationUnavailable(_refusal([_diagnose(str(err))])) from err
         if probe.status != "ok" or probe.stdout.strip() != "ok":
             detail = f"{probe.status} {probe.reason} {probe.stderr[-500:]}".strip()
             raise IsolationUnavailable(_refusal([f"a trivial program failed in the sandbox: {detail}"]))
         _VERIFIED.add(key)
+
+
+def _diagnose(error: str) -> str:
+    """Name the kernel feature behind a bwrap setup failure (its own messages say which step failed)."""
+    lowered = error.lower()
+    if "namespace" in lowered or "uid map" in lowered or "setting up uid" in lowered:
+        feature = (
+            "user namespaces: bwrap cannot create them here (user.max_user_namespaces, AppArmor's "
+            "apparmor_restrict_unprivileged_userns, or a container runtime's seccomp profile forbids them)"
+        )
+    elif "seccomp" in lowered:
+        feature = "seccomp: the kernel refused the filter (CONFIG_SECCOMP_FILTER)"
+    elif "mount" in lowered or "tmpfs" in lowered or "proc" in lowered:
+        feature = "mount namespaces: bwrap could not build the sandbox's root (mount/proc/tmpfs)"
+    else:
+        feature = "bwrap could not set up a sandbox"
+    return f"{feature}; bwrap said: {error[-1000:]}"
 
 
 def isolation_available(config: SandboxConfig = SandboxConfig()) -> bool:
