@@ -424,7 +424,31 @@ class _BwrapArgs:
         return [*argv, "--", self.python, "-I", *self.program_argv]
 
 
-_CHILD_PID = re.compile(r'"child-pid"\s*:\s*\d+')
+_CHILD_PID = re.compile(r'"child-pid"\s*:\s*(\d+)')
+
+
+def _reap_namespace(status: str, deadline_s: float = 5.0) -> None:
+    """Kill the PID namespace's init (bwrap's `child-pid`, a pid of this namespace) and wait until it
+    is gone: the kernel then kills every process of the run. Killing bwrap alone leaves that init
+    to die by its parent-death signal, a moment later; a fork bomb's teardown can outlast the call.
+    The pid is only signalled while it still runs as this run's init, just after bwrap exited, so a
+    reused pid is not a concern in practice; as root the run's uid is swept afterwards too."""
+    match = _CHILD_PID.search(status)
+    if not match:
+        return
+    pid = int(match.group(1))
+    end = time.monotonic() + deadline_s
+    while time.monotonic() < end:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                state = f.read().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            return
+        if state in ("Z", "X"):
+            return
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGKILL)
+        time.sleep(0.01)
 
 
 def _launch(spec, stdin, config, extra_fds, builder, group=None) -> SandboxResult:
@@ -457,6 +481,7 @@ def _launch(spec, stdin, config, extra_fds, builder, group=None) -> SandboxResul
                 os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
             status = _read_nonblocking(status_r)
+            _reap_namespace(status)
     wall = time.monotonic() - start
     stdout, stderr = out.decode(errors="replace"), err.decode(errors="replace")
     if status.startswith("launcher:"):
