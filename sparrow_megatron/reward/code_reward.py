@@ -56,7 +56,7 @@ if pid == 0:
     os.dup2(null, 0)
     import contextlib, runpy
     if hasattr(sys, "set_int_max_str_digits"):
-        sys.set_int_max_str_digits(0)  # an answer may be a 5,000-digit integer
+        sys.set_int_max_str_digits(0)  # arguments and answers may be 5,000-digit integers
     with open("args.json") as f:
         spec = json.load(f)
     with contextlib.redirect_stdout(sys.stderr):
@@ -222,6 +222,17 @@ def loads(text: str) -> Any:
     return json.loads(text, parse_int=_parse_int)
 
 
+def dumps(value: Any) -> str:
+    """json.dumps that writes LongInt back as the integer it is (not as a string)."""
+    if isinstance(value, LongInt):
+        return str(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(dumps(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{json.dumps(str(k))}: {dumps(v)}" for k, v in value.items()) + "}"
+    return json.dumps(value)
+
+
 def _lines(text: str) -> list[str]:
     return [line.rstrip() for line in text.strip().splitlines()]
 
@@ -364,7 +375,7 @@ def _job(source: str, tests: TestCases, i: int, config: CodeRewardConfig) -> tup
     if tests.kind == "stdio":
         return {"source": source, "stdin": tests.inputs[i], "config": config.sandbox}, ""
     nonce = secrets.token_hex(16)
-    args = json.dumps({"fn_name": tests.fn_name, "args": tests.inputs[i]})
+    args = dumps({"fn_name": tests.fn_name, "args": tests.inputs[i]})
     job = {
         "source": source,
         "stdin": nonce + "\n",

@@ -236,9 +236,9 @@ def test_result_parsing_is_bounded_and_big_ints_exact():
 def test_a_5000_digit_answer_is_compared_exactly(tmp_path, capsys):
     big = "7" * 5000
     spec = tmp_path / "big.json"
-    spec.write_text('{"fn_name": "f", "inputs": [[5000]], "outputs": [' + big + "]}")
-    right = "def f(n):\n    return int('7' * n)\n"
-    wrong = "def f(n):\n    return int('7' * n) + 1\n"
+    spec.write_text('{"fn_name": "f", "inputs": [[5000, ' + big + ']], "outputs": [' + big + "]}")
+    right = "def f(n, x):\n    assert x == int('7' * n)\n    return x\n"  # the argument arrives as an int
+    wrong = "def f(n, x):\n    return x + 1\n"
     prog = tmp_path / "p.py"
     for program, expected in ((right, 1.0), (wrong, 0.0)):
         prog.write_text(program)
