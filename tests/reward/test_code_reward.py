@@ -132,3 +132,40 @@ def test_load_tests_file(tmp_path):
     assert load_tests(path).kind == "stdio"
     with pytest.raises(UserError, match="cannot read"):
         load_tests(tmp_path / "missing.json")
+
+
+def test_a_judge_crash_is_a_counted_zero_and_only_refusal_raises(monkeypatch):
+    from sparrow_megatron.reward import code_reward as module
+    from sparrow_megatron.reward.sandbox import IsolationUnavailable, SandboxError, SandboxResult
+
+    tests = parse_tests(ADD_STDIO)
+    response = "```python\nprint(3)\n```"
+    ok = SandboxResult("ok", 0, "3\n", "", 0.01)
+    monkeypatch.setattr(module, "run_program", lambda **job: ok)
+    assert code_reward(response, tests).passed == 1  # the stand-in runs: 1 of 3 cases print 3
+
+    def crash(*args, **kwargs):
+        raise RecursionError("maximum recursion depth exceeded")
+
+    before = module.judge_error_counts().get("RecursionError", 0)
+    monkeypatch.setattr(module, "_judge_case", crash)
+    score = code_reward(response, tests)
+    assert (score.reward, score.reason) == (0.0, "judge_error")
+    assert {c.status for c in score.cases} == {"judge_error"}
+    assert module.judge_error_counts()["RecursionError"] == before + 3
+
+    def broken(**job):
+        raise SandboxError("processes of sandbox uid 61000 survived SIGKILL")
+
+    monkeypatch.setattr(module, "run_program", broken)
+    assert code_reward(response, tests).reason == "judge_error"
+    with SandboxPool(FAST.sandbox, workers=1) as pool:
+        monkeypatch.setattr(pool, "submit", lambda **job: pool._executor.submit(broken, **job))
+        assert judge_program("print(3)", tests, FAST, pool).reason == "judge_error"
+
+    def refused(**job):
+        raise IsolationUnavailable("code rewards refuse to run without isolation. Missing: user namespaces")
+
+    monkeypatch.setattr(module, "run_program", refused)
+    with pytest.raises(IsolationUnavailable, match="user namespaces"):
+        code_reward(response, tests)
