@@ -9,7 +9,7 @@ from pathlib import Path
 
 from sparrow_megatron.config import JobConfig
 from sparrow_megatron.errors import UserError
-from sparrow_megatron.launch.spec import ClusterConfig, LaunchSpec, RolloutGroupConfig, TrainerGroupConfig
+from sparrow_megatron.launch.spec import LaunchSpec, RolloutGroupConfig, SlurmSettings, TrainerGroupConfig
 
 # The node's own address, filled in on the node by the task wrapper (launch/task.py).
 NODE_ADDR = "${SPARROW_NODE_ADDR}"
@@ -109,7 +109,7 @@ def launch_spec(cfg: JobConfig, recipe: str, overrides: list[str]) -> LaunchSpec
             rdzv_port=c.rdzv_port,
             launcher="torchrun",
         ),
-        cluster=ClusterConfig(
+        cluster=SlurmSettings(
             account=c.account or ("local" if local else ""),  # no sbatch, no account needed
             partition=c.partition or None,
             time_limit=c.time_limit,
