@@ -11,8 +11,7 @@ import sys
 from pathlib import Path
 
 from sparrow_megatron.errors import UserError
-
-MODES = ("bwrap", "unsafe")  # sparrow_megatron.reward.sandbox.MODES (not imported: keeps --help fast)
+from sparrow_megatron.reward.config import ISOLATION_MODES  # the job config's list (a light import)
 
 
 def register(subparsers) -> None:
@@ -34,7 +33,7 @@ def register(subparsers) -> None:
     c.add_argument("--workers", type=int, default=0, help="parallel sandboxes (default: half the cores)")
     c.add_argument(
         "--isolation",
-        choices=MODES,
+        choices=ISOLATION_MODES,
         default="bwrap",
         help="bwrap (default; refuses to run if the machine cannot isolate) or unsafe (no isolation)",
     )

@@ -22,7 +22,9 @@ from pathlib import Path
 from typing import Any
 
 from sparrow_megatron.errors import UserError, where
+from sparrow_megatron.reward.config import RewardConfig
 from sparrow_megatron.reward.sandbox import (
+    MIB,
     IsolationUnavailable,
     SandboxConfig,
     SandboxPool,
@@ -121,6 +123,20 @@ class CodeRewardConfig:
     max_cases: int = 0  # 0 = all cases
     float_tolerance: float = 1e-6
     sandbox: SandboxConfig = field(default_factory=SandboxConfig)
+
+    @classmethod
+    def from_section(cls, reward: RewardConfig) -> CodeRewardConfig:
+        """What the job config's `reward` section asks of the code reward and its sandbox."""
+        sandbox = SandboxConfig(
+            timeout_s=reward.timeout_s,
+            memory_mb=reward.memory_mb,
+            max_processes=reward.max_processes,
+            tmpfs_mb=reward.tmpfs_mb,
+            max_output_bytes=reward.max_output_mb * MIB,
+            isolation=reward.isolation,
+            cgroup_parent=reward.cgroup_parent,
+        )
+        return cls(reward.all_or_nothing, reward.max_cases, reward.float_tolerance, sandbox)
 
 
 DEFAULT_CODE_CONFIG = CodeRewardConfig()

@@ -44,9 +44,9 @@ from pathlib import Path
 
 from sparrow_megatron.errors import UserError
 from sparrow_megatron.reward import cgroup, seccomp
+from sparrow_megatron.reward.config import ISOLATION_MODES, Isolation
 
 LAUNCHER = Path(__file__).with_name("sandbox_launcher.py")
-MODES = ("bwrap", "unsafe")
 MIB = 1 << 20
 UNSAFE_WARNING = (
     "WARNING: reward.isolation=unsafe: generated programs run WITHOUT isolation (rlimits and an audit "
@@ -74,7 +74,7 @@ class SandboxConfig:
     tmpfs_mb: int = 32  # size of the private /tmp
     max_output_bytes: int = 1 * MIB  # stdout and stderr each; past it the run is killed
     nice: int = 10  # leave the machine to the trainer and the servers
-    isolation: str = "bwrap"
+    isolation: Isolation = "bwrap"
     python: str = ""  # interpreter for the program; "" = /usr/bin/python3 when present, else this one
     bwrap: str = ""  # "" = bwrap on PATH
     cgroup_parent: str = ""  # a delegated cgroup v2 dir for per-run limits; "" = find one (cgroup.py)
@@ -83,8 +83,8 @@ class SandboxConfig:
     extra_env: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.isolation not in MODES:
-            raise ValueError(f"isolation must be one of {MODES}, got {self.isolation!r}")
+        if self.isolation not in ISOLATION_MODES:
+            raise ValueError(f"isolation must be one of {ISOLATION_MODES}, got {self.isolation!r}")
         if self.timeout_s <= 0:
             raise ValueError("timeout_s must be > 0")
 

@@ -32,6 +32,7 @@ from sparrow_megatron.reward.code_reward import (
     parse_result,
     parse_tests,
 )
+from sparrow_megatron.reward.config import RewardConfig
 from sparrow_megatron.reward.sandbox import SandboxConfig, isolation_available
 
 REPO = Path(__file__).resolve().parents[2]
@@ -96,8 +97,9 @@ def loop_reward(program: str, tests: dict) -> float:
     """What the training loop gets for a response holding `program` (DatasetTask.reward)."""
     from sparrow_megatron.loop.tasks import DatasetTask, Prompt
 
-    task = DatasetTask.__new__(DatasetTask)
+    task = DatasetTask.__new__(DatasetTask)  # the loop's reward path, without a dataset file
     task.kind = "code"
+    task.code, task.pool = CodeRewardConfig.from_section(RewardConfig()), None  # the job's defaults
     prompt = Prompt(0, "", SimpleNamespace(tests=parse_tests(tests)))
     return task.reward(prompt, f"Here it is.\n```python\n{program}\n```")
 
