@@ -19,6 +19,13 @@ ARG MLFLOW_VERSION=3.17.2
 
 ENV PIP_NO_CACHE_DIR=1 PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 
+# The code reward's sandbox (docs/sandbox.md): bubblewrap, and libseccomp for its seccomp filter. The
+# container runtime must let it create user namespaces: enroot/pyxis do when the node allows
+# unprivileged ones; Docker needs --security-opt seccomp=unconfined --security-opt apparmor=unconfined
+# --security-opt systempaths=unconfined. Check a node: `... sparrow reward code --check`.
+RUN apt-get update && apt-get install -y --no-install-recommends bubblewrap libseccomp2 \
+ && rm -rf /var/lib/apt/lists/*
+
 # Serving and training stack, pinned. flash-attn and TE build against the base image's torch.
 RUN pip install "sglang==${SGLANG_VERSION}" \
         "megatron-core==${MEGATRON_CORE_VERSION}" \

@@ -1,10 +1,11 @@
 """The job config of a Sparrow run: the sections its components own, composed, loaded and validated.
 
-Each component owns its section next to its code (model/, data/, rollout/, trainer/, loop/, launch/)
-and checks it in `problems(prefix)`; `validate` gathers every section's problems plus the checks that
-span sections, and reports all of them at once, each naming its dotted field. A recipe is a Python file
-defining `recipe() -> JobConfig`, or a YAML/JSON file with the same tree; overrides are `key.sub=value`
-(sparrow_megatron.loader). Plain (mutable) dataclasses so NeMo-Run can wrap them in `run.Config`.
+Each component owns its section next to its code (model/, data/, rollout/, reward/, trainer/, loop/,
+launch/) and checks it in `problems(prefix)`; `validate` gathers every section's problems plus the
+checks that span sections, and reports all of them at once, each naming its dotted field. A recipe is a
+Python file defining `recipe() -> JobConfig`, or a YAML/JSON file with the same tree; overrides are
+`key.sub=value` (sparrow_megatron.loader). Plain (mutable) dataclasses so NeMo-Run can wrap them in
+`run.Config`.
 """
 
 from __future__ import annotations
@@ -24,13 +25,15 @@ from sparrow_megatron.errors import UserError
 from sparrow_megatron.launch.config import ClusterConfig
 from sparrow_megatron.loop.config import ControllerConfig, LoopConfig, MonitorConfig, TrackingConfig
 from sparrow_megatron.models.config import ModelConfig, try_read_hf_config
+from sparrow_megatron.reward.config import RewardConfig
 from sparrow_megatron.rollout.config import RolloutConfig
 from sparrow_megatron.trainer.config import DistillConfig, GRPOConfig, TrainerConfig
 from sparrow_megatron.validation import Problems
 
 __all__ = [
     "ClusterConfig", "ControllerConfig", "DataConfig", "DistillConfig", "GRPOConfig", "JobConfig",
-    "LoopConfig", "ModelConfig", "MonitorConfig", "RolloutConfig", "TrackingConfig", "TrainerConfig",
+    "LoopConfig", "ModelConfig", "MonitorConfig", "RewardConfig", "RolloutConfig", "TrackingConfig",
+    "TrainerConfig",
     "apply_overrides", "from_dict", "load_config", "load_recipe", "validate",
 ]  # fmt: skip
 
@@ -41,6 +44,7 @@ class JobConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
@@ -193,6 +197,7 @@ def problems(cfg: JobConfig, check_paths: bool = True) -> list[str]:
         *cfg.model.problems(check_paths=check_paths),
         *cfg.data.problems(check_paths=check_paths),
         *cfg.rollout.problems(),
+        *cfg.reward.problems(),
         *cfg.monitor.problems(),
         *cfg.monitor.controller.problems(
             page_size=geometry.page_size if geometry else 16,

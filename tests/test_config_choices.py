@@ -119,6 +119,19 @@ def _reach_recompute_method(cfg, value, tmp_path):
     assert (config.recompute_granularity, config.recompute_method) == ("full", value)
 
 
+def _reach_isolation(cfg, value, tmp_path):
+    from sparrow_megatron.reward.code_reward import CodeRewardConfig, code_reward, parse_tests
+    from sparrow_megatron.reward.sandbox import isolation_available
+
+    code = CodeRewardConfig.from_section(cfg.reward)
+    assert code.sandbox.isolation == value
+    assert cfg.reward.mlflow_tags()["reward.isolation"] == value
+    if value == "bwrap" and not isolation_available(code.sandbox):
+        pytest.skip("this machine cannot isolate programs (sparrow reward code --check)")
+    tests = parse_tests({"inputs": ["3\n"], "outputs": ["6\n"]})
+    assert code_reward("```python\nprint(2 * int(input()))\n```", tests, code).reward == 1.0
+
+
 def _reach_executor(cfg, value, tmp_path):
     from sparrow_megatron.launch.job import launch_spec
 
@@ -129,6 +142,7 @@ REACH = {
     "data.kind": _reach_kind,
     "data.columns": _reach_columns,
     "rollout.weight_sync": _reach_weight_sync,
+    "reward.isolation": _reach_isolation,
     "monitor.signal": _reach_signal,
     "grpo.loss_agg": _reach_loss_agg,
     "trainer.lr_schedule": _reach_lr_schedule,

@@ -175,7 +175,10 @@ class Loop:
         progress = LoopProgress(cfg.loop.steps, resume.step, cfg.monitor.tau)
         with tracker, fleet, progress:
             resumed = resume.checkpoint is not None
-            tracker.start(params=cfg.to_flat_dict(), tags=context_tags(cfg.name), resume=resumed)
+            tags = context_tags(cfg.name)
+            if cfg.data.kind == "code":  # only a code task runs generated programs: its isolation is a tag
+                tags |= cfg.reward.mlflow_tags()
+            tracker.start(params=cfg.to_flat_dict(), tags=tags, resume=resumed)
             summary.ui_command = tracker.ui_command()
             t = cfg.trainer
             recorder = StepRecorder(
@@ -252,7 +255,9 @@ class Loop:
         samples, dropped = usable(rollout.flat())
         if dropped:
             log.warning("step %d: %d samples without a usable response left out of the update", step, dropped)
+        judge_errors = _judge_errors()
         rewards = [task.reward(prompts[s.prompt_index], tokenizer.decode(s.output_ids)) for s in samples]
+        judge_errors = _judge_errors() - judge_errors
         timer.lap("rollout")
         batch = to_trainer_batch(
             samples, rewards, [prompts[s.prompt_index].index for s in samples], cfg.grpo.adv_eps
@@ -285,6 +290,8 @@ class Loop:
             "reward/mean": float(np.mean(rewards)) if rewards else 0.0,
             # Groups whose samples all score the same carry no GRPO signal: the share that does.
             "reward/signal_frac": float(np.mean(np.abs(batch.advantages) > 0)) if rewards else 0.0,
+            # Code cases the judge itself failed on this step (each scored 0): nonzero is a judge bug.
+            "reward/judge_errors": float(judge_errors),
             "rollout/response_len": float(np.mean([s.response_len for s in samples])),
             "rollout/tokens_per_s": rollout.tokens_per_s,
             "rollout/dropped_samples": float(dropped),
@@ -404,6 +411,13 @@ class _PhaseTimer:
 
     def metrics(self) -> dict[str, float]:
         return {f"time/{name}_s": seconds for name, seconds in self.phases.items()}
+
+
+def _judge_errors() -> int:
+    """Judge failures of code rewards in this process so far (the judge counts them, by reason)."""
+    from sparrow_megatron.reward.code_reward import judge_error_counts
+
+    return sum(judge_error_counts().values())
 
 
 def _seeded(sampling: SamplingParams, seed: int, step: int) -> SamplingParams:

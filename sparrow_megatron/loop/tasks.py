@@ -69,6 +69,14 @@ class DatasetTask:
             if not examples:
                 raise UserError(f"{path}: no usable rows ({report.summary()})")
             self.splits[split] = examples
+        if self.kind == "code":
+            from sparrow_megatron.reward.code_reward import CodeRewardConfig
+            from sparrow_megatron.reward.sandbox import SandboxPool, ensure_isolation
+
+            self.code = CodeRewardConfig.from_section(cfg.reward)
+            # Refuse here, before the fleet starts, if the machine cannot isolate the programs.
+            ensure_isolation(self.code.sandbox)
+            self.pool = SandboxPool(self.code.sandbox, workers=cfg.reward.workers or None)
 
     def prompts(self, split: str, start: int, count: int) -> list[Prompt]:
         examples = self.splits.get(split)
@@ -86,7 +94,7 @@ class DatasetTask:
             return float(math_reward(response, prompt.example.answer).reward)
         from sparrow_megatron.reward.code_reward import code_reward
 
-        return float(code_reward(response, prompt.example.tests).reward)
+        return float(code_reward(response, prompt.example.tests, self.code, self.pool).reward)
 
 
 def make_task(cfg: JobConfig, tokenizer) -> Task:

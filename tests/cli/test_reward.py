@@ -7,8 +7,14 @@ from pathlib import Path
 import pytest
 
 from sparrow_megatron.cli.main import main
+from sparrow_megatron.reward.sandbox import isolation_available
 
 pytestmark = pytest.mark.timeout(180)
+needs_isolation = pytest.mark.skipif(
+    not isolation_available(),
+    reason="this machine cannot isolate programs (sparrow reward code --check); tests/reward/test_refusal.py "
+    "covers the refusal",
+)
 REPO = Path(__file__).resolve().parents[2]
 ADD = "a, b = map(int, input().split())\nprint(a + b)\n"
 
@@ -49,6 +55,7 @@ def test_math_text_output_and_errors(files, capsys):
     assert exc.value.code == 2
 
 
+@needs_isolation
 def test_code_stdio_and_call_based(files, capsys):
     assert (
         main(["reward", "code", str(files / "add.py"), "--tests", str(files / "stdio.json"), "--json"]) == 0
@@ -63,6 +70,7 @@ def test_code_stdio_and_call_based(files, capsys):
     assert capsys.readouterr().out.startswith("reward 0.000: 1/2 cases passed")
 
 
+@needs_isolation
 def test_code_malicious_program_is_a_judgment(files, capsys):
     args = [
         "reward",
@@ -93,11 +101,58 @@ def test_code_bad_arguments_exit_2(files, capsys):
         )
         == 2
     )
+    assert main(["reward", "code", str(files / "add.py")]) == 2
+    assert "give PROGRAM.py and --tests" in capsys.readouterr().err
+    assert main(["reward", "code", "--tests", str(files / "stdio.json")]) == 2
+    assert (
+        main(
+            [
+                "reward",
+                "code",
+                str(files / "add.py"),
+                "--tests",
+                str(files / "stdio.json"),
+                "--memory-mb",
+                "1",
+            ]
+        )
+        == 2
+    )
+    assert "--memory-mb must be >= 16" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exc:
-        main(["reward", "code", str(files / "add.py")])
+        main(
+            [
+                "reward",
+                "code",
+                str(files / "add.py"),
+                "--tests",
+                str(files / "stdio.json"),
+                "--isolation",
+                "auto",
+            ]
+        )
     assert exc.value.code == 2
 
 
+@needs_isolation
+def test_code_text_output_escapes_what_the_program_printed(files, capsys):
+    (files / "esc.py").write_text("import sys\nsys.stderr.write('\\x1b[31mred\\r\\x1b[0m')\nsys.exit(1)\n")
+    assert main(["reward", "code", str(files / "esc.py"), "--tests", str(files / "stdio.json")]) == 0
+    out = capsys.readouterr().out
+    assert "\x1b" not in out and "\r" not in out
+    assert "\\x1b[31mred\\r\\x1b[0m" in out
+
+
+def test_code_check_reports_isolation(capsys):
+    rc = main(["reward", "code", "--check"])
+    out = capsys.readouterr().out
+    assert out.startswith("isolation: ")
+    assert rc == (0 if out.startswith("isolation: bwrap") else 1)
+    for item in ("bubblewrap", "seccomp filter", "sandbox probe", "uid per run", "per-run limits"):
+        assert f"] {item}: " in out
+
+
+@needs_isolation
 def test_console_script_subprocess(files):
     sparrow = REPO / ".venv" / "bin" / "sparrow"
     if not sparrow.exists():

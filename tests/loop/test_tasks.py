@@ -54,3 +54,36 @@ def test_code_recipe_builds_its_task(tmp_path):
     task = _task_through_sparrow_train(tmp_path, "qwen3_1p7b_code.py", rows)
     (prompt,) = task.prompts("train", 0, 1)
     assert "twice the number" in prompt.text and prompt.example.tests.inputs == ["3\n"]
+
+
+def test_code_task_judges_with_the_reward_section(tmp_path):
+    """`reward.*` overrides reach the code task's judge: its isolation, its sandboxes, its scoring."""
+    tests = {"inputs": ["3\n", "4\n"], "outputs": ["6\n", "9\n"]}  # the second case: 2 * 4 is not 9
+    rows = [{"question": "Print twice the number read from stdin.", "input_output": tests}]
+    response = "```python\nprint(2 * int(input()))\n```"
+    base = ["reward.isolation=unsafe", "reward.timeout_s=7.5", "reward.memory_mb=300", "reward.workers=3"]
+    task = _task_through_sparrow_train(tmp_path, "qwen3_1p7b_code.py", rows, base)
+    (prompt,) = task.prompts("train", 0, 1)
+    sandbox = task.code.sandbox
+    assert (sandbox.isolation, sandbox.timeout_s, sandbox.memory_mb) == ("unsafe", 7.5, 300)
+    assert task.pool.workers == 3
+    assert task.reward(prompt, response) == 0.5  # the fraction of cases passed
+    strict = _task_through_sparrow_train(
+        tmp_path, "qwen3_1p7b_code.py", rows, [*base, "reward.all_or_nothing=true"]
+    )
+    assert strict.reward(prompt, response) == 0.0
+
+
+def test_code_task_refuses_before_training_where_programs_cannot_be_isolated(tmp_path, monkeypatch):
+    import pytest
+
+    from sparrow_megatron.reward import sandbox
+    from sparrow_megatron.reward.sandbox import IsolationUnavailable
+
+    monkeypatch.setattr(sandbox, "_VERIFIED", set())  # forget an earlier successful probe
+    monkeypatch.setattr(sandbox, "missing_features", lambda config: ["user namespaces: disabled here"])
+    rows = [{"question": "Echo.", "input_output": {"inputs": ["1\n"], "outputs": ["1\n"]}}]
+    with pytest.raises(IsolationUnavailable, match="user namespaces: disabled here"):
+        _task_through_sparrow_train(tmp_path, "qwen3_1p7b_code.py", rows)
+    # Set explicitly, unsafe runs (with its warning); nothing falls back to it on its own.
+    assert _task_through_sparrow_train(tmp_path, "qwen3_1p7b_code.py", rows, ["reward.isolation=unsafe"])

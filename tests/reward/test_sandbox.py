@@ -21,18 +21,19 @@ from sparrow_megatron.reward.code_reward import CodeRewardConfig, judge_program,
 from sparrow_megatron.reward.sandbox import (
     SandboxConfig,
     SandboxPool,
+    isolation_available,
     processes_of_uid,
-    resolve_isolation,
     run_program,
 )
 
-pytestmark = pytest.mark.timeout(120)
 CONFIG = SandboxConfig(timeout_s=3.0)
 UNREACHABLE = "the attack did not reach its goal"
 
-needs_namespaces = pytest.mark.skipif(
-    resolve_isolation() != "namespaces", reason="namespaces isolation needs root (fallback tested separately)"
+needs_isolation = pytest.mark.skipif(
+    not isolation_available(), reason="this machine cannot isolate programs (sparrow reward code --check)"
 )
+pytestmark = [pytest.mark.timeout(120), needs_isolation]
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="a uid reserved per run needs root")
 
 
 def _sandbox_processes() -> list[int]:
@@ -86,11 +87,11 @@ def test_benign_program_runs_with_stdin_and_minimal_env():
     assert res.status == "ok"
     lines = res.stdout.splitlines()
     assert lines[0] == "HELLO"
-    assert lines[1] == str(sorted(["PATH", "LANG", "HOME"]))
+    assert lines[1] == str(sorted(["PATH", "LANG", "HOME", "PWD"]))  # PWD=/tmp: set by bwrap --chdir
     assert lines[2] == "['prog.py']"
 
 
-@needs_namespaces
+@needs_root
 def test_program_runs_as_unprivileged_uid():
     res = run_program("import os; print(os.getuid(), os.getgid(), os.getgroups())", config=CONFIG)
     uid, gid, groups = res.stdout.split(maxsplit=2)
@@ -99,7 +100,6 @@ def test_program_runs_as_unprivileged_uid():
     assert groups.strip() == "[]"
 
 
-@needs_namespaces
 def test_fork_bomb_is_contained(contained):
     bomb = "import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass\n"
     case = judge_attack(bomb)
@@ -140,7 +140,6 @@ def test_huge_output_is_capped(contained):
     judge_attack("print('y' * 10**8)\n", SandboxConfig(timeout_s=5.0, max_output_bytes=100_000))
 
 
-@needs_namespaces
 def test_connect_to_host_loopback_is_blocked(contained):
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
@@ -162,7 +161,6 @@ def test_connect_to_host_loopback_is_blocked(contained):
         listener.close()
 
 
-@needs_namespaces
 def test_connect_to_outside_address_is_blocked(contained):
     # 192.0.2.1 is TEST-NET-1 (RFC 5737): never a real target; a short timeout either way.
     attack = (
@@ -181,7 +179,7 @@ def test_fallback_mode_refuses_sockets(contained):
         "s.connect(('192.0.2.1', 80))\n"
         f"print({UNREACHABLE!r})\n"
     )
-    case = judge_attack(attack, SandboxConfig(timeout_s=3.0, isolation="rlimits"))
+    case = judge_attack(attack, SandboxConfig(timeout_s=3.0, isolation="unsafe"))
     assert case.status == "error"
     assert "socket.__new__ is not allowed" in case.detail
 
