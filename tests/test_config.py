@@ -275,7 +275,9 @@ def test_flat_dict_and_round_trip(tmp_path):
     assert flat["monitor.controller.enabled"] is False
     assert flat["monitor.controller.ladder"] == "[512, 1024]"
     assert flat["data.columns"] == '{"q": "prompt"}'
-    assert flat["distill.target_modules"] == '["q_proj", "k_proj", "v_proj", "o_proj"]'
+    assert flat["distill.target_modules"] == (
+        '["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]'
+    )
     assert all(isinstance(v, str | int | float | bool) for v in flat.values())
     assert all(len(k) <= 250 for k in flat)
     for suffix in (".yaml", ".json"):

@@ -17,6 +17,9 @@ LrSchedule = Literal["constant", "cosine", "linear"]
 LossAgg = Literal["token-mean", "seq-mean-token-sum", "seq-mean-token-mean"]
 TrainDtype = Literal["fp32", "bf16"]
 GroupStd = Literal["unbiased", "biased"]
+# Every linear layer of a Qwen3 decoder layer ("all-linear" in PEFT and the reference's
+# sparse_target_modules): the adapter default. ["q_proj", "k_proj", "v_proj", "o_proj"] is attention only.
+ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 @dataclass
@@ -89,10 +92,12 @@ class GRPOConfig:
 @dataclass
 class DistillConfig:
     enabled: bool = False
+    # Rank and alpha are our choice: the paper does not give them, and the reference code's examples
+    # leave DistillSparse off (its defaults: sparse_lora_rank 0, sparse_lora_alpha 16).
     rank: int = 16
     alpha: float = 32.0
     # SGLang fuses q/k/v and gate/up: an adapter must target each fused group whole.
-    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    target_modules: list[str] = field(default_factory=lambda: list(ALL_LINEAR))
     kl_lambda: float = 1e-3
     lr: float = 1e-4
     # TIS cap of the DistillSparse phase, separate from grpo.tis_cap as the reference's
