@@ -23,12 +23,13 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import numpy as np
 import torch
 
 from sparrow_megatron.errors import UserError, where
+from sparrow_megatron.loop.config import TailSignal
 from sparrow_megatron.sparsity.calibrate import (
     CellStats,
     Measurement,
@@ -60,6 +61,7 @@ class CalibrateConfig:
     model: str | None = None  # HF checkpoint dir; None: the embedded tiny recall model and its eval prompts
     prompts: str | None = None  # jsonl/json/parquet of math/code rows or {"prompt": ...} rows
     tau: float = 0.86
+    signal: TailSignal = "lower"  # p5 of the lower bound: the reference's metric, with which tau was set
     budgets: tuple[int, ...] = ()  # candidates in tokens; () = multiples of 256 below the longest context
     max_candidates: int = 8  # cap of the default grid (thinned evenly beyond it)
     bin_width: int | None = None  # None: 256 for the embedded default, 2000 otherwise
@@ -101,6 +103,10 @@ class CalibrateConfig:
     def validate(self) -> None:
         if not 0.0 < self.tau < 1.0:
             raise UserError(f"field 'tau' must be in (0, 1), got {self.tau}")
+        if self.signal not in get_args(TailSignal):
+            raise UserError(
+                f"field 'signal' must be one of {list(get_args(TailSignal))}, got {self.signal!r}"
+            )
         positive = ("num_prompts", "samples", "max_new_tokens", "bin_width", "max_candidates")
         for key in positive:
             value = getattr(self, key)
@@ -320,13 +326,14 @@ def run_calibration(
         "max_new_tokens": cfg.max_new_tokens,
         "temperature": cfg.temperature,
         "top_k": top_k,
+        "signal": cfg.signal,
         "exact_acceptance": top_k >= vocab > 0,
         "min_bin_tokens": cfg.min_bin_tokens,
         "seed": cfg.seed,
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
     }
     table, cells = build_table(measurements, cfg.bin_width, cfg.geometry, cfg.min_bin_tokens, cfg.tau,
-                               provenance)  # fmt: skip
+                               provenance, signal=cfg.signal)  # fmt: skip
     solved_table, filled = fill_unmeasured(table)
     files["tails"] = solved_table.save(out / "tails.json")
     files["measurements"] = _write_json(out / "measurements.json", {

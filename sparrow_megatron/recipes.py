@@ -1,7 +1,8 @@
 """The published Qwen3 recipes in one place: `recipes/qwen3_*.py` each call `qwen3_rl(size, task)`.
 
 Values from the paper: tau 0.86 with the published `qwen3-*-0.86` schedules, a 37K
-generation cutoff for math and 24K for code, GRPO eps 0.2/0.28 with dual clip 3 and TIS. The layout
+generation cutoff for math and 24K for code, GRPO eps 0.2/0.28 with dual clip 3 and TIS (cap 3, the
+reference code's example). DistillSparse's rank, alpha and lr are ours (docs/algorithm.md). The layout
 (nodes, TP/PP, engines) is sized for 8-GPU H100/H200 nodes; every field is overridable
 (`sparrow submit recipes/qwen3_14b_math.py trainer.pp=1 ...`). Model and data paths are placeholders:
 validation names them until the user sets `model.hf_dir=...` and `data.train_path=...`.
@@ -13,6 +14,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from sparrow_megatron.config import JobConfig
+from sparrow_megatron.trainer.config import ALL_LINEAR
 
 Task = Literal["math", "code"]
 
@@ -70,10 +72,15 @@ def qwen3_rl(size: str, task: Task) -> JobConfig:
 
     cfg.grpo.eps_low, cfg.grpo.eps_high = 0.2, 0.28
     cfg.grpo.dual_clip = 3.0
-    cfg.grpo.tis_cap = 2.0
-    # DistillSparse settings of the paper; off by default (distill.enabled=true turns it on: the loop
-    # trains the adapter each step and the engines serve it on sparse requests).
+    cfg.grpo.tis_cap = 3.0  # the reference's code example (its math example turns TIS off)
+    cfg.grpo.std = "unbiased"  # torch.std, as the reference's GRPO advantage
+    # DistillSparse, off by default (distill.enabled=true turns it on: the loop trains the adapter each
+    # step and the engines serve it on sparse requests). Adapter on every linear layer, as the reference's
+    # sparse_target_modules. kl_lambda 1e-3 is the reference's dense_kl_loss_coef default; rank 16,
+    # alpha 32 and lr 1e-4 are our choice: neither the paper nor the reference's examples give them.
     cfg.distill.enabled = False
+    cfg.distill.target_modules = list(ALL_LINEAR)
+    cfg.distill.tis_cap = None  # the reference's sparse_tis_imp_ratio_cap default (-1: off)
     cfg.distill.rank, cfg.distill.alpha, cfg.distill.kl_lambda, cfg.distill.lr = 16, 32.0, 1e-3, 1e-4
 
     cfg.trainer.tp = layout.trainer_tp

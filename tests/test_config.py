@@ -40,8 +40,10 @@ def test_defaults_are_valid_and_match_the_paper():
         0.2,
         0.28,
         3.0,
-        2.0,
+        3.0,
     )
+    assert cfg.grpo.std == "unbiased" and cfg.grpo.kl_coef == 0.0 and cfg.distill.tis_cap is None
+    assert cfg.monitor.signal == "lower"
     assert cfg.rollout.top_k_logprobs == 20
     assert cfg.distill.kl_lambda == 1e-3
     assert cfg.monitor.controller.enabled is False
@@ -106,6 +108,8 @@ def test_bad_overrides_name_the_field(override, needle):
         ("rollout.n_samples=1", "rollout.n_samples"),
         ("rollout.top_p=1.5", "rollout.top_p"),
         ("grpo.dual_clip=0.5", "grpo.dual_clip"),
+        ("grpo.tis_cap=0.5", "grpo.tis_cap"),
+        ("distill.tis_cap=0.5", "distill.tis_cap"),
         ("loop.steps=0", "loop.steps"),
         ("rollout.schedule=no-such-preset", "rollout.schedule"),
         ("rollout.schedule=/nonexistent/s.json", "rollout.schedule"),
@@ -121,6 +125,16 @@ def test_validation_names_the_field(override, field):
     with pytest.raises(UserError) as err:
         validate(cfg)
     assert f"field '{field}'" in str(err.value)
+
+
+def test_a_kl_penalty_is_refused_until_a_reference_policy_exists():
+    cfg = apply_overrides(JobConfig(), ["grpo.kl_coef=0.001"])
+    with pytest.raises(
+        UserError, match=r"field 'grpo.kl_coef': is 0.001, but a KL penalty needs a frozen reference"
+    ):
+        validate(cfg)
+    # TIS can be switched off in either phase.
+    validate(apply_overrides(JobConfig(), ["grpo.tis_cap=null", "distill.tis_cap=2.0"]))
 
 
 def test_all_problems_are_reported_at_once():
@@ -264,7 +278,9 @@ def test_flat_dict_and_round_trip(tmp_path):
     assert flat["monitor.controller.enabled"] is False
     assert flat["monitor.controller.ladder"] == "[512, 1024]"
     assert flat["data.columns"] == '{"q": "prompt"}'
-    assert flat["distill.target_modules"] == '["q_proj", "k_proj", "v_proj", "o_proj"]'
+    assert flat["distill.target_modules"] == (
+        '["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]'
+    )
     assert all(isinstance(v, str | int | float | bool) for v in flat.values())
     assert all(len(k) <= 250 for k in flat)
     for suffix in (".yaml", ".json"):

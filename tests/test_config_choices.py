@@ -82,6 +82,15 @@ def _reach_loss_agg(cfg, value, tmp_path):
     )
 
 
+def _reach_std(cfg, value, tmp_path):
+    from sparrow_megatron.trainer.grpo import group_advantages
+
+    adv = group_advantages([1.0, 0.0], [0, 0], eps=cfg.grpo.adv_eps, std=cfg.grpo.std)
+    # Rewards 1, 0: deviations +-1/2; std 1/sqrt(2) dividing by n - 1, 1/2 dividing by n.
+    expected = {"unbiased": 0.5 * 2**0.5, "biased": 1.0}[value]
+    assert float(adv[0]) == pytest.approx(expected, rel=1e-5)
+
+
 def _reach_lr_schedule(cfg, value, tmp_path):
     from sparrow_megatron.trainer.optim import lr_at
 
@@ -145,6 +154,7 @@ REACH = {
     "reward.isolation": _reach_isolation,
     "monitor.signal": _reach_signal,
     "grpo.loss_agg": _reach_loss_agg,
+    "grpo.std": _reach_std,
     "trainer.lr_schedule": _reach_lr_schedule,
     "trainer.dtype": _reach_dtype,
     "trainer.recompute": _reach_recompute,

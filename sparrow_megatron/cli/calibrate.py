@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from typing import get_args
+
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from sparrow_megatron.errors import UserError
+from sparrow_megatron.loop.config import TailSignal
 
 
 def register(subparsers) -> None:
@@ -20,6 +23,12 @@ def register(subparsers) -> None:
     p.add_argument("--model", metavar="DIR", help="HF checkpoint dir (default: the embedded tiny model)")
     p.add_argument("--prompts", metavar="FILE", help="jsonl/json/parquet: math/code rows or {'prompt': ...}")
     p.add_argument("--tau", type=float, default=0.86)
+    p.add_argument(
+        "--signal",
+        choices=get_args(TailSignal),
+        default="lower",
+        help="p5 of the acceptance's lower bound (the reference's metric), estimate or upper bound",
+    )
     p.add_argument("--budgets", metavar="B,B,...", type=_int_list, default=(),
                    help="candidate budgets in tokens (default: multiples of 256 below the longest context)")  # fmt: skip
     p.add_argument("--max-candidates", type=int, default=8, help="cap on the default grid")
@@ -72,7 +81,7 @@ def run(args) -> int:
     from sparrow_megatron.calibration import CalibrateConfig, run_calibration
 
     cfg = CalibrateConfig(
-        model=args.model, prompts=args.prompts, tau=args.tau, budgets=args.budgets,
+        model=args.model, prompts=args.prompts, tau=args.tau, signal=args.signal, budgets=args.budgets,
         max_candidates=args.max_candidates, bin_width=args.bin_width, num_prompts=args.num_prompts,
         samples=args.samples, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
         top_k=args.top_k, min_bin_tokens=args.min_bin_tokens, dense_fallback=args.dense_fallback,

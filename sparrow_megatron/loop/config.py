@@ -10,9 +10,10 @@ from typing import Literal
 
 from sparrow_megatron.validation import Problems
 
-# Which acceptance value the monitor's p5 is taken of: the point estimate, or the lower / upper bound
-# that a truncated top-K list allows (lower = conservative).
-TailSignal = Literal["estimate", "lower", "upper"]
+# Which acceptance value a p5 is taken of (monitor, controller, calibration, `sparrow tail`): the lower
+# bound (sum of min(p, q) over the ids both top-K lists hold, the reference's `sum_min_from_topk`, with
+# which tau = 0.86 was derived), the point estimate, or the upper bound a truncated list allows.
+TailSignal = Literal["lower", "estimate", "upper"]
 
 
 @dataclass
@@ -70,7 +71,7 @@ class MonitorConfig:
     bin_width: int = 2000
     consecutive_steps: int = 3  # k: steps with p5 < tau in a bin before the warning
     min_bin_tokens: int = 20  # a bin with fewer tokens is not "populated": its p5 is noise
-    signal: TailSignal = "estimate"  # which acceptance value the p5 is taken of (lower = conservative)
+    signal: TailSignal = "lower"  # the reference's metric; estimate >= lower, so it passes a looser test
     beta_fit: bool = False  # the per-step Beta fit costs time; calibration does it
     controller: ControllerConfig = field(default_factory=ControllerConfig)
 

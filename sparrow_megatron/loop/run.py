@@ -92,8 +92,10 @@ def resolve_model_dir(cfg: JobConfig) -> Path:
     return TINY_RECALL_DIR
 
 
-def to_trainer_batch(samples: list[Sample], rewards: list[float], group_ids: list[int], adv_eps: float):
-    advantages = group_advantages(rewards, group_ids, eps=adv_eps)
+def to_trainer_batch(
+    samples: list[Sample], rewards: list[float], group_ids: list[int], adv_eps: float, std: str = "unbiased"
+):
+    advantages = group_advantages(rewards, group_ids, eps=adv_eps, std=std)
     return RolloutBatch(
         prompt_ids=[s.prompt_ids for s in samples],
         response_ids=[s.output_ids for s in samples],
@@ -260,7 +262,11 @@ class Loop:
         judge_errors = _judge_errors() - judge_errors
         timer.lap("rollout")
         batch = to_trainer_batch(
-            samples, rewards, [prompts[s.prompt_index].index for s in samples], cfg.grpo.adv_eps
+            samples,
+            rewards,
+            [prompts[s.prompt_index].index for s in samples],
+            cfg.grpo.adv_eps,
+            std=cfg.grpo.std,
         )
         score = policy.score(batch)
         timer.lap("score")
@@ -342,7 +348,7 @@ def _make_distiller(cfg: JobConfig, policy):
     from sparrow_megatron.trainer.lora import lora_spec_from
 
     d = cfg.distill
-    return SparseDistiller(policy, lora_spec_from(d, seed=cfg.loop.seed), d.kl_lambda, d.lr)
+    return SparseDistiller(policy, lora_spec_from(d, seed=cfg.loop.seed), d.kl_lambda, d.lr, d.tis_cap)
 
 
 class _Distill:

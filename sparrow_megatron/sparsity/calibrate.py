@@ -117,12 +117,15 @@ def build_table(
     min_bin_tokens: int = 20,
     tau: float | None = None,
     provenance: dict[str, Any] | None = None,
+    signal: str = "lower",
 ) -> tuple[TailTable, list[CellStats]]:
     """The measured budget x bin p5 table (None where a cell has < min_bin_tokens tokens) and every
-    cell's statistics. Bins run from position 0 to the last populated one, as schedules index them."""
+    cell's statistics, p5 taken of `signal` (lower / estimate / upper). Bins run from position 0 to
+    the last populated one, as schedules index them."""
     cells: list[CellStats] = []
     for m in measurements:
-        report = tail_report(m.alpha, m.positions, bin_width, m.lower, m.upper, tau=tau, fit=False)
+        values = {"lower": m.lower, "estimate": m.alpha, "upper": m.upper}[signal]
+        report = tail_report(values, m.positions, bin_width, m.lower, m.upper, tau=tau, fit=False)
         for b in report.bins:
             cells.append(
                 CellStats(

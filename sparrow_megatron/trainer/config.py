@@ -22,6 +22,10 @@ Recompute = Literal["none", "selective", "full"]
 # full recompute: uniform = checkpoint every group of recompute_num_layers layers; block = checkpoint
 # only the first recompute_num_layers layers of each pipeline stage.
 RecomputeMethod = Literal["uniform", "block"]
+GroupStd = Literal["unbiased", "biased"]
+# Every linear layer of a Qwen3 decoder layer ("all-linear" in PEFT and the reference's
+# sparse_target_modules): the adapter default. ["q_proj", "k_proj", "v_proj", "o_proj"] is attention only.
+ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 @dataclass
@@ -79,10 +83,14 @@ class GRPOConfig:
     eps_low: float = 0.2
     eps_high: float = 0.28
     dual_clip: float = 3.0
-    tis_cap: float = 2.0
-    kl_coef: float = 0.0
+    # Truncated IS cap on exp(logp_old_dense - logp_rollout). 3.0: the reference's code example (its math
+    # example disables TIS, a DAPO TIS recipe uses 2.0); null disables it.
+    tis_cap: float | None = 3.0
+    kl_coef: float = 0.0  # must stay 0: no frozen reference policy supplies reference log-probs yet
     loss_agg: LossAgg = "token-mean"
     adv_eps: float = 1e-6
+    # Group std of the advantage: divide by n - 1 (torch.std's default, the reference's GRPO) or by n.
+    std: GroupStd = "unbiased"
 
     def problems(self, prefix: str = "grpo.") -> list[str]:
         p = Problems(prefix)
@@ -91,25 +99,45 @@ class GRPOConfig:
         p.need(
             self.dual_clip > 1, "dual_clip", f"must be > 1 (it bounds rho*A from below), got {self.dual_clip}"
         )
-        p.need(self.tis_cap >= 1, "tis_cap", f"must be >= 1, got {self.tis_cap}")
+        p.need(
+            self.tis_cap is None or self.tis_cap >= 1,
+            "tis_cap",
+            f"must be >= 1 or null (off), got {self.tis_cap}",
+        )
+        p.need(
+            self.kl_coef == 0,
+            "kl_coef",
+            f"is {self.kl_coef}, but a KL penalty needs a frozen reference policy's log-probs and none is "
+            "kept yet: set grpo.kl_coef=0 (the reference's examples use 0 too)",
+        )
         return p
 
 
 @dataclass
 class DistillConfig:
     enabled: bool = False
+    # Rank and alpha are our choice: the paper does not give them, and the reference code's examples
+    # leave DistillSparse off (its defaults: sparse_lora_rank 0, sparse_lora_alpha 16).
     rank: int = 16
     alpha: float = 32.0
     # SGLang fuses q/k/v and gate/up: an adapter must target each fused group whole.
-    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    target_modules: list[str] = field(default_factory=lambda: list(ALL_LINEAR))
     kl_lambda: float = 1e-3
     lr: float = 1e-4
+    # TIS cap of the DistillSparse phase, separate from grpo.tis_cap as the reference's
+    # sparse_tis_imp_ratio_cap; null (its default, -1 there) trains the adapter without TIS.
+    tis_cap: float | None = None
 
     def problems(self, prefix: str = "distill.") -> list[str]:
         p = Problems(prefix)
         p.at_least(1, rank=self.rank)
         p.positive(lr=self.lr, alpha=self.alpha)
         p.non_negative(kl_lambda=self.kl_lambda)
+        p.need(
+            self.tis_cap is None or self.tis_cap >= 1,
+            "tis_cap",
+            f"must be >= 1 or null (off), got {self.tis_cap}",
+        )
         p.need(
             bool(self.target_modules) or not self.enabled, "target_modules", "is empty while distill.enabled"
         )

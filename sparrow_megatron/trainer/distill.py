@@ -37,7 +37,9 @@ MOMENTS = ("exp_avg", "exp_avg_sq")
 class SparseDistiller:
     """The adapter, its optimizer and the distill step, on top of a `Policy` (collective like it)."""
 
-    def __init__(self, policy, spec: LoraSpec, kl_lambda: float = 1e-3, lr: float = 1e-4):
+    def __init__(
+        self, policy, spec: LoraSpec, kl_lambda: float = 1e-3, lr: float = 1e-4, tis_cap: float | None = None
+    ):
         if kl_lambda < 0:
             raise UserError(f"distill.kl_lambda must be >= 0, got {kl_lambda}")
         if lr <= 0:
@@ -45,6 +47,8 @@ class SparseDistiller:
         self.policy = policy
         self.kl_lambda = kl_lambda
         self.lr = lr
+        # The phase's own TIS cap (None: off), not grpo.tis_cap: the reference keeps the two apart.
+        self.tis_cap = tis_cap
         self.adapter = LoraAdapter(policy.model, policy.arch, spec, policy.config)
         self.optimizer = torch.optim.AdamW(self.adapter.parameters(), lr=lr, weight_decay=0.0)
         self.step_count = 0
@@ -91,7 +95,7 @@ class SparseDistiller:
         )
         masks, weights = policy.loss_masks_and_weights(work)
         g = policy.grpo
-        coefs = GRPOCoefs(g.eps_low, g.eps_high, g.dual_clip, g.tis_cap, kl_coef=self.kl_lambda)
+        coefs = GRPOCoefs(g.eps_low, g.eps_high, g.dual_clip, self.tis_cap, kl_coef=self.kl_lambda)
         self.optimizer.zero_grad(set_to_none=True)
         policy.model.train()
         with self._base_frozen(), self.adapter.enabled():

@@ -13,12 +13,24 @@ import torch
 
 from sparrow_megatron.errors import UserError
 
+# exp() of a log-ratio beyond this overflows float32 soon after (e^88); the reference clamps here too, so
+# a token whose log-probs drifted apart gets a large but finite ratio (its gradient is then cut).
+LOG_RATIO_CLAMP = 20.0
+# The k3 KL term per token is bounded to this, as the reference does, so one token cannot dominate.
+KL_CLAMP = 10.0
+
 
 def group_advantages(
-    rewards: Sequence[float] | torch.Tensor, group_ids: Sequence, eps: float = 1e-6
+    rewards: Sequence[float] | torch.Tensor, group_ids: Sequence, eps: float = 1e-6, std: str = "unbiased"
 ) -> torch.Tensor:
-    """A_i = (r_i - mean_group(r)) / (std_group(r) + eps), std unbiased=False; one value per sample."""
+    """A_i = (r_i - mean_group(r)) / (std_group(r) + eps); one value per sample.
+
+    std (grpo.std): "unbiased" divides the group variance by n - 1 (torch.std's default, which the
+    reference's GRPO uses), "biased" by n. A group of one sample, or of equal rewards, gets advantage 0.
+    """
     r = torch.as_tensor(rewards, dtype=torch.float64)
+    if std not in ("unbiased", "biased"):
+        raise UserError(f"group_advantages: std must be 'unbiased' or 'biased', got {std!r}")
     if r.ndim != 1 or len(group_ids) != r.numel():
         raise UserError(f"group_advantages: {r.numel()} rewards but {len(group_ids)} group ids")
     if not torch.isfinite(r).all():
@@ -31,9 +43,11 @@ def group_advantages(
     for idx in groups.values():
         sel = torch.tensor(idx)
         vals = r[sel]
-        std = vals.std(unbiased=False)
         # Equal rewards (or a single sample) carry no signal: advantage 0, never 0/0.
-        out[sel] = 0.0 if std == 0 else (vals - vals.mean()) / (std + eps)
+        if len(idx) < 2:
+            continue
+        sd = vals.std(unbiased=std == "unbiased")
+        out[sel] = 0.0 if sd == 0 else (vals - vals.mean()) / (sd + eps)
     return out.float()
 
 
@@ -42,13 +56,22 @@ class GRPOCoefs:
     eps_low: float = 0.2
     eps_high: float = 0.28
     dual_clip: float = 3.0
-    tis_cap: float = 2.0
+    tis_cap: float | None = 3.0  # None: no truncated importance sampling (weight 1)
     kl_coef: float = 0.0
 
 
-def tis_weights(old_logprobs: torch.Tensor, rollout_logprobs: torch.Tensor, cap: float) -> torch.Tensor:
-    """min(exp(logp_old_dense - logp_rollout), C), no gradient."""
-    return torch.exp(old_logprobs.detach() - rollout_logprobs.detach()).clamp(max=cap)
+def _clamped_log_ratio(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    # An infinite difference (a -inf log-prob on one side) clamps to the bound, with zero gradient.
+    return (a - b).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+
+
+def tis_weights(
+    old_logprobs: torch.Tensor, rollout_logprobs: torch.Tensor, cap: float | None
+) -> torch.Tensor:
+    """min(exp(logp_old_dense - logp_rollout), C), no gradient; all ones when cap is None."""
+    if cap is None:
+        return torch.ones_like(old_logprobs)
+    return torch.exp(_clamped_log_ratio(old_logprobs.detach(), rollout_logprobs.detach())).clamp(max=cap)
 
 
 def grpo_token_loss(
@@ -60,7 +83,7 @@ def grpo_token_loss(
     ref_logprobs: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Per-token GRPO loss and per-token indicator/value tensors for metrics (same shape as logprobs)."""
-    log_ratio = logprobs - old_logprobs.detach()
+    log_ratio = _clamped_log_ratio(logprobs, old_logprobs.detach())
     ratio = torch.exp(log_ratio)
     adv = advantages
     unclipped = -adv * ratio
@@ -72,21 +95,24 @@ def grpo_token_loss(
     dual_active = ((adv < 0) & (pg > dual_bound)).float()
     pg = torch.where(adv < 0, torch.minimum(pg, dual_bound), pg)
     tis = tis_weights(old_logprobs, rollout_logprobs, coefs.tis_cap)
-    tis_raw = torch.exp(old_logprobs.detach() - rollout_logprobs.detach())
+    tis_raw = torch.exp(_clamped_log_ratio(old_logprobs.detach(), rollout_logprobs.detach()))
     loss = tis * pg
     kl = torch.zeros_like(logprobs)
     if coefs.kl_coef > 0:
         if ref_logprobs is None:
             raise UserError("kl_coef > 0 needs ref_logprobs in the batch (log-probs of the frozen reference)")
-        # k3 estimator of KL(pi || ref): exp(ref - logp) - (ref - logp) - 1 >= 0.
-        d = ref_logprobs.detach() - logprobs
-        kl = torch.exp(d) - d - 1
+        # k3 estimator of KL(pi || ref): exp(ref - logp) - (ref - logp) - 1 >= 0, on the clamped
+        # log-ratio and itself bounded (as the reference), so an outlier token cannot give inf or NaN.
+        d = _clamped_log_ratio(ref_logprobs.detach(), logprobs)
+        kl = (torch.exp(d) - d - 1).clamp(-KL_CLAMP, KL_CLAMP)
         loss = loss + coefs.kl_coef * kl
     stats = {
         "clip_frac": clip_active,
         "dual_clip_frac": dual_active,
         "tis_weight": tis,
-        "tis_clipped": (tis_raw > coefs.tis_cap).float(),
+        "tis_clipped": (tis_raw > coefs.tis_cap).float()
+        if coefs.tis_cap is not None
+        else torch.zeros_like(tis),
         "kl": kl.detach(),
         "ratio": ratio.detach(),
         "pg_loss": (tis * pg).detach(),

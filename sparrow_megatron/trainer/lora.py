@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from sparrow_megatron.errors import UserError
+from sparrow_megatron.trainer.config import ALL_LINEAR
 from sparrow_megatron.trainer.model import Qwen3Arch
 from sparrow_megatron.trainer.weights import _hf_from_full, _Rule, _shard_from_hf, _tp_gather, _unwrap
 
@@ -49,7 +50,7 @@ _HF_GROUP = {module: group for module, _, group in _TARGETS.values()}  # Megatro
 class LoraSpec:
     rank: int = 16
     alpha: float = 32.0
-    target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
+    target_modules: tuple[str, ...] = ALL_LINEAR
     seed: int = 0
 
     @property

@@ -35,12 +35,30 @@ def topk_file(tmp_path):
 def test_tail_json_matches_the_library(sparrow, topk_file, tmp_path):
     path, seqs = topk_file
     code, out, err = sparrow(
-        "tail", str(path), "--bin-width", "200", "--json", "--plot", str(tmp_path / "t.png")
+        "tail",
+        str(path),
+        "--bin-width",
+        "200",
+        "--signal",
+        "estimate",
+        "--json",
+        "--plot",
+        str(tmp_path / "t.png"),
     )
     assert code == 0, err
     result = json.loads(out)
-    assert set(result) >= {"bins", "pearson_p5", "pearson_mean"}
-    assert set(result["bins"][0]) == {"start", "end", "count", "mean", "p5", "p5_lower", "p5_upper"}
+    assert set(result) >= {"bins", "pearson_p5", "pearson_mean", "signal"}
+    assert set(result["bins"][0]) == {
+        "start",
+        "end",
+        "count",
+        "mean",
+        "p5",
+        "p5_lower",
+        "p5_upper",
+        "p5_estimate",
+    }
+    assert result["bins"][0]["p5_estimate"] == result["bins"][0]["p5"]
     assert sum(b["count"] for b in result["bins"]) == 6 * 400
     # first bin recomputed by hand from the same lists
     est = torch.cat(
@@ -56,6 +74,51 @@ def test_tail_json_matches_the_library(sparrow, topk_file, tmp_path):
     assert result["pearson_p5"] < -0.5  # the tail decays with position
     assert all(b["p5_lower"] <= b["p5"] <= b["p5_upper"] for b in result["bins"])
     assert (tmp_path / "t.png").stat().st_size > 10_000
+
+
+def _uncovered_vocab_file(tmp_path):
+    """20 tokens whose top-2 lists leave most of the vocabulary out: p = {0: 0.5, 1: 0.3} and
+    q = {0: b, 2: 0.2} with b = 0.10, 0.12, ..., 0.48 (token t: b = 0.1 + 0.02 t)."""
+    rows = []
+    for t in range(20):
+        b = 0.1 + 0.02 * t
+        rows.append(((0, 1), (math.log(0.5), math.log(0.3)), (0, 2), (math.log(b), math.log(0.2))))
+    line = {
+        "prompt_len": 0,
+        "dense": {"ids": [list(r[0]) for r in rows], "logprobs": [list(r[1]) for r in rows]},
+        "sparse": {"ids": [list(r[2]) for r in rows], "logprobs": [list(r[3]) for r in rows]},
+    }
+    path = tmp_path / "uncovered.jsonl"
+    path.write_text(json.dumps(line) + "\n")
+    return path
+
+
+def test_tail_reports_the_lower_bound_p5_by_default(sparrow, tmp_path):
+    # Hand-computed per token t (b = 0.1 + 0.02 t; only id 0 is in both lists):
+    #   lower    = min(0.5, b) = b
+    #   estimate = b + min(0.3, q's floor min(b, 0.2)) + min(0.2, p's floor 0.3) = 2b + 0.2 for b <= 0.2,
+    #              capped by upper = b + min(1 - 0.5, 1 - b) = b + 0.5
+    # p5 of 20 values interpolates at rank 0.95 between the two smallest (t = 0 and t = 1).
+    path = _uncovered_vocab_file(tmp_path)
+    code, out, err = sparrow("tail", str(path), "--json")
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["signal"] == "lower"
+    (b,) = result["bins"]
+    assert b["count"] == 20
+    assert b["p5"] == pytest.approx(0.10 + 0.95 * 0.02, abs=1e-12)
+    assert b["p5_lower"] == pytest.approx(0.10 + 0.95 * 0.02, abs=1e-12)
+    assert b["p5_estimate"] == pytest.approx(0.40 + 0.95 * 0.04, abs=1e-12)
+    assert b["p5_upper"] == pytest.approx(0.60 + 0.95 * 0.02, abs=1e-12)
+    assert b["mean"] == pytest.approx(0.1 + 0.02 * 9.5, abs=1e-12)  # mean of the chosen signal
+
+    code, out, _ = sparrow("tail", str(path), "--json", "--signal", "estimate")
+    assert json.loads(out)["bins"][0]["p5"] == pytest.approx(0.40 + 0.95 * 0.04, abs=1e-12)
+    code, out, _ = sparrow("tail", str(path), "--json", "--signal", "upper")
+    assert json.loads(out)["bins"][0]["p5"] == pytest.approx(0.60 + 0.95 * 0.02, abs=1e-12)
+
+    code, out, _ = sparrow("tail", str(path))
+    assert code == 0 and "p5 lower*" in out and "0.119" in out and "0.438" in out and "0.619" in out
 
 
 def test_tail_table_output(sparrow, topk_file):

@@ -25,7 +25,7 @@ def test_metrics_per_bin_match_numpy():
     positions = rng.integers(0, 6000, 3000)
     alpha = rng.uniform(0.5, 1.0, 3000)
     lower, upper = alpha - 0.05, np.minimum(alpha + 0.05, 1.0)
-    monitor = TailMonitor(MonitorConfig(tau=0.86))
+    monitor = TailMonitor(MonitorConfig(signal="estimate", tau=0.86))
     m = monitor.observe(1, alpha, positions, lower, upper).metrics()
     for b in range(3):
         sel = positions // 2000 == b
@@ -47,6 +47,22 @@ def test_metrics_per_bin_match_numpy():
     json.dumps(m)  # plain floats, loggable anywhere
 
 
+def test_the_default_signal_is_the_lower_bound_of_the_topk_lists():
+    # Token 0: p = {0: 0.6, 1: 0.3}, q = {0: 0.5, 2: 0.4}; only id 0 is in both lists, so the lower bound
+    # is min(0.6, 0.5) = 0.5 while the estimate adds min(0.3, 0.4) + min(0.4, 0.3) = 0.6 (capped at the
+    # upper bound 0.5 + min(0.4, 0.5) = 0.9): the monitor's p5 is of the lower bound, as the reference's.
+    assert MonitorConfig().signal == "lower"
+    ids_p, ids_q = torch.tensor([[0, 1]]), torch.tensor([[0, 2]])
+    lp_p, lp_q = torch.tensor([[0.6, 0.3]]).log().double(), torch.tensor([[0.5, 0.4]]).log().double()
+    tails = TailMonitor(MonitorConfig(min_bin_tokens=1)).observe_topk(
+        0, ids_p, lp_p, ids_q, lp_q, torch.tensor([5])
+    )
+    (b,) = tails.bins
+    assert (
+        b.p5 == pytest.approx(0.5) and b.p5_lower == pytest.approx(0.5) and b.p5_upper == pytest.approx(0.9)
+    )
+
+
 def test_signal_lower_takes_the_tail_of_the_lower_bound():
     rng = np.random.default_rng(1)
     positions = rng.integers(0, 2000, 500)
@@ -62,7 +78,7 @@ def test_warning_after_k_consecutive_low_steps_names_the_bins(caplog, monkeypatc
     # A library imported by an earlier test may have run logging.config with disable_existing_loggers.
     monkeypatch.setattr(logging.getLogger("sparrow_megatron.loop.monitor"), "disabled", False)
     rng = np.random.default_rng(2)
-    monitor = TailMonitor(MonitorConfig(tau=0.86, consecutive_steps=3))
+    monitor = TailMonitor(MonitorConfig(signal="estimate", tau=0.86, consecutive_steps=3))
     caplog.set_level(logging.INFO, logger="sparrow_megatron.loop.monitor")
     for step in range(2):
         tails = monitor.observe(step, *_step_data(rng, low_bins=(1,)))
@@ -85,7 +101,7 @@ def test_warning_after_k_consecutive_low_steps_names_the_bins(caplog, monkeypatc
 
 def test_a_high_step_breaks_the_streak():
     rng = np.random.default_rng(3)
-    monitor = TailMonitor(MonitorConfig(consecutive_steps=2))
+    monitor = TailMonitor(MonitorConfig(signal="estimate", consecutive_steps=2))
     monitor.observe(0, *_step_data(rng, low_bins=(0,)))
     monitor.observe(1, *_step_data(rng))
     assert monitor.observe(2, *_step_data(rng, low_bins=(0,))).alarm is None
@@ -94,7 +110,7 @@ def test_a_high_step_breaks_the_streak():
 
 def test_unpopulated_bins_neither_count_nor_break_the_streak():
     rng = np.random.default_rng(4)
-    monitor = TailMonitor(MonitorConfig(consecutive_steps=2, min_bin_tokens=50))
+    monitor = TailMonitor(MonitorConfig(signal="estimate", consecutive_steps=2, min_bin_tokens=50))
     monitor.observe(0, *_step_data(rng, low_bins=(2,), bins=3))
     # Bin 2 gets only 10 tokens, all low: not populated, so ignored.
     alpha, pos = _step_data(rng, bins=2)
@@ -110,7 +126,9 @@ def test_unpopulated_bins_neither_count_nor_break_the_streak():
 
 def test_nan_tokens_are_counted_and_left_out():
     alpha = np.array([0.9, np.nan, 0.95, np.nan])
-    tails = TailMonitor(MonitorConfig(min_bin_tokens=1)).observe(0, alpha, np.array([1, 2, 3, 4]))
+    tails = TailMonitor(MonitorConfig(signal="estimate", min_bin_tokens=1)).observe(
+        0, alpha, np.array([1, 2, 3, 4])
+    )
     assert tails.tokens == 2 and tails.nan_tokens == 2
     assert tails.bins[0].count == 2
 
@@ -123,7 +141,9 @@ def test_observe_topk_with_full_lists_is_exact():
     p_lp, p_ids = p.topk(vocab, dim=-1)
     q_lp, q_ids = q.topk(vocab, dim=-1)
     positions = torch.arange(tokens) * 10
-    tails = TailMonitor(MonitorConfig(min_bin_tokens=1)).observe_topk(0, p_ids, p_lp, q_ids, q_lp, positions)
+    tails = TailMonitor(MonitorConfig(signal="estimate", min_bin_tokens=1)).observe_topk(
+        0, p_ids, p_lp, q_ids, q_lp, positions
+    )
     exact = acceptance_rate(p, q).double().numpy()
     bins = positions.numpy() // 2000
     for b in tails.bins:
@@ -134,7 +154,7 @@ def test_observe_topk_with_full_lists_is_exact():
 
 def test_heatmap_and_state_round_trip():
     rng = np.random.default_rng(5)
-    cfg = MonitorConfig(consecutive_steps=3)
+    cfg = MonitorConfig(signal="estimate", consecutive_steps=3)
     monitor = TailMonitor(cfg)
     monitor.observe(0, *_step_data(rng, low_bins=(1,), bins=2))
     monitor.observe(1, *_step_data(rng, low_bins=(1,), bins=3))
@@ -152,7 +172,7 @@ def test_heatmap_and_state_round_trip():
 
 
 def test_empty_step_and_shape_errors():
-    monitor = TailMonitor(MonitorConfig())
+    monitor = TailMonitor(MonitorConfig(signal="estimate"))
     tails = monitor.observe(0, np.zeros(0), np.zeros(0, dtype=int))
     m = tails.metrics()
     assert (

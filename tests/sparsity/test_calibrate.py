@@ -265,3 +265,14 @@ def test_plain_prompt_rows_from_parquet_match_the_task_prompts(tmp_path):
     path = tmp_path / "p.parquet"
     pq.write_table(pa.Table.from_pylist([{"prompt": ex.question} for ex in examples]), path)
     assert load_prompt_texts(path, tokenizer, limit=3) == recall_prompt_texts(tokenizer, 3)
+
+
+def test_build_table_takes_p5_of_the_lower_bound_by_default():
+    # The reference's metric (and tau 0.86's) is the lower bound; the estimate sits above it.
+    estimate = np.array(_cell(0.80, 0.90))
+    positions = np.arange(200, 220)
+    m = Measurement(64, estimate, estimate - 0.1, np.minimum(estimate + 0.05, 1.0), positions)
+    (row,) = build_table([m], bin_width=100, min_bin_tokens=20)[0].p5
+    assert row[2] == pytest.approx(0.70 + 0.95 * 0.10, abs=1e-12)
+    (row,) = build_table([m], bin_width=100, min_bin_tokens=20, signal="estimate")[0].p5
+    assert row[2] == pytest.approx(0.80 + 0.95 * 0.10, abs=1e-12)

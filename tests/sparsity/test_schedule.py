@@ -7,17 +7,32 @@ from hypothesis import strategies as st
 from sparrow_megatron.errors import UserError
 from sparrow_megatron.sparsity.schedule import PRESETS, Schedule, resolve_schedule
 
+# Transcribed from the paper's reference code (vortex_torch/indexer/utils_sglang.py): top-k pages per
+# 2000-token bin, not counting the 1 sink and 2 local pages of 16 tokens.
+REFERENCE_TOPK_PAGES = {
+    "qwen3-1.7b-0.86": [29, 61, 93, 93, 125, 157, 189, 221, 221, 253, 253, 253, 253, 253, 253, 253, 253, 253, 253, 253],
+    "qwen3-4b-0.86": [29, 45, 61, 77, 93, 125, 157, 221, 253, 253, 317, 317, 317, 317, 381, 381, 381, 381, 509, 509],
+    "qwen3-8b-0.86": [29, 45, 61, 77, 125, 157, 189, 253, 253, 253, 253, 317, 317, 317, 317, 317, 317, 385, 445, 445],
+    "qwen3-14b-0.86": [29, 45, 77, 125, 253, 381, 381, 381, 381, 381, 381, 381, 381, 381, 381, 509, 637, 637, 893, 893],
+}
 
-def test_presets_match_the_published_lists():
-    assert PRESETS["qwen3-1.7b-0.86"].budgets == (512, 1024, 1536, 1536, 2048, 2560, 3072, 3584, 3584, 4096)
-    assert len(PRESETS["qwen3-4b-0.86"].budgets) == 20
-    assert PRESETS["qwen3-8b-0.86"].budgets[-3:] == (6144, 7168, 7168)
-    assert PRESETS["qwen3-14b-0.86"].budgets[5:15] == (6144,) * 10
-    for name, s in PRESETS.items():
-        if not name.startswith("qwen3"):
-            continue
-        assert list(s.budgets) == sorted(s.budgets)
-        assert s.provenance["tau"] == 0.86
+
+@pytest.mark.parametrize("name", sorted(REFERENCE_TOPK_PAGES))
+def test_presets_equal_the_reference_lists_bin_for_bin(name):
+    s = PRESETS[name]
+    pages = REFERENCE_TOPK_PAGES[name]
+    assert (s.bin_width, s.geometry.page_size, s.geometry.sink_pages, s.geometry.local_pages) == (2000, 16, 1, 2)
+    assert s.budgets == tuple((k + 3) * 16 for k in pages)
+    assert s.dense_layers == (0, 1)  # the reference's vortex_layers_skip=[0,1]
+    assert s.provenance["tau"] == 0.86
+    # Each decode position gets its bin's budget; past the 20th bin the reference repeats the last value.
+    for i, k in enumerate(pages):
+        assert s.budget_at(i * 2000) == s.budget_at(i * 2000 + 1999) == (k + 3) * 16
+    assert s.budget_at(20 * 2000) == s.budget_at(10**7) == (pages[-1] + 3) * 16
+
+
+def test_the_8b_preset_keeps_the_references_6208():
+    assert PRESETS["qwen3-8b-0.86"].budgets[17] == 6208
 
 
 def test_budget_at_uses_the_bin_of_the_produced_token_and_holds_the_last():

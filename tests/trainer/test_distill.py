@@ -1,5 +1,6 @@
 """DistillSparse step: base frozen, adapter moves the sparse policy toward the dense one."""
 
+import math
 import os
 import subprocess
 import sys
@@ -39,7 +40,10 @@ def test_distill_steps_reduce_kl_and_leave_the_base_alone(setup, tmp_path):
     policy, prompts, responses = setup
     schedules = [SCHEDULE] * len(prompts)
     probe = RolloutBatch(prompts, responses)
-    distiller = SparseDistiller(policy, LoraSpec(rank=4, alpha=8.0, seed=1), kl_lambda=1.0, lr=3e-3)
+    # Attention-only targets: the probe's p5 (3 short sequences) is checked against numbers this
+    # adapter reaches in 5 steps; the all-linear default is covered by test_lora and the distill worker.
+    spec = LoraSpec(rank=4, alpha=8.0, target_modules=("q_proj", "k_proj", "v_proj", "o_proj"), seed=1)
+    distiller = SparseDistiller(policy, spec, kl_lambda=1.0, lr=3e-3)
     try:
         dense = policy.score(probe, top_k=0).logprobs
         sparse0 = distiller.score(probe, schedules).logprobs
@@ -78,6 +82,24 @@ def test_distill_steps_reduce_kl_and_leave_the_base_alone(setup, tmp_path):
         assert metrics["grad_norm"] > 0
         out = distiller.export(tmp_path / "adapter")
         assert (out / "adapter_model.safetensors").is_file() and (out / "adapter_config.json").is_file()
+    finally:
+        distiller.adapter.remove()
+
+
+@pytest.mark.parametrize("cap, weight", [(None, 1.0), (2.0, 2.0)])
+def test_distill_uses_its_own_tis_cap(setup, cap, weight):
+    # Rollout log-probs 1 below the sparse policy's own: exp(old - rollout) = e on every token, so the
+    # TIS weight is the cap (distill.tis_cap, not grpo.tis_cap 3.0), or 1 when TIS is off.
+    policy, prompts, responses = setup
+    distiller = SparseDistiller(policy, LoraSpec(rank=2, alpha=4.0), kl_lambda=1.0, tis_cap=cap)
+    try:
+        schedules = [SCHEDULE] * len(prompts)
+        own = distiller.score(RolloutBatch(prompts, responses), schedules).logprobs
+        dense = policy.score(RolloutBatch(prompts, responses), top_k=0).logprobs
+        batch = RolloutBatch(prompts, responses, [(x - 1.0).tolist() for x in own], [1.0] * len(prompts))
+        metrics = distiller.step(batch, dense, schedules)
+        assert metrics["tis_weight_mean"] == pytest.approx(weight, rel=1e-4)
+        assert math.isfinite(metrics["loss"])
     finally:
         distiller.adapter.remove()
 

@@ -13,12 +13,21 @@ from sparrow_megatron.trainer.grpo import (
 )
 
 
-def test_group_advantages_normalise_within_each_group():
-    adv = group_advantages([1.0, 0.0, 1.0, 5.0, 5.0], ["a", "a", "a", "b", "b"], eps=0.0)
-    mean, std = 2 / 3, math.sqrt(2 / 9)
+@pytest.mark.parametrize("std, var", [("biased", 2 / 9), ("unbiased", 1 / 3)])
+def test_group_advantages_normalise_within_each_group(std, var):
+    # Group a: rewards 1, 0, 1, mean 2/3, squared deviations sum 2/9 + 4/9 + 1/9 = 2/3: variance 2/9
+    # dividing by n = 3 (biased), 1/3 dividing by n - 1 = 2 (unbiased, torch.std's and the reference's).
+    adv = group_advantages([1.0, 0.0, 1.0, 5.0, 5.0, 7.0], ["a", "a", "a", "b", "b", "c"], eps=0.0, std=std)
+    mean, std = 2 / 3, math.sqrt(var)
     expected = [(1 - mean) / std, (0 - mean) / std, (1 - mean) / std]
     assert adv[:3].tolist() == pytest.approx(expected, rel=1e-6)
-    assert adv[3:].tolist() == [0.0, 0.0]  # equal rewards carry no signal
+    assert adv[3:].tolist() == [0.0, 0.0, 0.0]  # equal rewards, or a lone sample, carry no signal
+
+
+def test_the_default_group_std_is_unbiased():
+    assert group_advantages([1.0, 0.0], [0, 0], eps=0.0).tolist() == pytest.approx(
+        [math.sqrt(0.5), -math.sqrt(0.5)]
+    )
 
 
 def test_group_advantages_rejects_bad_rewards():
@@ -62,6 +71,41 @@ def test_clipped_tokens_have_no_gradient_and_tis_has_none():
     loss.sum().backward()
     assert logp.grad[0] == 0 and logp.grad[2] == 0  # clipped and dual-clipped
     assert logp.grad[1] == pytest.approx(-math.exp(-0.2))  # -A * ratio * TIS weight
+
+
+def test_no_tis_cap_means_weight_one():
+    old, rollout = torch.tensor([-1.0, -3.0]), torch.tensor([-3.0, -1.0])
+    assert tis_weights(old, rollout, None).tolist() == [1.0, 1.0]
+    loss, st = grpo_token_loss(old.clone(), old, rollout, torch.ones(2), GRPOCoefs(tis_cap=None))
+    assert loss.tolist() == [-1.0, -1.0] and st["tis_clipped"].tolist() == [0.0, 0.0]
+
+
+def test_clamps_keep_loss_and_grads_finite_on_overflowing_inputs():
+    # Log-ratios of +-100 and +-inf: exp() alone overflows float32 (e^100 = inf), and inf reaching the
+    # unselected branch of the clip makes 0 * inf = NaN in the backward pass. The clamp (+-20 on every
+    # log-ratio, +-10 on the k3 term) keeps both finite, as in the reference.
+    inf = float("inf")
+    old = torch.tensor([0.0, 0.0, -inf, 0.0, 0.0, -1.0])
+    logp = torch.tensor([100.0, -100.0, -1.0, 100.0, -100.0, -1.0], requires_grad=True)
+    rollout = torch.tensor([-200.0, 0.0, 0.0, -inf, 0.0, -1.0])
+    ref = torch.tensor([-200.0, 100.0, -1.0, 0.0, inf, -1.0])
+    adv = torch.tensor([1.0, -1.0, 1.0, -1.0, 1.0, 1.0])
+    loss, st = grpo_token_loss(logp, old, rollout, adv, GRPOCoefs(tis_cap=3.0, kl_coef=0.1), ref)
+    loss.sum().backward()
+    assert torch.isfinite(loss).all() and torch.isfinite(logp.grad).all()
+    assert (st["ratio"] <= math.exp(20.0) * (1 + 1e-6)).all() and (
+        st["ratio"] >= math.exp(-20.0) * (1 - 1e-6)
+    ).all()
+    assert (st["kl"] <= 10.0).all() and (st["kl"] >= 0.0).all()
+    assert st["kl"][0] == 10.0  # d = -300 clamps to -20: e^-20 + 20 - 1 ~ 19 -> bound 10
+    assert st["kl"][-1] == 0.0  # an ordinary token is untouched
+    assert (st["tis_weight"] <= 3.0).all()
+    # Beyond the clamp the ratio is constant, so the token gives no gradient (as any clipped token).
+    assert logp.grad[0] == 0.0 and logp.grad[2] == pytest.approx(0.0)
+    # Without the clamp the same input gives a NaN gradient (the clamp is what prevents it).
+    raw = torch.tensor([100.0], requires_grad=True)
+    torch.maximum(-torch.exp(raw), -torch.exp(raw).clamp(0.8, 1.28)).sum().backward()
+    assert torch.isnan(raw.grad).all()
 
 
 def test_k3_kl_needs_reference_and_is_nonnegative():

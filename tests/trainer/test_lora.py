@@ -61,7 +61,14 @@ def test_fused_groups_must_be_targeted_whole():
         LoraSpec(target_modules=("q_proj", "o_proj")).megatron_targets()
     with pytest.raises(UserError, match="unknown"):
         LoraSpec(target_modules=("qkv",)).megatron_targets()
+    # The default is every linear layer (the reference's all-linear).
     assert LoraSpec().megatron_targets() == [
+        ("self_attention.linear_qkv", "col"),
+        ("self_attention.linear_proj", "row"),
+        ("mlp.linear_fc1", "col"),
+        ("mlp.linear_fc2", "row"),
+    ]
+    assert LoraSpec(target_modules=("q_proj", "k_proj", "v_proj", "o_proj")).megatron_targets() == [
         ("self_attention.linear_qkv", "col"),
         ("self_attention.linear_proj", "row"),
     ]
