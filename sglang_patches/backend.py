@@ -38,7 +38,12 @@ from sglang.srt.mem_cache.memory_pool import KVWriteLoc
 from sglang_patches import decode_plan, torch_decode
 from sglang_patches.gpu import KERNELS_ENV, kernels_wanted, load_kernel_decode
 from sglang_patches.recorder import SelectionRecorder
-from sglang_patches.schedules import SERVER_PAGE_SIZE, current_step_schedules, schedules_of, server_default_schedule
+from sglang_patches.schedules import (
+    SERVER_PAGE_SIZE,
+    current_step_schedules,
+    schedules_of,
+    server_default_schedule,
+)
 from sparrow_megatron.errors import UserError
 
 if TYPE_CHECKING:
@@ -97,7 +102,9 @@ class SparrowAttnBackend(AttentionBackend):
             )
         self.recorder = SelectionRecorder.from_env()
         self.kernel_decode = (
-            load_kernel_decode(required=os.environ.get(KERNELS_ENV) == "1") if kernels_wanted(self.device) else None
+            load_kernel_decode(required=os.environ.get(KERNELS_ENV) == "1")
+            if kernels_wanted(self.device)
+            else None
         )
         if self.kernel_decode is not None:
             from sglang_patches.kernel_decode import write_page_landmarks
@@ -128,7 +135,9 @@ class SparrowAttnBackend(AttentionBackend):
         self.graph_mode = False
         host = self._host_plan(forward_batch, forward_batch.batch_size)
         width = max(-(-host.max_len // self.page_size), 1)
-        self.plan = decode_plan.DevicePlan.empty(forward_batch.batch_size, self.num_layers, width, self.device)
+        self.plan = decode_plan.DevicePlan.empty(
+            forward_batch.batch_size, self.num_layers, width, self.device
+        )
         decode_plan.copy_host(self.plan, host)
         decode_plan.fill_pages(
             self.plan, forward_batch.req_pool_indices, self.req_to_token_pool.req_to_token, self.page_size
@@ -190,7 +199,9 @@ class SparrowAttnBackend(AttentionBackend):
             schedules = current_step_schedules()
             raw_bs = bs - int(getattr(forward_batch, "num_padding", 0) or 0)
             if len(schedules) != raw_bs:  # not the batch the plugin noted: decode it densely, say so
-                logger.warning("sparrow: %d schedules noted for a batch of %d: dense step", len(schedules), raw_bs)
+                logger.warning(
+                    "sparrow: %d schedules noted for a batch of %d: dense step", len(schedules), raw_bs
+                )
                 schedules = []
         lens = forward_batch.seq_lens_cpu
         if lens is None:
@@ -221,7 +232,9 @@ class SparrowAttnBackend(AttentionBackend):
                        save_kv_cache: bool = True, **kwargs):  # fmt: skip
         plan, host = self.plan, self.host_plan
         if layer.is_cross_attention or plan is None:
-            return self.dense.forward_decode(q, k, v, layer, forward_batch, save_kv_cache=save_kv_cache, **kwargs)
+            return self.dense.forward_decode(
+                q, k, v, layer, forward_batch, save_kv_cache=save_kv_cache, **kwargs
+            )
         keys = self.token_to_kv_pool.get_key_buffer(layer.layer_id)
         marks = self.landmarks[layer.layer_id]
         split = host.splits.get(layer.layer_id) if host.any_sparse else None
@@ -232,11 +245,15 @@ class SparrowAttnBackend(AttentionBackend):
             self.write_landmarks(keys, marks, plan.fill_page, self.page_size)
             return self.kernel_decode(self, q, layer, forward_batch, marks, bounded=not self.graph_mode)
         if not any_sparse_here:  # every row dense here: the delegate, as without sparrow
-            out = self.dense.forward_decode(q, k, v, layer, forward_batch, save_kv_cache=save_kv_cache, **kwargs)
+            out = self.dense.forward_decode(
+                q, k, v, layer, forward_batch, save_kv_cache=save_kv_cache, **kwargs
+            )
             self.write_landmarks(keys, marks, plan.fill_page, self.page_size)
             return out
         if layer.logit_cap or (layer.sliding_window_size or -1) > -1:
-            raise UserError(f"layer {layer.layer_id}: sparse decode with logit cap or sliding window is unsupported")
+            raise UserError(
+                f"layer {layer.layer_id}: sparse decode with logit cap or sliding window is unsupported"
+            )
         if save_kv_cache:
             self._save_kv(layer, forward_batch, k, v)
         self.write_landmarks(keys, marks, plan.fill_page, self.page_size)
@@ -277,8 +294,9 @@ class SparrowAttnBackend(AttentionBackend):
             marks = marks_all[locs[: (total_len // P) * P : P] // P]
             selected = pages[j][:, valid[j, 0]].sort(dim=-1).values
             rid = forward_batch.rids[i] if forward_batch.rids else str(slot)
-            self.recorder.record(layer.layer_id, rid, total_len, budget, q3[i], keys_all[locs], marks, selected)
-
+            self.recorder.record(
+                layer.layer_id, rid, total_len, budget, q3[i], keys_all[locs], marks, selected
+            )
 
     def record_kernel(self, q3, layer, forward_batch, sparse, page_table, num_selected) -> None:
         """What the torch path records, for the kernels' selection (test-only; never under a graph)."""

@@ -38,7 +38,9 @@ from sparrow_megatron.sparsity.selection import DEFAULT_GEOMETRY, PageGeometry, 
 class HostPlan:
     """What the host decides for a step (see the module docstring), before any layer runs."""
 
-    table: torch.Tensor  # [7, B] int64 CPU: budget, seq_len, num_pages, cand_end, top_k, num_selected, cand_start
+    table: (
+        torch.Tensor
+    )  # [7, B] int64 CPU: budget, seq_len, num_pages, cand_end, top_k, num_selected, cand_start
     layer_sparse: torch.Tensor  # [num_layers, B] bool, CPU
     geometry: PageGeometry
     any_sparse: bool
@@ -80,8 +82,15 @@ def build_host(
                 f"schedule {schedule.name!r} (batch row {row}) has {schedule.geometry}"
             )
         table[:, row] = torch.tensor(
-            [budget, total_len, plan.num_pages, plan.candidate_end, plan.top_k, plan.num_selected,
-             plan.candidate_start]
+            [
+                budget,
+                total_len,
+                plan.num_pages,
+                plan.candidate_end,
+                plan.top_k,
+                plan.num_selected,
+                plan.candidate_start,
+            ]
         )
         layer_sparse[:, row] = True
         dense = [lid for lid in schedule.dense_layers if lid < num_layers]
@@ -144,7 +153,9 @@ class DevicePlan:
 
     def view(self, bs: int) -> DevicePlan:
         """The first `bs` rows (static buffers are sized for the largest captured batch)."""
-        return DevicePlan(self.table[:, :bs], self.layer_sparse[:, :bs], self.phys_pages[:bs], self.fill_page[:bs])
+        return DevicePlan(
+            self.table[:, :bs], self.layer_sparse[:, :bs], self.phys_pages[:bs], self.fill_page[:bs]
+        )
 
 
 def copy_host(plan: DevicePlan, host: HostPlan) -> None:

@@ -20,7 +20,9 @@ from sparrow_kernels.page_selection import BatchPlan, score_pages, top_k_pages
 from sparrow_megatron.errors import UserError
 
 
-def write_page_landmarks(keys: torch.Tensor, marks: torch.Tensor, pages: torch.Tensor, page_size: int) -> None:
+def write_page_landmarks(
+    keys: torch.Tensor, marks: torch.Tensor, pages: torch.Tensor, page_size: int
+) -> None:
     """The landmark kernel over physical pages (-1 = none), fixed launch size."""
     update_page_landmarks(keys, marks, pages, page_size)
 

@@ -40,7 +40,9 @@ def completed_pages(
     return req_to_token[pool_rows, page * P].to(torch.int64) // P
 
 
-def write_page_landmarks(keys: torch.Tensor, marks: torch.Tensor, pages: torch.Tensor, page_size: int) -> None:
+def write_page_landmarks(
+    keys: torch.Tensor, marks: torch.Tensor, pages: torch.Tensor, page_size: int
+) -> None:
     """marks[p] = fp32 mean of the P keys of physical page p, for every p in `pages` (-1 = none).
 
     One batched op of fixed shape, no host read (graph-safe): a -1 rewrites page 0, the pool's padding
@@ -109,7 +111,9 @@ def sparse_attention(
     tok = torch.arange(P, device=device)
     slots = (phys[..., None] * P + tok).flatten(2)  # [R, Hkv, S*P]
     pos = (pages[..., None] * P + tok).flatten(2)
-    ok = valid[..., None].expand(R, Hkv, pages.shape[2], P).flatten(2) & (pos < plan.seq_lens[rows][:, None, None])
+    ok = valid[..., None].expand(R, Hkv, pages.shape[2], P).flatten(2) & (
+        pos < plan.seq_lens[rows][:, None, None]
+    )
     heads = torch.arange(Hkv, device=device)[None, :, None]
     k = k_buffer[slots, heads].float()  # [R, Hkv, T, D]
     v = v_buffer[slots, heads].float()

@@ -91,6 +91,7 @@ def build_step(schedules, lengths, seed: int = 0, pool_rows: int = 8) -> Step:
         backend.landmarks[lid].copy_(torch.randn(backend.landmarks[lid].shape, generator=gen))
     rt = req_pool.req_to_token
     rt.copy_(torch.randint(0, num_phys * P, rt.shape, generator=gen, dtype=rt.dtype))  # stale slots
+    rt[0] = 0  # the padding row (CUDA-graph padded rows point at it), on the padding page
     rows = (torch.randperm(pool_rows, generator=gen)[: len(lengths)] + 1).to(torch.int64)  # row 0 = padding
     phys = (torch.randperm(num_phys - 1, generator=gen) + 1).tolist()  # page 0 = padding
     out_cache_loc = []

@@ -9,7 +9,6 @@ pytest.importorskip("sglang")
 
 from sparrow_megatron.sparsity.schedule import Schedule  # noqa: E402
 from tests.sglang_patches.decode_fixture import (  # noqa: E402
-    HQ,
     NUM_LAYERS,
     assert_landmarks_fresh,
     build_step,
