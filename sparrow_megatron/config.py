@@ -77,6 +77,7 @@ class RolloutConfig:
     # Attach mode: base URLs (http://host:port) of running engines instead of launching `engines`.
     # ["env"] resolves them at loop start from the Slurm job's env contract (launch/contract.py).
     urls: list[str] = field(default_factory=list)
+    server_args: list[str] = field(default_factory=list)  # extra SGLang flags for every engine
 
 
 @dataclass

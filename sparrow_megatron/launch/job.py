@@ -5,11 +5,13 @@ those engines through the env contract (`rollout.urls=env`)."""
 from __future__ import annotations
 
 import importlib.util
+import shlex
 from pathlib import Path
 
 from sparrow_megatron.config import JobConfig
 from sparrow_megatron.errors import UserError
 from sparrow_megatron.launch.spec import ClusterConfig, LaunchSpec, RolloutGroupConfig, TrainerGroupConfig
+from sparrow_megatron.rollout.config import check_server_args
 
 # The node's own address, filled in on the node by the task wrapper (launch/task.py).
 NODE_ADDR = "${SPARROW_NODE_ADDR}"
@@ -71,6 +73,9 @@ def launch_spec(cfg: JobConfig, recipe: str, overrides: list[str]) -> LaunchSpec
         rollout_cmd += ["--schedule", r.schedule]
     if r.kv_pool_tokens:
         rollout_cmd += ["--kv-pool-tokens", str(r.kv_pool_tokens)]
+    server_args = check_server_args(r.server_args, "field 'rollout.server_args'")
+    if server_args:
+        rollout_cmd += [f"--server-args={shlex.join(server_args)}"]
     if cfg.distill.enabled:  # the engines must accept the adapter DistillSparse trains and loads each step
         rollout_cmd += ["--lora-rank", str(cfg.distill.rank)]
         rollout_cmd += ["--lora-target-modules", ",".join(cfg.distill.target_modules)]

@@ -75,6 +75,7 @@ def fleet_config(cfg: JobConfig, model_dir: Path, run_dir: RunDir) -> FleetConfi
     """The fleet to launch, or (rollout.urls) the engines to attach to: those are resolved (`env`: from
     the Slurm job) and waited for here, since the rollout group starts together with the trainer."""
     from sparrow_megatron.launch.contract import resolve_rollout_urls, wait_for_engines
+    from sparrow_megatron.rollout.config import check_server_args
 
     r = cfg.rollout
     urls = resolve_rollout_urls(r.urls)
@@ -85,6 +86,7 @@ def fleet_config(cfg: JobConfig, model_dir: Path, run_dir: RunDir) -> FleetConfi
         top_logprobs=r.top_k_logprobs, request_timeout_s=r.timeout_s, random_seed=cfg.loop.seed,
         run_dir=str(run_dir.root / "engines"), max_total_tokens=r.kv_pool_tokens or None, urls=urls,
         max_inflight_per_engine=r.max_inflight_per_engine, lora=_distill_lora_server(cfg),
+        extra_server_args=check_server_args(r.server_args, "field 'rollout.server_args'"),
     )  # fmt: skip
 
 

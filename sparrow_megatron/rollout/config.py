@@ -18,6 +18,13 @@ CPU_SERVER_ARGS = (
 )  # fmt: skip
 
 
+def check_server_args(values: object, where: str) -> list[str]:
+    """Extra SGLang flags as a list of strings (UserError naming `where` otherwise)."""
+    if not isinstance(values, (list, tuple)) or not all(isinstance(v, str) for v in values):
+        raise UserError(f"{where}: expected a list of strings (SGLang flags and values), got {values!r}")
+    return list(values)
+
+
 @dataclass
 class LoraServerConfig:
     """Server-side LoRA capacity: fixed at launch, so it must cover every adapter DistillSparse trains."""

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import httpx
 
-from sparrow_megatron.rollout.config import CPU_SERVER_ARGS, RolloutConfig
+from sparrow_megatron.rollout.config import CPU_SERVER_ARGS, RolloutConfig, check_server_args
 
 # Environment variable of the sglang_patches CPU platform (sglang_patches/platform.py: ENV_FLAG).
 CPU_PLATFORM_ENV = "SPARROW_SGLANG_CPU"
@@ -72,6 +72,11 @@ def resolve_device(config: RolloutConfig) -> str:
     return "cuda" if cuda_available() else "cpu"
 
 
+# What the `sparrow` backend needs from SGLang on GPU. Decode CUDA graphs are supported (on by default
+# there); prefill graphs are not: the backend's prefill is the delegate's, and the graph state is ours.
+SPARROW_GPU_ARGS = ("--cuda-graph-backend-prefill", "disabled")
+
+
 def server_command(config: RolloutConfig, port: int, model_path: str) -> list[str]:
     cmd = [sys.executable, "-m", "sglang.launch_server", "--model-path", model_path,
            "--host", config.host, "--port", str(port), "--tp-size", str(config.tp_size)]  # fmt: skip
@@ -81,6 +86,9 @@ def server_command(config: RolloutConfig, port: int, model_path: str) -> list[st
     cmd += ["--page-size", str(config.page_size)]
     if config.attention_backend:
         cmd += ["--attention-backend", config.attention_backend]
+    extra = check_server_args(config.extra_server_args, "extra server args")
+    if config.attention_backend == "sparrow" and not cpu and SPARROW_GPU_ARGS[0] not in extra:
+        cmd += SPARROW_GPU_ARGS
     # On CPU a small KV pool: SGLang sizes it from "device memory", which is the host's RAM there.
     optional = {
         "--mem-fraction-static": config.mem_fraction_static or (CPU_MEM_FRACTION if cpu else None),
@@ -103,7 +111,7 @@ def server_command(config: RolloutConfig, port: int, model_path: str) -> list[st
             cmd += ["--lora-backend", backend]
     if config.seeded_sampling and not cpu:
         cmd += ["--sampling-backend", "pytorch"]  # flashinfer's sampler refuses per-request seeds
-    return cmd + list(config.extra_server_args)
+    return cmd + extra
 
 
 def server_env(config: RolloutConfig) -> dict[str, str]:
