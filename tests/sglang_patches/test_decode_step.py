@@ -87,3 +87,13 @@ def test_dense_batch_goes_to_the_delegate_whole():
     for lid in range(NUM_LAYERS):
         torch.testing.assert_close(outs[lid], step.reference(lid), rtol=2e-5, atol=2e-5)
     assert_landmarks_fresh(step)
+
+
+def test_mixed_page_geometries_are_refused_naming_both_schedules():
+    from sparrow_megatron.errors import UserError
+    from sparrow_megatron.sparsity.selection import PageGeometry
+
+    other = Schedule(budgets=(64,), geometry=PageGeometry(16, 2, 1), dense_layers=(), name="wide-sink")
+    step = build_step([SCHEDULES[0], other], [300, 200])
+    with pytest.raises(UserError, match="'b64'.*'wide-sink' \\(batch row 1\\)"):
+        step.backend.init_forward_metadata(step.fb)
