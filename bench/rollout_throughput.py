@@ -157,16 +157,15 @@ def run(args) -> dict:
         # Distinct from the first token on: no prompt shares a cached prefix with another.
         prompts = [[rng.randrange(8, vocab) for _ in range(args.context)] for _ in range(args.batch)]
         prefill_s = timed_batch(server.url, prompts, 1, "dense")  # fills the prefix cache
-        results = {}
-        for mode, schedule in (("dense", "dense"), ("sparse", sparse)):
-            runs = []
-            for _ in range(args.repeats):
+        # Modes alternate within each repeat, so a change in machine load hits both alike.
+        runs: dict[str, list] = {"dense": [], "sparse": []}
+        for _ in range(args.repeats):
+            for mode, schedule in (("dense", "dense"), ("sparse", sparse)):
                 t1 = timed_batch(server.url, prompts, 1, schedule)
                 tn = timed_batch(server.url, prompts, 1 + args.new_tokens, schedule)
-                runs.append(
-                    {"t1_s": t1, "t1n_s": tn, "tok_s": args.batch * args.new_tokens / max(tn - t1, 1e-9)}
-                )
-            results[mode] = {"runs": runs, "tok_s": max(r["tok_s"] for r in runs)}
+                tok_s = args.batch * args.new_tokens / max(tn - t1, 1e-9)
+                runs[mode].append({"t1_s": t1, "t1n_s": tn, "tok_s": tok_s})
+        results = {mode: {"runs": r, "tok_s": max(x["tok_s"] for x in r)} for mode, r in runs.items()}
     finally:
         server.kill()
     return {
@@ -174,6 +173,7 @@ def run(args) -> dict:
         "command": "python bench/rollout_throughput.py " + shlex.join(sys.argv[1:]),
         "versions": versions(),
         "device": device,
+        "omp_num_threads": os.environ.get("OMP_NUM_THREADS", "unset"),
         "machine": machine(device),
         "model": str(model) if args.model else f"random Qwen3 {BENCH_SHAPE | {'num_hidden_layers': args.layers}}",
         "batch": args.batch, "context": args.context, "new_tokens": args.new_tokens, "sparse": label,
@@ -187,7 +187,7 @@ def markdown(report: dict) -> str:
     lines = [
         f"Rollout decode throughput, {report['date']} on {report['machine']} ({report['device']}); "
         f"SGLang {report['versions']['sglang']}, torch {report['versions']['torch']}, "
-        f"sparrow {report['versions']['sparrow_git']}.",
+        f"sparrow {report['versions']['sparrow_git']}; OMP_NUM_THREADS={report['omp_num_threads']}.",
         "",
         f"Command: `{report['command']}`",
         "",
