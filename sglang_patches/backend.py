@@ -257,13 +257,13 @@ class SparrowAttnBackend(AttentionBackend):
         if save_kv_cache:
             self._save_kv(layer, forward_batch, k, v)
         self.write_landmarks(keys, marks, plan.fill_page, self.page_size)
-        sparse_rows, dense_rows = split
+        sparse_rows, dense_rows, dense_rows_host = split
         num_q_heads, v_dim = layer.tp_q_head_num, layer.v_head_dim
         q3 = q.reshape(-1, num_q_heads, layer.qk_head_dim)
         out = q.new_empty(q3.shape[0], num_q_heads * v_dim)
         out3 = out.view(-1, num_q_heads, v_dim)
         if len(dense_rows):
-            sub = _rows_of(forward_batch, dense_rows)
+            sub = _rows_of(forward_batch, dense_rows, dense_rows_host)
             dense_out = self.dense.forward_decode(q3[dense_rows], None, None, layer, sub, save_kv_cache=False)
             out3[dense_rows] = dense_out.view(-1, num_q_heads, v_dim)
         o, pages, valid = torch_decode.sparse_decode_rows(
@@ -307,14 +307,15 @@ class SparrowAttnBackend(AttentionBackend):
         self._record(q3, layer, forward_batch, rows, pages, valid)
 
 
-def _rows_of(forward_batch, rows: torch.Tensor):
-    """A shallow copy of a decode ForwardBatch restricted to `rows` (what the delegate reads in decode)."""
+def _rows_of(forward_batch, rows: torch.Tensor, rows_host: torch.Tensor):
+    """A shallow copy of a decode ForwardBatch restricted to `rows` (what the delegate reads in decode);
+    `rows_host` indexes the host copies (no device read)."""
     sub = copy.copy(forward_batch)
     sub.batch_size = len(rows)
     sub.req_pool_indices = forward_batch.req_pool_indices[rows]
     sub.seq_lens = forward_batch.seq_lens[rows]
     if forward_batch.seq_lens_cpu is not None:
-        sub.seq_lens_cpu = forward_batch.seq_lens_cpu[rows.cpu()]
+        sub.seq_lens_cpu = forward_batch.seq_lens_cpu[rows_host]
         sub.seq_lens_sum = int(sub.seq_lens_cpu.sum())
     sub.out_cache_loc = forward_batch.out_cache_loc[rows]
     if getattr(forward_batch, "encoder_lens", None) is not None:

@@ -47,9 +47,9 @@ class HostPlan:
     max_selected: int  # most pages a sparse row keeps this step (0 when none)
     max_top_k: int
     max_len: int
-    # layer id -> (sparse rows, dense rows) as index tensors; filled once per step, shared by layers
-    # with the same split (the eager torch path indexes with them).
-    splits: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    # layer id -> (sparse rows, dense rows, dense rows on the host) as index tensors; filled once per
+    # step, shared by layers with the same split (the eager torch path indexes with them).
+    splits: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
 
 def build_host(
@@ -112,15 +112,13 @@ def build_host(
         max_len=int(lens.max()) if num_rows else 0,
     )
     if any_sparse:
-        by_mask: dict[bytes, tuple[torch.Tensor, torch.Tensor]] = {}
+        by_mask: dict[bytes, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         for layer_id in range(num_layers):
             mask = layer_sparse[layer_id]
             key = mask.numpy().tobytes()
             if key not in by_mask:
-                by_mask[key] = (
-                    mask.nonzero().flatten().to(device),
-                    (~mask).nonzero().flatten().to(device),
-                )
+                dense_cpu = (~mask).nonzero().flatten()
+                by_mask[key] = (mask.nonzero().flatten().to(device), dense_cpu.to(device), dense_cpu)
             host.splits[layer_id] = by_mask[key]
     return host
 
