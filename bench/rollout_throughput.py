@@ -177,7 +177,8 @@ def run(args) -> dict:
     from sparrow_megatron.rollout.server import ServerProcess, free_port, resolve_device
 
     label, sparse = sparse_spec(args)
-    work = Path(tempfile.mkdtemp(prefix="sparrow_bench_"))
+    scratch = tempfile.TemporaryDirectory(prefix="sparrow_bench_")  # the random model, removed after
+    work = Path(scratch.name)
     model = (
         Path(args.model) if args.model else write_model(Path(args.write_model or work / "model"), args.layers)
     )
@@ -191,7 +192,9 @@ def run(args) -> dict:
     )  # fmt: skip
     device = resolve_device(config)
     port = free_port()
-    server = ServerProcess.launch(config, port, work / "engine.log", str(model))
+    log = Path(args.out + ".engine.log")  # kept next to the results
+    log.parent.mkdir(parents=True, exist_ok=True)
+    server = ServerProcess.launch(config, port, log, str(model))
     try:
         server.wait_healthy(args.startup_timeout)
         rng = random.Random(0)
@@ -207,6 +210,7 @@ def run(args) -> dict:
         results = {mode: {"runs": r, "tok_s": max(x["tok_s"] for x in r)} for mode, r in runs.items()}
     finally:
         server.kill()
+        scratch.cleanup()
     return {
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "command": "python bench/rollout_throughput.py " + shlex.join(sys.argv[1:]),
