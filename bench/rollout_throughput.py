@@ -177,6 +177,7 @@ def run(args) -> dict:
     from sparrow_megatron.rollout.server import ServerProcess, free_port, resolve_device
 
     label, sparse = sparse_spec(args)
+    started = versions()  # the code the engine runs: read before it starts
     scratch = tempfile.TemporaryDirectory(prefix="sparrow_bench_")  # the random model, removed after
     work = Path(scratch.name)
     model = (
@@ -214,7 +215,7 @@ def run(args) -> dict:
     return {
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "command": "python bench/rollout_throughput.py " + shlex.join(sys.argv[1:]),
-        "versions": versions(),
+        "versions": started,
         "device": device,
         "omp_num_threads": os.environ.get("OMP_NUM_THREADS", "unset"),
         "machine": machine(device),
