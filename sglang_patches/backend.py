@@ -239,6 +239,12 @@ class SparrowAttnBackend(AttentionBackend):
         marks = self.landmarks[layer.layer_id]
         split = host.splits.get(layer.layer_id) if host.any_sparse else None
         any_sparse_here = split is not None and len(split[0]) > 0
+        if (self.graph_mode or any_sparse_here) and (
+            layer.logit_cap or (layer.sliding_window_size or -1) > -1
+        ):
+            raise UserError(
+                f"layer {layer.layer_id}: sparse decode with logit cap or sliding window is unsupported"
+            )
         if self.graph_mode or (self.kernel_decode is not None and any_sparse_here):
             if save_kv_cache:
                 self._save_kv(layer, forward_batch, k, v)
@@ -250,10 +256,6 @@ class SparrowAttnBackend(AttentionBackend):
             )
             self.write_landmarks(keys, marks, plan.fill_page, self.page_size)
             return out
-        if layer.logit_cap or (layer.sliding_window_size or -1) > -1:
-            raise UserError(
-                f"layer {layer.layer_id}: sparse decode with logit cap or sliding window is unsupported"
-            )
         if save_kv_cache:
             self._save_kv(layer, forward_batch, k, v)
         self.write_landmarks(keys, marks, plan.fill_page, self.page_size)
