@@ -173,7 +173,7 @@ def machine(device: str) -> str:
 
 
 def run(args) -> dict:
-    from sparrow_megatron.rollout.config import RolloutConfig
+    from sparrow_megatron.rollout.config import FleetOptions, RolloutConfig
     from sparrow_megatron.rollout.server import ServerProcess, free_port, resolve_device
 
     label, sparse = sparse_spec(args)
@@ -184,18 +184,20 @@ def run(args) -> dict:
         Path(args.model) if args.model else write_model(Path(args.write_model or work / "model"), args.layers)
     )
     per_request = args.context + args.new_tokens + 2
-    config = RolloutConfig(
-        model_path=str(model), attention_backend="sparrow", device=args.device,
+    rollout = RolloutConfig(
+        attention_backend="sparrow", server_args=shlex.split(args.server_args),
         # every prompt stays cached (dense and sparse reuse it) with room for the decode of the batch
-        max_total_tokens=args.batch * (2 * per_request) + 1024, context_length=per_request + 64,
-        extra_server_args=shlex.split(args.server_args), startup_timeout_s=args.startup_timeout,
-        seeded_sampling=False,
+        kv_pool_tokens=args.batch * (2 * per_request) + 1024,
     )  # fmt: skip
-    device = resolve_device(config)
+    options = FleetOptions(
+        model_path=str(model), device=args.device, context_length=per_request + 64,
+        startup_timeout_s=args.startup_timeout, seeded_sampling=False,
+    )  # fmt: skip
+    device = resolve_device(options)
     port = free_port()
     log = Path(args.out + ".engine.log")  # kept next to the results
     log.parent.mkdir(parents=True, exist_ok=True)
-    server = ServerProcess.launch(config, port, log, str(model))
+    server = ServerProcess.launch(rollout, options, port, log, str(model))
     try:
         server.wait_healthy(args.startup_timeout)
         rng = random.Random(0)

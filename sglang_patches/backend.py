@@ -1,4 +1,4 @@
-"""The `sparrow` attention backend: block top-k sparse decode (DESIGN section 1) on stock SGLang.
+"""The `sparrow` attention backend: block top-k sparse decode on stock SGLang.
 
 Prefill/extend and dense decode go to SGLang's own backend for the device (torch_native on CPU,
 SPARROW_DENSE_BACKEND to pick another), so a request with no schedule decodes exactly as that backend

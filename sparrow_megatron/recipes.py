@@ -1,6 +1,6 @@
 """The published Qwen3 recipes in one place: `recipes/qwen3_*.py` each call `qwen3_rl(size, task)`.
 
-Values from the paper (DESIGN.md): tau 0.86 with the published `qwen3-*-0.86` schedules, a 37K
+Values from the paper: tau 0.86 with the published `qwen3-*-0.86` schedules, a 37K
 generation cutoff for math and 24K for code, GRPO eps 0.2/0.28 with dual clip 3 and TIS. The layout
 (nodes, TP/PP, engines) is sized for 8-GPU H100/H200 nodes; every field is overridable
 (`sparrow submit recipes/qwen3_14b_math.py trainer.pp=1 ...`). Model and data paths are placeholders:
@@ -71,7 +71,8 @@ def qwen3_rl(size: str, task: Task) -> JobConfig:
     cfg.grpo.eps_low, cfg.grpo.eps_high = 0.2, 0.28
     cfg.grpo.dual_clip = 3.0
     cfg.grpo.tis_cap = 2.0
-    # DistillSparse settings of the paper; off until the loop's LoRA side update lands.
+    # DistillSparse settings of the paper; off by default (distill.enabled=true turns it on: the loop
+    # trains the adapter each step and the engines serve it on sparse requests).
     cfg.distill.enabled = False
     cfg.distill.rank, cfg.distill.alpha, cfg.distill.kl_lambda, cfg.distill.lr = 16, 32.0, 1e-3, 1e-4
 

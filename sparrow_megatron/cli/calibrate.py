@@ -69,7 +69,7 @@ def _layers(text: str) -> tuple[int, ...]:
 
 
 def run(args) -> int:
-    from sparrow_megatron.sparsity.calibrate import CalibrateConfig, run_calibration
+    from sparrow_megatron.calibration import CalibrateConfig, run_calibration
 
     cfg = CalibrateConfig(
         model=args.model, prompts=args.prompts, tau=args.tau, budgets=args.budgets,

@@ -79,7 +79,7 @@ def _lora(args: argparse.Namespace):
 
 
 def build_config(args: argparse.Namespace):
-    from sparrow_megatron.rollout.config import RolloutConfig
+    from sparrow_megatron.rollout.config import FleetOptions, RolloutConfig
     from sparrow_megatron.sparsity.schedule import resolve_schedule
 
     model = Path(args.model)
@@ -105,22 +105,28 @@ def build_config(args: argparse.Namespace):
         raise UserError(f"--server-args: {err}") from None
     if args.schedule is not None:
         resolve_schedule(args.schedule)  # a bad preset/file fails here, not in N server logs
-    return RolloutConfig(
-        model_path=str(model.resolve()),
+    rollout = RolloutConfig(
         engines=args.engines,
+        engine_tp=args.tp,
+        kv_pool_tokens=args.kv_pool_tokens or 0,
+        attention_backend=args.attention_backend or "",
+        server_args=server_args,
+    )
+    options = FleetOptions(
+        model_path=str(model.resolve()),
         port_base=args.port_base,
         host=args.host,
-        tp_size=args.tp,
-        max_total_tokens=args.kv_pool_tokens,
-        random_seed=args.seed,
-        attention_backend=args.attention_backend,
-        schedule=args.schedule,
+        seed=args.seed,
+        server_schedule=args.schedule,
         lora=_lora(args),
         run_dir=args.run_dir,
         startup_timeout_s=args.startup_timeout,
         restart_dead=not args.no_restart,
-        extra_server_args=server_args,
     )
+    found = rollout.problems() + options.problems(launching=True)
+    if found:
+        raise UserError("sparrow serve:\n  " + "\n  ".join(found))
+    return rollout, options
 
 
 def run(args: argparse.Namespace, stop: threading.Event | None = None) -> int:
@@ -128,13 +134,13 @@ def run(args: argparse.Namespace, stop: threading.Event | None = None) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
-    config = build_config(args)
+    rollout, options = build_config(args)
     # SIGTERM (Slurm, systemd, kill) shuts the fleet down like Ctrl-C: no orphaned servers.
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _raise_interrupt)
-    fleet = RolloutFleet(config)
+    fleet = RolloutFleet(rollout, options)
     print(
-        f"starting {config.engines} SGLang engine(s) on {config.model_path}; logs in {fleet.run_dir}",
+        f"starting {rollout.engines} SGLang engine(s) on {options.model_path}; logs in {fleet.run_dir}",
         flush=True,
     )
     try:

@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 import os
 
-from sparrow_megatron.launch.spec import ClusterConfig
+from sparrow_megatron.launch.spec import SlurmSettings
 
-DEFAULT_JOB_DIR = os.environ.get("SPARROW_JOB_DIR", ClusterConfig.job_dir)
+DEFAULT_JOB_DIR = os.environ.get("SPARROW_JOB_DIR", SlurmSettings.job_dir)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

@@ -10,8 +10,7 @@ from pathlib import Path
 
 from sparrow_megatron.config import JobConfig
 from sparrow_megatron.errors import UserError
-from sparrow_megatron.launch.spec import ClusterConfig, LaunchSpec, RolloutGroupConfig, TrainerGroupConfig
-from sparrow_megatron.rollout.config import check_server_args
+from sparrow_megatron.launch.spec import LaunchSpec, RolloutGroupConfig, SlurmSettings, TrainerGroupConfig
 
 # The node's own address, filled in on the node by the task wrapper (launch/task.py).
 NODE_ADDR = "${SPARROW_NODE_ADDR}"
@@ -73,9 +72,8 @@ def launch_spec(cfg: JobConfig, recipe: str, overrides: list[str]) -> LaunchSpec
         rollout_cmd += ["--schedule", r.schedule]
     if r.kv_pool_tokens:
         rollout_cmd += ["--kv-pool-tokens", str(r.kv_pool_tokens)]
-    server_args = check_server_args(r.server_args, "field 'rollout.server_args'")
-    if server_args:
-        rollout_cmd += [f"--server-args={shlex.join(server_args)}"]
+    if r.server_args:  # one word, so that a flag-like value is not read as a `sparrow serve` option
+        rollout_cmd += [f"--server-args={shlex.join(r.server_args)}"]
     if cfg.distill.enabled:  # the engines must accept the adapter DistillSparse trains and loads each step
         rollout_cmd += ["--lora-rank", str(cfg.distill.rank)]
         rollout_cmd += ["--lora-target-modules", ",".join(cfg.distill.target_modules)]
@@ -114,7 +112,7 @@ def launch_spec(cfg: JobConfig, recipe: str, overrides: list[str]) -> LaunchSpec
             rdzv_port=c.rdzv_port,
             launcher="torchrun",
         ),
-        cluster=ClusterConfig(
+        cluster=SlurmSettings(
             account=c.account or ("local" if local else ""),  # no sbatch, no account needed
             partition=c.partition or None,
             time_limit=c.time_limit,

@@ -6,16 +6,16 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import importlib.util
-import json
 import re
-import types
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
+from sparrow_megatron import loader
 from sparrow_megatron.errors import UserError
+from sparrow_megatron.launch.config import TIME_LIMIT
 
 # The image the Dockerfile builds and documents; recipes that run in containers reference it.
 DEFAULT_IMAGE = "ghcr.io/sparrow-megatron/sparrow:0.1.0"
@@ -71,7 +71,7 @@ class TrainerGroupConfig:
 
 
 @dataclass
-class ClusterConfig:
+class SlurmSettings:
     """Where the job runs: Slurm account/partition/limits, optional pyxis container, the job dir."""
 
     account: str = "sparrow"
@@ -105,7 +105,7 @@ class LaunchSpec:
     trainer_cmd: Command
     rollout: RolloutGroupConfig = field(default_factory=RolloutGroupConfig)
     trainer: TrainerGroupConfig = field(default_factory=TrainerGroupConfig)
-    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    cluster: SlurmSettings = field(default_factory=SlurmSettings)
     run_dir: str = "runs/slurm"
     mlflow_uri: str | None = None
     # The NCCL group between trainer rank 0 and the rollout engines for weight sync.
@@ -130,7 +130,6 @@ def _resolve(cmd: Command, spec: LaunchSpec, name: str) -> list[str]:
     return list(argv)
 
 
-_TIME = re.compile(r"^(\d+-)?\d{1,2}:\d{2}:\d{2}$")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _ENV_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
@@ -143,8 +142,14 @@ def validate(spec: LaunchSpec) -> LaunchSpec:
 
     if not _NAME.match(spec.name or ""):
         fail("name", f"{spec.name!r} must be letters, digits, '_', '.', '-' (it names the Slurm job)")
-    if spec.executor not in ("slurm", "local"):
-        fail("executor", f"{spec.executor!r} is not one of 'slurm', 'local'")
+    # A Python spec file's values are not type-checked by the dataclass: the Literal fields are here.
+    for section, prefix in [(spec, ""), (spec.rollout, "rollout."), (spec.trainer, "trainer.")]:
+        for name, hint in typing.get_type_hints(type(section)).items():
+            choices = typing.get_args(hint) if typing.get_origin(hint) is Literal else None
+            if choices and getattr(section, name) not in choices:
+                fail(
+                    prefix + name, f"{getattr(section, name)!r} is not one of {', '.join(map(repr, choices))}"
+                )
     r, t, c = spec.rollout, spec.trainer, spec.cluster
     for fieldname, value in [("rollout.nodes", r.nodes), ("trainer.nodes", t.nodes)]:
         if value < 1:
@@ -173,8 +178,6 @@ def validate(spec: LaunchSpec) -> LaunchSpec:
         fail("trainer.tp", f"{t.tp} must divide the trainer's GPUs per node ({t.nproc_per_node})")
     if t.world_size % (t.tp * t.pp):
         fail("trainer.pp", f"TP*PP={t.tp * t.pp} must divide the trainer world size {t.world_size}")
-    if t.launcher not in ("torchrun", "none"):
-        fail("trainer.launcher", f"{t.launcher!r} is not one of 'torchrun', 'none'")
     ports = {
         "rollout.router_port": r.router_port,
         "rollout.engine_base_port": r.engine_base_port,
@@ -196,7 +199,7 @@ def validate(spec: LaunchSpec) -> LaunchSpec:
         fail("rollout.router_port", f"{r.router_port} collides with the engine ports")
     if not c.account:
         fail("cluster.account", "must be set (sbatch --account)")
-    if not _TIME.match(c.time_limit):
+    if not TIME_LIMIT.match(c.time_limit):
         fail("cluster.time_limit", f"{c.time_limit!r} is not [D-]HH:MM:SS")
     for mount in c.container_mounts:
         if ":" not in mount:
@@ -225,29 +228,9 @@ def _seconds(time_limit: str) -> int:
 
 def apply_overrides(spec: LaunchSpec, overrides: list[str]) -> LaunchSpec:
     """`trainer.tp=4`, `cluster.env={"A":"1"}`, `cluster.container_mounts=/a:/a,/b:/b`: a new spec."""
-    spec = _deepcopy(spec)
-    for item in overrides:
-        key, sep, raw = item.partition("=")
-        if not sep or not key:
-            raise UserError(f"override {item!r}: expected key=value (e.g. trainer.tp=4)")
-        *parents, leaf = key.split(".")
-        target: Any = spec
-        for i, part in enumerate(parents):
-            target = _child(target, part, ".".join(parents[: i + 1]), item)
-        fields = {f.name: f for f in dataclasses.fields(target)}
-        if leaf not in fields or leaf.endswith("_cmd"):
-            choices = ", ".join(sorted(n for n in fields if not n.endswith("_cmd")))
-            raise UserError(f"override {item!r}: unknown key '{key}' (valid here: {choices})")
-        hint = typing.get_type_hints(type(target))[leaf]
-        setattr(target, leaf, _parse(raw, hint, item))
-    return spec
-
-
-def _child(target: Any, part: str, path: str, item: str) -> Any:
-    value = getattr(target, part, None) if dataclasses.is_dataclass(target) else None
-    if not dataclasses.is_dataclass(value):
-        raise UserError(f"override {item!r}: '{path}' is not a config section")
-    return value
+    return loader.apply_overrides(
+        spec, overrides, settable=lambda name: not name.endswith("_cmd"), copy_root=_deepcopy
+    )
 
 
 def _deepcopy(spec: LaunchSpec) -> LaunchSpec:
@@ -262,56 +245,11 @@ def _deepcopy(spec: LaunchSpec) -> LaunchSpec:
     )
 
 
-def _parse(raw: str, hint: Any, item: str) -> Any:
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin in (typing.Union, types.UnionType):
-        if type(None) in args and raw.lower() in ("none", "null", ""):
-            return None
-        hint = next(a for a in args if a is not type(None))
-        origin, args = typing.get_origin(hint), typing.get_args(hint)
-    try:
-        if origin is Literal:
-            if raw not in args:
-                raise ValueError(f"expected one of {', '.join(map(str, args))}")
-            return raw
-        if hint is bool:
-            if raw.lower() not in ("true", "false", "1", "0", "yes", "no"):
-                raise ValueError("expected true/false")
-            return raw.lower() in ("true", "1", "yes")
-        if hint is int:
-            return int(raw)
-        if hint is float:
-            return float(raw)
-        if hint is str:
-            return raw
-        if origin is list:
-            value = json.loads(raw) if raw.startswith("[") else [p for p in raw.split(",") if p]
-            if not all(isinstance(v, str) for v in value):
-                raise ValueError("expected a list of strings")
-            return value
-        if origin is dict:
-            value = json.loads(raw)
-            if not isinstance(value, dict):
-                raise ValueError("expected a JSON object")
-            return {str(k): str(v) for k, v in value.items()}
-    except (ValueError, json.JSONDecodeError) as err:
-        raise UserError(f"override {item!r}: cannot read {raw!r} as {hint}: {err}") from None
-    raise UserError(f"override {item!r}: this field cannot be overridden from the command line")
-
-
 def load_spec(source: str) -> LaunchSpec:
     """A `.py` file or a dotted module that defines `SPEC` (a LaunchSpec) or `spec()` returning one."""
     path = Path(source)
     if source.endswith(".py"):
-        if not path.is_file():
-            raise UserError(f"{source}: spec file not found")
-        module_spec = importlib.util.spec_from_file_location(f"_sparrow_spec_{path.stem}", path)
-        assert module_spec and module_spec.loader
-        module = importlib.util.module_from_spec(module_spec)
-        try:
-            module_spec.loader.exec_module(module)
-        except Exception as err:
-            raise UserError(f"{source}: failed to load: {type(err).__name__}: {err}") from err
+        module = loader.load_python(path, "spec")
     else:
         try:
             module = importlib.import_module(source)

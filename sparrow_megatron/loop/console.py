@@ -8,7 +8,7 @@ keeps the numbers.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 from rich.console import Console
@@ -20,7 +20,6 @@ from rich.progress import (
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
-from rich.table import Table
 
 # Metric names the loop logs under (the lead's run() uses these keys).
 REWARD_KEY = "reward/mean"
@@ -94,35 +93,3 @@ class LoopProgress:
     def print(self, *args: Any, **kwargs: Any) -> None:
         """Print above the live bar (warnings, controller changes) without breaking it."""
         self.console.print(*args, **kwargs)
-
-
-def key_value_table(title: str, rows: Sequence[tuple[str, Any]]) -> Table:
-    table = Table(title=title, show_header=False, title_justify="left")
-    table.add_column("what", style="bold")
-    table.add_column("value")
-    for key, value in rows:
-        table.add_row(str(key), value if isinstance(value, str) else _fmt(value, "g"))
-    return table
-
-
-def tails_table(
-    bins: Sequence[Any], tau: float, min_tokens: int = 1, title: str = "acceptance tails"
-) -> Table:
-    """Per-bin count, mean, p5 (with bounds) and fraction below tau; p5 below tau in red."""
-    table = Table(title=title, title_justify="left")
-    for name in ("bin", "tokens", "mean", "p5", "p5 lower", "p5 upper", "< tau"):
-        table.add_column(name, justify="right")
-    for b in bins:
-        p5 = _fmt(b.p5)
-        if b.count >= min_tokens and b.p5 < tau:
-            p5 = f"[bold red]{p5}[/]"
-        table.add_row(
-            f"[{b.start}, {b.end})",
-            str(b.count),
-            _fmt(b.mean, ".4f"),
-            p5,
-            _fmt(b.p5_lower),
-            _fmt(b.p5_upper),
-            "-" if b.frac_below_tau is None else f"{100 * b.frac_below_tau:.1f}%",
-        )
-    return table

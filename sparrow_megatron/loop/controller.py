@@ -16,8 +16,8 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from sparrow_megatron.config import ControllerConfig
 from sparrow_megatron.errors import UserError
+from sparrow_megatron.loop.config import ControllerConfig
 from sparrow_megatron.sparsity.schedule import Schedule
 
 log = logging.getLogger(__name__)

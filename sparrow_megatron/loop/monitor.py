@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from sparrow_megatron.config import MonitorConfig
+from sparrow_megatron.loop.config import MonitorConfig
 from sparrow_megatron.sparsity.acceptance import acceptance_from_topk
 from sparrow_megatron.sparsity.tails import BinStats, TailReport, tail_report
 

@@ -31,12 +31,11 @@ from sparrow_megatron.loop.recorder import StepRecorder
 from sparrow_megatron.loop.rundir import RunDir
 from sparrow_megatron.loop.tasks import make_task
 from sparrow_megatron.loop.tracking import MlflowTracker
-from sparrow_megatron.rollout.config import RolloutConfig as FleetConfig
+from sparrow_megatron.rollout.config import FleetOptions, LoraServerConfig, RolloutConfig
 from sparrow_megatron.rollout.fleet import RolloutFleet
 from sparrow_megatron.rollout.types import Sample, SamplingParams, topk_tensors
 from sparrow_megatron.sparsity.schedule import Schedule, resolve_schedule
 from sparrow_megatron.trainer.batch import RolloutBatch
-from sparrow_megatron.trainer.config import TrainerConfig
 from sparrow_megatron.trainer.grpo import group_advantages
 
 log = logging.getLogger("sparrow.loop")
@@ -59,35 +58,25 @@ class RunSummary:
     evals: list[tuple[int, dict[str, float]]] = field(default_factory=list)  # (after step, eval/* metrics)
 
 
-def trainer_config(cfg: JobConfig, model_dir: Path) -> TrainerConfig:
-    t, g = cfg.trainer, cfg.grpo
-    return TrainerConfig(
-        model_dir=str(model_dir), tp=t.tp, pp=t.pp, micro_batch_tokens=t.micro_batch_tokens,
-        params_dtype="bfloat16" if t.dtype == "bf16" else "float32", lr=t.lr, warmup_steps=t.warmup_steps,
-        lr_schedule=t.lr_schedule, total_steps=cfg.loop.steps, weight_decay=t.weight_decay, grad_clip=t.grad_clip,
-        eps_low=g.eps_low, eps_high=g.eps_high, dual_clip=g.dual_clip, tis_cap=g.tis_cap, kl_coef=g.kl_coef,
-        loss_agg=g.loss_agg, adv_eps=g.adv_eps, temperature=cfg.rollout.temperature,
-        top_k_logprobs=cfg.rollout.top_k_logprobs, seed=cfg.loop.seed,
-    )  # fmt: skip
+def fleet_options(cfg: JobConfig, model_dir: Path, run_dir: RunDir) -> FleetOptions:
+    """What the fleet needs besides the rollout section: the model, where logs go, the seed, and the
+    LoRA capacity DistillSparse's adapter needs (none when it is off)."""
+    lora = None
+    if cfg.distill.enabled:
+        lora = LoraServerConfig(max_rank=cfg.distill.rank, target_modules=tuple(cfg.distill.target_modules))
+    return FleetOptions(model_path=str(model_dir), run_dir=str(run_dir.root / "engines"), seed=cfg.loop.seed,
+                        lora=lora)  # fmt: skip
 
 
-def fleet_config(cfg: JobConfig, model_dir: Path, run_dir: RunDir) -> FleetConfig:
-    """The fleet to launch, or (rollout.urls) the engines to attach to: those are resolved (`env`: from
-    the Slurm job) and waited for here, since the rollout group starts together with the trainer."""
+def attached_rollout(cfg: JobConfig) -> RolloutConfig:
+    """The rollout section with rollout.urls resolved (`env`: from the Slurm job) and those engines
+    waited for, since the rollout group starts together with the trainer."""
     from sparrow_megatron.launch.contract import resolve_rollout_urls, wait_for_engines
-    from sparrow_megatron.rollout.config import check_server_args
 
-    r = cfg.rollout
-    urls = resolve_rollout_urls(r.urls)
+    urls = resolve_rollout_urls(cfg.rollout.urls)
     if urls:
         wait_for_engines(urls, cfg.cluster.rollout_start_timeout_s)
-    return FleetConfig(
-        model_path=str(model_dir), engines=r.engines, tp_size=r.engine_tp, attention_backend=r.attention_backend,
-        top_logprobs=r.top_k_logprobs, request_timeout_s=r.timeout_s, random_seed=cfg.loop.seed,
-        run_dir=str(run_dir.root / "engines"), max_total_tokens=r.kv_pool_tokens or None, urls=urls,
-        max_inflight_per_engine=r.max_inflight_per_engine, lora=_distill_lora_server(cfg),
-        extra_server_args=check_server_args(r.server_args, "field 'rollout.server_args'"),
-    )  # fmt: skip
+    return replace(cfg.rollout, urls=urls)
 
 
 def resolve_model_dir(cfg: JobConfig) -> Path:
@@ -122,11 +111,6 @@ def usable(samples: list[Sample]) -> tuple[list[Sample], int]:
 class Loop:
     def __init__(self, cfg: JobConfig, resume: bool = False):
         validate(cfg)
-        if cfg.distill.enabled and resolve_schedule(cfg.rollout.schedule) is None:
-            raise UserError(
-                "field 'distill.enabled': DistillSparse trains the sparse rollout's adapter, "
-                "but rollout.schedule is dense"
-            )
         self.cfg = cfg
         self.run = RunDir(cfg.run_dir)
         self.model_dir = resolve_model_dir(cfg)
@@ -142,7 +126,10 @@ class Loop:
         from sparrow_megatron.trainer.policy import Policy
 
         cfg = self.cfg
-        base = Policy(trainer_config(cfg, self.model_dir))
+        base = Policy(
+            cfg.trainer, cfg.grpo, model_dir=self.model_dir, total_steps=cfg.loop.steps,
+            temperature=cfg.rollout.temperature, top_k_logprobs=cfg.rollout.top_k_logprobs, seed=cfg.loop.seed,
+        )  # fmt: skip
         distiller = _make_distiller(cfg, base) if cfg.distill.enabled else None
         if spmd.launch_rank() != 0:
             spmd.follow({"policy": base, "distill": distiller})
@@ -183,7 +170,7 @@ class Loop:
             top_p=cfg.rollout.top_p,
             max_new_tokens=cfg.data.max_response_tokens,
         )
-        fleet = RolloutFleet(fleet_config(cfg, self.model_dir, self.run))
+        fleet = RolloutFleet(attached_rollout(cfg), fleet_options(cfg, self.model_dir, self.run))
         tracker = MlflowTracker.from_config(cfg)
         progress = LoopProgress(cfg.loop.steps, resume.step, cfg.monitor.tau)
         with tracker, fleet, progress:
@@ -333,15 +320,6 @@ def weight_pusher(cfg: JobConfig, fleet: RolloutFleet):
 
 
 # ---------------------------------------------------------------- DistillSparse
-
-
-def _distill_lora_server(cfg: JobConfig):
-    """LoRA capacity of launched engines: what DistillSparse's adapter needs (None when it is off)."""
-    if not cfg.distill.enabled:
-        return None
-    from sparrow_megatron.rollout.config import LoraServerConfig
-
-    return LoraServerConfig(max_rank=cfg.distill.rank, target_modules=tuple(cfg.distill.target_modules))
 
 
 def _make_distiller(cfg: JobConfig, policy):

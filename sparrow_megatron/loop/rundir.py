@@ -270,16 +270,6 @@ class RunDir:
         )
         return ResumePoint(step=step, checkpoint=ckpt, loop_state=state)
 
-    def prune_checkpoints(self, keep_last: int) -> list[Path]:
-        """Delete all but the newest `keep_last` complete checkpoints (0 = keep all)."""
-        if keep_last <= 0:
-            return []
-        removed = []
-        for ckpt in self.list_checkpoints()[:-keep_last]:
-            shutil.rmtree(ckpt.path)
-            removed.append(ckpt.path)
-        return removed
-
     @staticmethod
     def write_loop_state(checkpoint_dir: str | Path, state: dict[str, Any]) -> Path:
         """The loop's own state (monitor, controller, data cursor, RNG seeds) inside a checkpoint."""

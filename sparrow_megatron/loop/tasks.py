@@ -65,7 +65,7 @@ class DatasetTask:
         for split, path in (("train", cfg.data.train_path), ("eval", cfg.data.eval_path)):
             if not path:
                 continue
-            examples, report = load(DatasetConfig(path=path, columns=dict(cfg.data.columns)))
+            examples, report = load(DatasetConfig(path=path, **cfg.data.column_keys()))
             if not examples:
                 raise UserError(f"{path}: no usable rows ({report.summary()})")
             self.splits[split] = examples

@@ -18,10 +18,10 @@ from dataclasses import replace
 from pathlib import Path
 
 from sparrow_megatron.errors import UserError
-from sparrow_megatron.rollout.config import RolloutConfig
+from sparrow_megatron.rollout.config import FleetOptions, RolloutConfig
 from sparrow_megatron.rollout.engine import Engine, EngineFailure, RequestRejected, schedule_label
 from sparrow_megatron.rollout.server import EngineStartError, ServerProcess, free_port, resolve_device
-from sparrow_megatron.rollout.types import EngineStats, RolloutBatch, Sample, SamplingParams, ScoredTokens
+from sparrow_megatron.rollout.types import EngineStats, GenerationResult, Sample, SamplingParams, ScoredTokens
 from sparrow_megatron.rollout.weights import (
     Bucket,
     DistributedGroupSpec,
@@ -47,19 +47,22 @@ class NoEngineAvailable(EngineFailure):
 class RolloutFleet:
     """N SGLang engines behind one client. Use as a context manager, or call start() / shutdown()."""
 
-    def __init__(self, config: RolloutConfig):
-        config.validate()
-        self.config = config
+    def __init__(self, rollout: RolloutConfig, options: FleetOptions):
+        problems = rollout.problems() + options.problems(launching=not rollout.urls)
+        if problems:
+            raise UserError("invalid rollout fleet:\n  " + "\n  ".join(problems))
+        self.rollout = rollout
+        self.options = options
         self.engines: list[Engine] = []
         self.weight_version = 0
         self.active_adapter: str | None = None
         self.adapters: dict[str, str] = {}  # loaded name -> path, reloaded on restarted engines
         self._adapter_counter = itertools.count(1)
         self._run_dir = (
-            Path(config.run_dir) if config.run_dir else Path(tempfile.mkdtemp(prefix="sparrow-fleet-"))
+            Path(options.run_dir) if options.run_dir else Path(tempfile.mkdtemp(prefix="sparrow-fleet-"))
         )
         # What a restarted engine loads: the base model until a disk sync names a newer checkpoint.
-        self._restart_model_path = config.model_path
+        self._restart_model_path = options.model_path
         self._restart_version = 0
         self._cond = threading.Condition()
         self._rr = itertools.count()
@@ -81,11 +84,10 @@ class RolloutFleet:
         return [e.url for e in self.engines]
 
     def start(self) -> RolloutFleet:
-        cfg = self.config
         try:
-            if cfg.urls:
-                for i, url in enumerate(cfg.urls):
-                    self.engines.append(Engine(i, url, timeout_s=cfg.request_timeout_s))
+            if self.rollout.urls:
+                for i, url in enumerate(self.rollout.urls):
+                    self.engines.append(Engine(i, url, timeout_s=self.rollout.timeout_s))
                 dead = [e.url for e in self.engines if not e.check_health()]
                 if dead:
                     raise EngineFailure(f"rollout: engines not healthy at attach: {', '.join(dead)}")
@@ -94,7 +96,7 @@ class RolloutFleet:
         except BaseException:
             self.shutdown()
             raise
-        if cfg.health_interval_s > 0:
+        if self.options.health_interval_s > 0:
             self._monitor = threading.Thread(target=self._monitor_loop, name="fleet-monitor", daemon=True)
             self._monitor.start()
         return self
@@ -102,43 +104,43 @@ class RolloutFleet:
     def _launch_all(self) -> None:
         taken: set[int] = set()
         servers = []
-        for i in range(self.config.engines):
+        for i in range(self.rollout.engines):
             port = self._pick_port(i, taken)
             taken.add(port)
             server = ServerProcess.launch(
-                self._engine_config(i), port, self._log_path(i), self._restart_model_path
+                self.rollout, self._engine_options(i), port, self._log_path(i), self._restart_model_path
             )
             servers.append(server)
-            self.engines.append(Engine(i, server.url, server, timeout_s=self.config.request_timeout_s))
+            self.engines.append(Engine(i, server.url, server, timeout_s=self.rollout.timeout_s))
             logger.info("engine %d: pid %d, %s, log %s", i, server.pid, server.url, server.log_path)
         # Start-up runs in parallel. A server that dies while starting gets one more try (start-up on a
         # shared machine can fail on transient memory pressure); a second failure raises with its log tail.
         for engine in self.engines:
             try:
-                engine.server.wait_healthy(self.config.startup_timeout_s)
+                engine.server.wait_healthy(self.options.startup_timeout_s)
             except EngineStartError as err:
                 if engine.server.alive():
                     raise  # timed out: retrying would only double the wait
                 logger.warning("engine %d failed to start, retrying once: %s", engine.engine_id, err)
                 engine.server.kill(grace_s=2.0)
                 server = ServerProcess.launch(
-                    self._engine_config(engine.engine_id), engine.server.port, self._log_path(engine.engine_id),
+                    self.rollout, self._engine_options(engine.engine_id), engine.server.port, self._log_path(engine.engine_id),
                     self._restart_model_path,
                 )  # fmt: skip
                 engine.server, engine.url = server, server.url
-                server.wait_healthy(self.config.startup_timeout_s)
+                server.wait_healthy(self.options.startup_timeout_s)
 
-    def _engine_config(self, engine_id: int, version: int = 0) -> RolloutConfig:
-        cfg = self.config
-        extra = [*cfg.extra_server_args, "--weight-version", str(version)]
-        if resolve_device(cfg) == "cuda":
+    def _engine_options(self, engine_id: int, version: int = 0) -> FleetOptions:
+        opts = self.options
+        extra = [*opts.extra_server_args, "--weight-version", str(version)]
+        if resolve_device(opts) == "cuda":
             # Engines of one node take disjoint GPUs: engine i serves on GPUs [i * tp, (i + 1) * tp).
-            extra += ["--base-gpu-id", str(engine_id * cfg.tp_size)]
-        return replace(cfg, extra_server_args=extra)
+            extra += ["--base-gpu-id", str(engine_id * self.rollout.engine_tp)]
+        return replace(opts, extra_server_args=extra)
 
     def _pick_port(self, i: int, taken: set[int]) -> int:
-        start = None if self.config.port_base is None else self.config.port_base + i
-        return free_port(self.config.host, start, taken)
+        start = None if self.options.port_base is None else self.options.port_base + i
+        return free_port(self.options.host, start, taken)
 
     def _log_path(self, i: int) -> Path:
         return self._run_dir / f"engine{i}.log"
@@ -154,18 +156,18 @@ class RolloutFleet:
         with self._cond:
             self._cond.notify_all()
         for t in list(self._restart_threads):
-            t.join(timeout=self.config.startup_timeout_s + 30)
+            t.join(timeout=self.options.startup_timeout_s + 30)
         for engine in self.engines:
             if engine.server is not None:
                 engine.server.kill()
             engine.close()
         if self._monitor is not None:
-            self._monitor.join(timeout=self.config.health_interval_s + 15)
+            self._monitor.join(timeout=self.options.health_interval_s + 15)
 
     # --- health, restarts -------------------------------------------------------------------------
 
     def _monitor_loop(self) -> None:
-        while not self._stop.wait(self.config.health_interval_s):
+        while not self._stop.wait(self.options.health_interval_s):
             try:
                 self.check_engines()
             except Exception:  # the monitor must not die; the next round tries again
@@ -198,7 +200,7 @@ class RolloutFleet:
                     self._cond.notify_all()
             return engine.healthy
         engine.strikes += 1
-        if engine.strikes >= self.config.health_strikes or not engine.healthy:
+        if engine.strikes >= self.options.health_strikes or not engine.healthy:
             self._mark_dead(engine, f"{engine.strikes} failed health checks ({context})")
             return False
         return True
@@ -209,7 +211,7 @@ class RolloutFleet:
             engine.healthy = False
             if engine.engine_id in self._restarting or self._stop.is_set():
                 return
-            if engine.launched and self.config.restart_dead:
+            if engine.launched and self.options.restart_dead:
                 self._restarting.add(engine.engine_id)
                 t = threading.Thread(target=self._restart, args=(engine, reason), daemon=True,
                                      name=f"restart-engine{engine.engine_id}")  # fmt: skip
@@ -222,18 +224,19 @@ class RolloutFleet:
         try:
             engine.server.kill(grace_s=2.0)
             port = engine.server.port
-            if not _port_free(self.config.host, port):
-                port = free_port(self.config.host, None, {e.server.port for e in self.engines if e.server})
+            if not _port_free(self.options.host, port):
+                port = free_port(self.options.host, None, {e.server.port for e in self.engines if e.server})
             version = self._restart_version
             server = ServerProcess.launch(
-                self._engine_config(engine.engine_id, version),
+                self.rollout,
+                self._engine_options(engine.engine_id, version),
                 port,
                 self._log_path(engine.engine_id),
                 self._restart_model_path,
             )
             engine.server = server
             engine.url = server.url
-            server.wait_healthy(self.config.startup_timeout_s)
+            server.wait_healthy(self.options.startup_timeout_s)
             for name, path in self.adapters.items():
                 engine.control("load_lora_adapter", {"lora_name": name, "lora_path": path, "pinned": False})
             with self._cond:
@@ -252,7 +255,7 @@ class RolloutFleet:
 
     def wait_restarts(self, timeout_s: float | None = None) -> None:
         """Block until no restart is in progress."""
-        deadline = time.monotonic() + (timeout_s or self.config.startup_timeout_s + 30)
+        deadline = time.monotonic() + (timeout_s or self.options.startup_timeout_s + 30)
         with self._cond:
             while self._restarting:
                 left = deadline - time.monotonic()
@@ -271,12 +274,12 @@ class RolloutFleet:
         return engine.healthy and engine.weight_version == self.weight_version
 
     def _acquire(self, avoid: set[int]) -> Engine:
-        deadline = time.monotonic() + self.config.startup_timeout_s + self.config.request_timeout_s
+        deadline = time.monotonic() + self.options.startup_timeout_s + self.rollout.timeout_s
         with self._cond:
             while True:
                 if self._stop.is_set():
                     raise NoEngineAvailable("fleet is shut down")
-                cap = self.config.max_inflight_per_engine
+                cap = self.rollout.max_inflight_per_engine
                 routable = [e for e in self.engines if self._routable(e)]
                 # A retry waits for an engine it has not failed on while one is routable (even if busy):
                 # the engine that just failed is likely dead but not yet declared so.
@@ -328,7 +331,7 @@ class RolloutFleet:
         Returns (result, engine, attempts); raises RolloutError listing every attempt's reason."""
         tried: set[int] = set()
         reasons: list[str] = []
-        for attempt in range(1, self.config.max_attempts + 1):
+        for attempt in range(1, self.options.max_attempts + 1):
             try:
                 engine = self._acquire(tried)
             except NoEngineAvailable as err:
@@ -360,7 +363,7 @@ class RolloutFleet:
         given): the engine-side reference distribution at exactly the positions of a rollout."""
         if len(prompt_ids) == 0 or len(output_ids) == 0:
             raise UserError("score: prompt and response must be non-empty")
-        top_k = self.config.top_logprobs if top_logprobs is None else top_logprobs
+        top_k = self.rollout.top_k_logprobs if top_logprobs is None else top_logprobs
         lora = self.resolve_adapter(schedule, adapter)
         parsed, engine, _ = self._with_retries(
             lambda e: e.score(list(prompt_ids), list(output_ids), top_k, schedule, lora), "score"
@@ -378,7 +381,7 @@ class RolloutFleet:
         adapter: str | None = ACTIVE,
         top_logprobs: int | None = None,
         progress: bool = False,
-    ) -> RolloutBatch:
+    ) -> GenerationResult:
         """n samples of each prompt (token ids). schedule None/"dense" is the dense path; otherwise a
         preset name, schedule file or Schedule sent with every request. Raises RolloutError listing
         every request that failed on all its attempts (after the rest of the batch finished)."""
@@ -388,7 +391,7 @@ class RolloutFleet:
             if len(p) == 0:
                 raise UserError(f"generate: prompt {i} is empty")
         sampling = sampling or SamplingParams()
-        top_k = self.config.top_logprobs if top_logprobs is None else top_logprobs
+        top_k = self.rollout.top_k_logprobs if top_logprobs is None else top_logprobs
         lora = self.resolve_adapter(schedule, adapter)
         stats = {e.engine_id: EngineStats(e.engine_id, e.url) for e in self.engines}
         stats_lock = threading.Lock()
@@ -434,7 +437,7 @@ class RolloutFleet:
                 st.last_end = end if st.last_end is None else max(st.last_end, end)
             results[job] = engine.to_sample(parsed, latency, prompt, i, j, schedule, lora, attempts)
 
-        workers = max(1, min(len(jobs), len(self.engines) * self.config.max_inflight_per_engine))
+        workers = max(1, min(len(jobs), len(self.engines) * self.rollout.max_inflight_per_engine))
         t0 = time.perf_counter()
         with self._update_lock, ThreadPoolExecutor(max_workers=workers, thread_name_prefix="rollout") as pool:
             futures = [pool.submit(run, job) for job in jobs]
@@ -455,7 +458,7 @@ class RolloutFleet:
                 f"{len(failures)} of {len(jobs)} requests failed on every engine:\n" + "\n".join(lines)
             )
         samples = [[results[(i, j)] for j in range(n)] for i in range(len(prompts))]
-        return RolloutBatch(samples, stats, time.perf_counter() - t0)
+        return GenerationResult(samples, stats, time.perf_counter() - t0)
 
     # --- weights ----------------------------------------------------------------------------------
 
@@ -490,7 +493,7 @@ class RolloutFleet:
         inside begin/end_weight_update. Returns the new weight version, recorded on later samples."""
         with self._update_lock:
             version = self.weight_version + 1
-            tp = self.config.tp_size
+            tp = self.rollout.engine_tp
             live = self._on_all(lambda e: e.control("begin_weight_update", {}), "begin_weight_update")
             count = 0
             for bucket in buckets:
@@ -530,7 +533,7 @@ class RolloutFleet:
             )
         from sparrow_megatron.rollout.weights import init_trainer_group
 
-        tp = self.config.tp_size
+        tp = self.rollout.engine_tp
         world = 1 + tp * len(self.engines)
         with ThreadPoolExecutor(max_workers=len(self.engines)) as pool:
             futs = [pool.submit(e.control, "init_weights_update_group", {
@@ -603,8 +606,8 @@ class RolloutFleet:
     def load_adapter(self, path: str | Path, base_name: str = "distill", activate: bool = True) -> str:
         """Load a PEFT adapter directory on every engine under a fresh versioned name (SGLang refuses a
         name twice); with activate, sparse requests use it and the previous active adapter is unloaded."""
-        if self.config.lora is None and not self.config.urls:
-            raise UserError("load_adapter: the fleet was launched without LoRA (set RolloutConfig.lora)")
+        if self.options.lora is None and not self.rollout.urls:
+            raise UserError("load_adapter: the fleet was launched without LoRA (set FleetOptions.lora)")
         path = str(Path(path).resolve())
         if not Path(path, "adapter_config.json").is_file():
             raise UserError(f"{path}: not a PEFT adapter directory (no adapter_config.json)")

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import httpx
 
-from sparrow_megatron.rollout.config import CPU_SERVER_ARGS, RolloutConfig, check_server_args
+from sparrow_megatron.rollout.config import CPU_SERVER_ARGS, FleetOptions, RolloutConfig
 
 # Environment variable of the sglang_patches CPU platform (sglang_patches/platform.py: ENV_FLAG).
 CPU_PLATFORM_ENV = "SPARROW_SGLANG_CPU"
@@ -66,9 +66,9 @@ def free_port(host: str = "127.0.0.1", start: int | None = None, taken: set[int]
     raise EngineStartError(f"no free port on {host} from {start}")
 
 
-def resolve_device(config: RolloutConfig) -> str:
-    if config.device != "auto":
-        return config.device
+def resolve_device(options: FleetOptions) -> str:
+    if options.device != "auto":
+        return options.device
     return "cuda" if cuda_available() else "cpu"
 
 
@@ -77,23 +77,24 @@ def resolve_device(config: RolloutConfig) -> str:
 SPARROW_GPU_ARGS = ("--cuda-graph-backend-prefill", "disabled")
 
 
-def server_command(config: RolloutConfig, port: int, model_path: str) -> list[str]:
+def server_command(rollout: RolloutConfig, config: FleetOptions, port: int, model_path: str) -> list[str]:
     cmd = [sys.executable, "-m", "sglang.launch_server", "--model-path", model_path,
-           "--host", config.host, "--port", str(port), "--tp-size", str(config.tp_size)]  # fmt: skip
+           "--host", config.host, "--port", str(port), "--tp-size", str(rollout.engine_tp)]  # fmt: skip
     cpu = resolve_device(config) == "cpu"
     if cpu:
         cmd += CPU_SERVER_ARGS
     cmd += ["--page-size", str(config.page_size)]
-    if config.attention_backend:
-        cmd += ["--attention-backend", config.attention_backend]
-    extra = check_server_args(config.extra_server_args, "extra server args")
-    if config.attention_backend == "sparrow" and not cpu and SPARROW_GPU_ARGS[0] not in extra:
+    if rollout.attention_backend:
+        cmd += ["--attention-backend", rollout.attention_backend]
+    # The user's flags (rollout.server_args), then the fleet's per-engine ones (GPU id, weight version).
+    extra = [*rollout.server_args, *config.extra_server_args]
+    if rollout.attention_backend == "sparrow" and not cpu and SPARROW_GPU_ARGS[0] not in extra:
         cmd += SPARROW_GPU_ARGS
     # On CPU a small KV pool: SGLang sizes it from "device memory", which is the host's RAM there.
     optional = {
         "--mem-fraction-static": config.mem_fraction_static or (CPU_MEM_FRACTION if cpu else None),
-        "--max-total-tokens": config.max_total_tokens or (CPU_MAX_TOTAL_TOKENS if cpu else None),
-        "--random-seed": config.random_seed,
+        "--max-total-tokens": rollout.kv_pool_tokens or (CPU_MAX_TOTAL_TOKENS if cpu else None),
+        "--random-seed": config.seed,
         "--context-length": config.context_length,
         "--dtype": config.dtype,
     }
@@ -114,13 +115,13 @@ def server_command(config: RolloutConfig, port: int, model_path: str) -> list[st
     return cmd + extra
 
 
-def server_env(config: RolloutConfig) -> dict[str, str]:
+def server_env(config: FleetOptions) -> dict[str, str]:
     env = dict(os.environ)
     env.setdefault("HF_HUB_OFFLINE", "1")
     if resolve_device(config) == "cpu":
         env[CPU_PLATFORM_ENV] = "1"
-    if config.schedule is not None:
-        env[SCHEDULE_ENV] = config.schedule
+    if config.server_schedule is not None:
+        env[SCHEDULE_ENV] = config.server_schedule
     if config.seeded_sampling:
         env[SEEDED_SAMPLING_ENV] = "1"
     # SGLang's /health otherwise runs a one-token generation, which joins whatever batch runs next: the
@@ -149,8 +150,10 @@ class ServerProcess:
     command: list[str]
 
     @classmethod
-    def launch(cls, config: RolloutConfig, port: int, log_path: Path, model_path: str) -> ServerProcess:
-        command = server_command(config, port, model_path)
+    def launch(
+        cls, rollout: RolloutConfig, config: FleetOptions, port: int, log_path: Path, model_path: str
+    ) -> ServerProcess:
+        command = server_command(rollout, config, port, model_path)
         log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(log_path, "ab") as log:
             log.write(f"$ {' '.join(command)}\n".encode())

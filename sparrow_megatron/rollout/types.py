@@ -89,7 +89,7 @@ class EngineStats:
 
 
 @dataclass
-class RolloutBatch:
+class GenerationResult:
     """samples[i][j]: sample j of prompt i."""
 
     samples: list[list[Sample]]

@@ -1,7 +1,7 @@
 """Weight sync payloads and the NCCL (distributed) sender side.
 
 Over HTTP, SGLang's default tensor serializer (ForkingPickler: shared-memory handles) kills the server
-(NOTES.md); a plain pickle of the named CPU tensors, base64-encoded, is what its SafeUnpickler accepts
+(it cannot open another process's shared memory); a plain pickle of the named CPU tensors, base64-encoded, is what its SafeUnpickler accepts
 and what JSON can carry. The HTTP path copies every byte, so it is the CPU/test path and the fallback;
 GPU fleets use `update_weights_from_distributed` (an NCCL broadcast from the trainer).
 """

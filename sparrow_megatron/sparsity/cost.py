@@ -7,7 +7,6 @@ docs/cost_model.md.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -50,15 +49,12 @@ class ModelShape:
 
     @classmethod
     def from_hf_config(cls, path: str | Path) -> ModelShape:
+        from sparrow_megatron.models.config import read_hf_config
+
         path = Path(path)
         if path.is_dir():
             path = path / "config.json"
-        try:
-            cfg = json.loads(path.read_text())
-        except OSError as err:
-            raise UserError(f"{path}: cannot read model config ({err.strerror})") from None
-        except json.JSONDecodeError as err:
-            raise UserError(f"{path}:{err.lineno}: not valid JSON ({err.msg})") from None
+        cfg = read_hf_config(path)
         required = [
             "num_hidden_layers",
             "hidden_size",

@@ -129,20 +129,9 @@ class Schedule:
 
     @classmethod
     def load(cls, path: str | Path) -> Schedule:
-        path = Path(path)
-        try:
-            text = path.read_text()
-        except OSError as err:
-            raise UserError(f"{path}: cannot read schedule file ({err.strerror})") from None
-        try:
-            data = yaml.safe_load(text) if path.suffix in (".yaml", ".yml") else json.loads(text)
-        except json.JSONDecodeError as err:
-            raise UserError(f"{path}:{err.lineno}: not valid JSON ({err.msg})") from None
-        except yaml.YAMLError as err:
-            mark = getattr(err, "problem_mark", None)
-            line = f":{mark.line + 1}" if mark is not None else ""
-            raise UserError(f"{path}{line}: not valid YAML ({getattr(err, 'problem', err)})") from None
-        return cls.from_dict(data, source=str(path))
+        from sparrow_megatron.loader import read_data_file
+
+        return cls.from_dict(read_data_file(path, "schedule file"), source=str(path))
 
 
 def _problems(s: Schedule) -> list[str]:

@@ -1,4 +1,5 @@
-"""The block top-k page-selection rule (DESIGN section 1), written once.
+"""The block top-k page-selection rule (sink pages + local pages + the top-scoring middle pages under
+the token budget), written once.
 
 Every implementation of sparse decode—the torch reference, the Triton kernels, the SGLang backend and
 the trainer's sparse forward for DistillSparse—takes its page plan, landmarks, scores and tie-breaking

@@ -52,14 +52,9 @@ class TailTable:
 
     @classmethod
     def load(cls, path: str | Path) -> TailTable:
-        path = Path(path)
-        try:
-            data = json.loads(path.read_text())
-        except OSError as err:
-            raise UserError(f"{path}: cannot read tail table ({err.strerror})") from None
-        except json.JSONDecodeError as err:
-            raise UserError(f"{path}:{err.lineno}: not valid JSON ({err.msg})") from None
-        return cls.from_dict(data, str(path))
+        from sparrow_megatron.loader import read_data_file
+
+        return cls.from_dict(read_data_file(path, "tail table"), str(Path(path)))
 
     @classmethod
     def from_dict(cls, data: Any, source: str = "tail table") -> TailTable:

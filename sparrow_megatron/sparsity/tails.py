@@ -13,7 +13,7 @@ import numpy as np
 from scipy import stats
 
 DEFAULT_BIN_WIDTH = 2000
-NEAR_ONE = 0.999  # tokens above this are "accepted"; the rest follow a scaled Beta (DESIGN section 1)
+NEAR_ONE = 0.999  # tokens above this are "accepted"; the rest follow a scaled Beta
 
 
 @dataclass

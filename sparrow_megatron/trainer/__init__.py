@@ -1,29 +1,21 @@
 """Megatron-Core GRPO trainer for Qwen3: build, load, score, train, checkpoint, export (TP/PP, CPU or GPU).
 
-Heavy imports (megatron, torch.distributed) happen inside the modules that need them.
+Names resolve lazily: importing the config sections (trainer.config) imports neither torch nor
+megatron, and the heavy imports happen inside the modules that need them.
 """
 
-from sparrow_megatron.trainer.batch import RolloutBatch, pack_micro_batches
-from sparrow_megatron.trainer.config import TrainerConfig
-from sparrow_megatron.trainer.grpo import GRPOCoefs, group_advantages, grpo_token_loss, tis_weights
+import importlib
 
-__all__ = [
-    "GRPOCoefs",
-    "Policy",
-    "RolloutBatch",
-    "ScoreResult",
-    "TrainerConfig",
-    "group_advantages",
-    "grpo_token_loss",
-    "init_distributed",
-    "pack_micro_batches",
-    "tis_weights",
-]
+_HOME = {
+    "DistillConfig": "config", "GRPOConfig": "config", "TrainerConfig": "config",
+    "RolloutBatch": "batch", "pack_micro_batches": "batch",
+    "GRPOCoefs": "grpo", "group_advantages": "grpo", "grpo_token_loss": "grpo", "tis_weights": "grpo",
+    "Policy": "policy", "ScoreResult": "policy", "init_distributed": "policy",
+}  # fmt: skip
+__all__ = sorted(_HOME)
 
 
 def __getattr__(name: str):
-    if name in ("Policy", "ScoreResult", "init_distributed"):
-        from sparrow_megatron.trainer import policy
-
-        return getattr(policy, name)
+    if name in _HOME:
+        return getattr(importlib.import_module(f"{__name__}.{_HOME[name]}"), name)
     raise AttributeError(name)

@@ -16,14 +16,20 @@ import json
 import random
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 import torch
 
 from sparrow_megatron.errors import UserError
 
-if TYPE_CHECKING:
-    from sparrow_megatron.trainer.policy import Policy
+
+class Checkpointable(Protocol):
+    """What a checkpoint holds of the policy (trainer.policy.Policy): its public model, optimizer, step."""
+
+    model: Any  # the DDP-wrapped GPTModel
+    optimizer: Any  # CpuAdamW or MegatronOptimizer
+    step: int
+
 
 MANIFEST = "manifest.json"
 FORMAT = "sparrow-megatron-trainer-ckpt/2"
@@ -40,7 +46,7 @@ def _layout() -> dict[str, int]:
     }
 
 
-def _sharded_state(policy: Policy, is_loading: bool) -> dict:
+def _sharded_state(policy: Checkpointable, is_loading: bool) -> dict:
     model_sd = policy.model.module.sharded_state_dict()
     return {"model": model_sd, "optimizer": policy.optimizer.sharded_state_dict(model_sd, is_loading)}
 
@@ -64,7 +70,7 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def save_checkpoint(policy: Policy, ckpt_dir: Path, step: int, extra_state: dict) -> Path:
+def save_checkpoint(policy: Checkpointable, ckpt_dir: Path, step: int, extra_state: dict) -> Path:
     """Collective. Writes the sharded state, each rank's RNG, then (rank 0) the manifest."""
     from megatron.core import dist_checkpointing
 
@@ -129,20 +135,7 @@ def read_manifest(ckpt_dir: Path) -> dict:
     return manifest
 
 
-def latest_checkpoint(root: str | Path) -> Path | None:
-    """The complete checkpoint with the highest step under root (incomplete ones are skipped)."""
-    best: tuple[int, Path] | None = None
-    for m in Path(root).glob(f"*/{MANIFEST}"):
-        try:
-            step = int(json.loads(m.read_text())["step"])
-        except (json.JSONDecodeError, KeyError, ValueError):
-            continue
-        if best is None or step > best[0]:
-            best = (step, m.parent)
-    return best[1] if best else None
-
-
-def load_checkpoint(policy: Policy, ckpt_dir: Path) -> dict:
+def load_checkpoint(policy: Checkpointable, ckpt_dir: Path) -> dict:
     """Collective. Restores model, optimizer, step and RNG in place (any TP x PP); returns extra_state."""
     from megatron.core import dist_checkpointing
     from torch.distributed.checkpoint.api import CheckpointException

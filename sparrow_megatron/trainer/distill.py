@@ -1,4 +1,5 @@
-"""DistillSparse: train the sparse rollout's LoRA adapter toward the dense policy (DESIGN section 1).
+"""DistillSparse: train the sparse rollout's LoRA adapter toward the dense policy, so the
+sparse rollout's acceptance tail rises and a cheaper schedule becomes safe.
 
 After the base update of a step, with the base frozen, on the same rollout:
 
@@ -89,24 +90,25 @@ class SparseDistiller:
             batch, old_logprobs=old, ref_logprobs=[torch.as_tensor(x) for x in dense_logprobs]
         )
         masks, weights = policy.loss_masks_and_weights(work)
-        cfg = policy.cfg
-        coefs = GRPOCoefs(cfg.eps_low, cfg.eps_high, cfg.dual_clip, cfg.tis_cap, kl_coef=self.kl_lambda)
+        g = policy.grpo
+        coefs = GRPOCoefs(g.eps_low, g.eps_high, g.dual_clip, g.tis_cap, kl_coef=self.kl_lambda)
         self.optimizer.zero_grad(set_to_none=True)
         policy.model.train()
         with self._base_frozen(), self.adapter.enabled():
-            results, num_mbs = policy._grpo_backward(
-                work, coefs, masks, weights, rows_of=policy._sparse_rows_of(work, schedules)
+            results, num_mbs = policy.grpo_backward(
+                work, coefs, masks, weights, rows_of=policy.sparse_rows_of(work, schedules)
             )
         # The DDP buffers of the frozen base only saw Megatron's finalize on zeros; keep them clean.
         policy.model.zero_grad_buffer()
         self.adapter.sync_grads()
         grad_norm = self.adapter.grad_norm()
-        if cfg.grad_clip > 0 and grad_norm > cfg.grad_clip:
+        clip = policy.trainer.grad_clip
+        if clip > 0 and grad_norm > clip:
             for p in self.adapter.parameters():
-                p.grad.mul_(cfg.grad_clip / (grad_norm + 1e-6))
+                p.grad.mul_(clip / (grad_norm + 1e-6))
         self.optimizer.step()
         self.step_count += 1
-        summed = policy._reduce_metrics(results)
+        summed = policy.reduce_metrics(results)
         tokens = max(summed.pop("tokens"), 1.0)
         out = {k: (v if k in ("loss", "tis_weight_max") else v / tokens) for k, v in summed.items()}
         out.update(grad_norm=grad_norm, lr=self.lr, num_tokens=tokens, num_micro_batches=float(num_mbs))
@@ -138,7 +140,7 @@ class SparseDistiller:
 
     def export(self, out_dir: str | Path) -> Path | None:
         """The adapter in PEFT format (collective; global rank 0 writes)."""
-        return self.adapter.export_peft(out_dir, base_model_path=self.policy.cfg.model_dir)
+        return self.adapter.export_peft(out_dir, base_model_path=self.policy.model_dir)
 
     # Checkpoints hold the adapter and its AdamW moments in a form that does not depend on TP x PP, so a
     # run resumes under another layout (the adapter is small: gathering it is cheap).

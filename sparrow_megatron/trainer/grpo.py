@@ -98,13 +98,16 @@ def token_weights(
     response_lengths: Sequence[int], loss_agg: str, global_tokens: int, global_seqs: int
 ) -> list[torch.Tensor]:
     """Per-token loss weights so that summing weight * loss over every token of every rank gives the
-    aggregate: token-mean -> 1/global_tokens; seq-mean-token-mean -> 1/(len_i * global_seqs)."""
+    aggregate: token-mean -> 1/global_tokens; seq-mean-token-mean -> 1/(len_i * global_seqs);
+    seq-mean-token-sum -> 1/global_seqs."""
     out = []
     for n in response_lengths:
         if loss_agg == "token-mean":
             w = 1.0 / max(global_tokens, 1)
         elif loss_agg == "seq-mean-token-mean":
             w = 1.0 / (max(n, 1) * max(global_seqs, 1))
+        elif loss_agg == "seq-mean-token-sum":
+            w = 1.0 / max(global_seqs, 1)
         else:
             raise UserError(f"loss_agg: unknown aggregation {loss_agg!r}")
         out.append(torch.full((n,), w, dtype=torch.float64))

@@ -7,7 +7,6 @@ patching the built model.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from sparrow_megatron.errors import UserError, where
+from sparrow_megatron.models.config import read_hf_config
 from sparrow_megatron.trainer import compat
 
 
@@ -41,10 +41,7 @@ def read_qwen3_config(model_dir: str | Path) -> Qwen3Arch:
     path = Path(model_dir) / "config.json"
     if not path.is_file():
         raise UserError(f"{path}: no config.json in the model directory")
-    try:
-        cfg = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise UserError(f"{where(path, exc.lineno)}: not valid JSON ({exc.msg})") from exc
+    cfg = read_hf_config(path)
     model_type = cfg.get("model_type")
     if model_type != "qwen3":
         raise UserError(

@@ -16,14 +16,17 @@ from sparrow_megatron.trainer import compat
 from sparrow_megatron.trainer.config import TrainerConfig
 
 
-def lr_at(cfg: TrainerConfig, step: int) -> float:
-    """Learning rate for optimizer step `step` (0-based): linear warmup, then constant or cosine."""
+def lr_at(cfg: TrainerConfig, step: int, total_steps: int) -> float:
+    """Learning rate for optimizer step `step` (0-based): linear warmup, then constant, or a cosine or
+    linear decay from lr to min_lr reached at `total_steps`."""
     if cfg.warmup_steps > 0 and step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
     if cfg.lr_schedule == "constant":
         return cfg.lr
-    span = max(cfg.total_steps - cfg.warmup_steps, 1)
+    span = max(total_steps - cfg.warmup_steps, 1)
     progress = min(max(step - cfg.warmup_steps, 0) / span, 1.0)
+    if cfg.lr_schedule == "linear":
+        return cfg.lr + (cfg.min_lr - cfg.lr) * progress
     return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * progress))
 
 

@@ -19,7 +19,8 @@ import torch
 from sparrow_megatron.errors import UserError
 from sparrow_megatron.trainer import compat
 from sparrow_megatron.trainer.batch import MicroBatch, RolloutBatch, build_micro_batch, pack_micro_batches
-from sparrow_megatron.trainer.config import TrainerConfig
+from sparrow_megatron.trainer.checkpoint import load_checkpoint, save_checkpoint
+from sparrow_megatron.trainer.config import GRPOConfig, TrainerConfig
 from sparrow_megatron.trainer.grpo import GRPOCoefs, grpo_token_loss, token_weights
 from sparrow_megatron.trainer.logprobs import vocab_parallel_logprobs, vocab_parallel_topk
 from sparrow_megatron.trainer.model import (
@@ -64,7 +65,7 @@ def init_distributed(tp: int, pp: int) -> None:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     world = torch.distributed.get_world_size()
     if world % (tp * pp):
-        raise UserError(f"TrainerConfig: tp*pp = {tp * pp} does not divide the world size {world}")
+        raise UserError(f"field 'trainer.tp': tp*pp = {tp * pp} does not divide the world size {world}")
     if parallel_state.model_parallel_is_initialized():
         same = (
             parallel_state.get_tensor_model_parallel_world_size() == tp
@@ -94,27 +95,52 @@ def _causal_mask(s: int, device: torch.device) -> torch.Tensor:
 class Policy:
     """A Megatron-Core Qwen3 policy on this rank's TP/PP/DP slice. Collective: all ranks call alike."""
 
-    def __init__(self, cfg: TrainerConfig):
+    def __init__(
+        self,
+        trainer: TrainerConfig,
+        grpo: GRPOConfig | None = None,
+        *,
+        model_dir: str | Path,
+        total_steps: int = 1,
+        temperature: float = 1.0,
+        top_k_logprobs: int = 20,
+        seed: int = 1234,
+    ):
+        """trainer, grpo: the job config's sections. model_dir: a local HF Qwen3 directory; total_steps:
+        the LR schedule's horizon (loop.steps); temperature and top_k_logprobs: the rollout's, so that
+        scores are of the distribution the engines sampled from."""
         from megatron.core import parallel_state
         from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
         from megatron.core.distributed import finalize_model_grads as _finalize
 
-        cfg.validate()
-        self.cfg = cfg
-        self.arch = read_qwen3_config(cfg.model_dir)
-        check_parallel_split(self.arch, cfg.tp, cfg.pp, source=f"{cfg.model_dir}/config.json")
+        grpo = grpo if grpo is not None else GRPOConfig()
+        problems = trainer.problems() + grpo.problems()
+        if not str(model_dir):
+            problems.append("model_dir is empty; give a local HF Qwen3 directory")
+        if not temperature > 0:
+            problems.append(f"temperature must be > 0, got {temperature}")
+        if top_k_logprobs < 1:
+            problems.append(f"top_k_logprobs must be >= 1, got {top_k_logprobs}")
+        if problems:
+            raise UserError("invalid trainer settings:\n  " + "\n  ".join(problems))
+        self.trainer, self.grpo = trainer, grpo
+        self.model_dir = str(model_dir)
+        self.total_steps, self.temperature, self.top_k_logprobs = total_steps, temperature, top_k_logprobs
+        cfg = trainer
+        self.arch = read_qwen3_config(self.model_dir)
+        check_parallel_split(self.arch, cfg.tp, cfg.pp, source=f"{self.model_dir}/config.json")
         init_distributed(cfg.tp, cfg.pp)
-        torch.manual_seed(cfg.seed)
+        torch.manual_seed(seed)
         if compat.HAS_CUDA:
             # GPU init draws from Megatron's per-TP-rank CUDA RNG streams, which must be seeded first.
             from megatron.core import tensor_parallel
 
-            tensor_parallel.model_parallel_cuda_manual_seed(cfg.seed)
-        dtype = torch.bfloat16 if cfg.params_dtype == "bfloat16" else torch.float32
+            tensor_parallel.model_parallel_cuda_manual_seed(seed)
+        dtype = torch.bfloat16 if cfg.dtype == "bf16" else torch.float32
         self.config = transformer_config(self.arch, cfg.tp, cfg.pp, cfg.sequence_parallel, dtype)
         # Dense unless a sparse_rows() context is active (DistillSparse's sparse forward).
         model = build_gpt_model(self.arch, self.config, spec=with_sparse_attention(layer_spec(self.arch)))
-        load_hf_weights(model, self.arch, cfg.model_dir)
+        load_hf_weights(model, self.arch, self.model_dir)
         use_dist_opt = compat.HAS_CUDA
         ddp_config = DistributedDataParallelConfig(
             **compat.dataclass_kwargs(
@@ -146,10 +172,10 @@ class Policy:
         """Per DP rank: its sample ids and its micro-batches (same count on every rank)."""
         lengths = [len(p) + len(r) for p, r in zip(batch.prompt_ids, batch.response_ids, strict=True)]
         shards = [batch.shard(r, self.dp_size) for r in range(self.dp_size)]
-        packs = [pack_micro_batches([lengths[i] for i in s], self.cfg.micro_batch_tokens) for s in shards]
+        packs = [pack_micro_batches([lengths[i] for i in s], self.trainer.micro_batch_tokens) for s in shards]
         count = max(max(len(p) for p in packs), 1)
         packs = [
-            pack_micro_batches([lengths[i] for i in s], self.cfg.micro_batch_tokens, min_count=count)
+            pack_micro_batches([lengths[i] for i in s], self.trainer.micro_batch_tokens, min_count=count)
             for s in shards
         ]
         return shards, [
@@ -217,7 +243,7 @@ class Policy:
 
     # ------------------------------------------------------------------ scoring
 
-    def _sparse_rows_of(self, batch: RolloutBatch, schedules):
+    def sparse_rows_of(self, batch: RolloutBatch, schedules):
         """schedules (one Schedule or None per sample, or None) -> MicroBatch -> its SparseRows."""
         if schedules is None:
             return None
@@ -237,11 +263,11 @@ class Policy:
     @torch.no_grad()
     def score(self, batch: RolloutBatch, top_k: int | None = None, schedules=None) -> ScoreResult:
         """Dense log-probs and entropy of every response token (temperature applied), plus the top-K
-        ids/log-probs (K = cfg.top_k_logprobs; pass top_k=0 to skip). Same result on every rank.
+        ids/log-probs (K = top_k_logprobs; pass top_k=0 to skip). Same result on every rank.
         schedules: one `Schedule` (or None = dense) per sample for the sparse forward of the rollout."""
         batch.validate(self.arch.vocab_size, need_training_fields=False)
-        k = self.cfg.top_k_logprobs if top_k is None else top_k
-        temp = self.cfg.temperature
+        k = self.top_k_logprobs if top_k is None else top_k
+        temp = self.temperature
         self.model.eval()
         shards, packs = self._micro_batches(batch)
         mbs = [build_micro_batch(batch, ids, pad_to=self.pad_to) for ids in packs[self.dp_rank]]
@@ -260,7 +286,7 @@ class Policy:
                 out["topk_lp"] = lps.cpu().split(sizes)
             return torch.zeros((), device=logits.device), torch.tensor(len(targets)), out
 
-        results = self._run(mbs, loss_fn, forward_only=True, rows_of=self._sparse_rows_of(batch, schedules))
+        results = self._run(mbs, loss_fn, forward_only=True, rows_of=self.sparse_rows_of(batch, schedules))
         results = self._pp_broadcast(results)
         merged: dict[int, tuple] = {}
         for part in self._dp_gather(results):
@@ -285,23 +311,23 @@ class Policy:
     def train_step(self, batch: RolloutBatch) -> dict[str, float]:
         """One GRPO optimizer step on the whole batch (all micro-batches, all DP ranks). If
         batch.old_logprobs is None it is filled with the dense recompute (score) first."""
-        cfg = self.cfg
+        cfg = self.grpo
         batch.validate(self.arch.vocab_size, need_training_fields=True)
         if batch.old_logprobs is None:
             batch.old_logprobs = self.score(batch, top_k=0).logprobs
         if cfg.kl_coef > 0 and batch.ref_logprobs is None:
-            raise UserError("TrainerConfig.kl_coef > 0 needs batch.ref_logprobs (frozen reference log-probs)")
+            raise UserError("grpo.kl_coef > 0 needs batch.ref_logprobs (frozen reference log-probs)")
         masks, weights = self.loss_masks_and_weights(batch)
         coefs = GRPOCoefs(cfg.eps_low, cfg.eps_high, cfg.dual_clip, cfg.tis_cap, cfg.kl_coef)
 
         self.model.train()
         self.model.zero_grad_buffer()
         self.optimizer.zero_grad()
-        results, num_mbs = self._grpo_backward(batch, coefs, masks, weights)
-        lr = lr_at(cfg, self.step)
+        results, num_mbs = self.grpo_backward(batch, coefs, masks, weights)
+        lr = lr_at(self.trainer, self.step, self.total_steps)
         grad_norm = self.optimizer.step(lr)
         self.step += 1
-        summed = self._reduce_metrics(results)
+        summed = self.reduce_metrics(results)
         tokens = max(summed.pop("tokens"), 1.0)
         out = {k: (v if k in ("loss", "tis_weight_max") else v / tokens) for k, v in summed.items()}
         out.update(grad_norm=grad_norm, lr=lr, num_tokens=tokens, num_micro_batches=float(num_mbs))
@@ -317,21 +343,20 @@ class Policy:
             for i in range(n)
         ]
         lengths = [int(m.sum()) for m in masks]
-        weights = token_weights(lengths, self.cfg.loss_agg, sum(lengths), sum(1 for x in lengths if x > 0))
+        weights = token_weights(lengths, self.grpo.loss_agg, sum(lengths), sum(1 for x in lengths if x > 0))
         # token_weights gives one weight per counted token; spread it over the mask.
         return masks, [m * (w[0] if len(w) else 0.0) for m, w in zip(masks, weights, strict=True)]
 
-    def _grpo_backward(self, batch: RolloutBatch, coefs: GRPOCoefs, masks, weights, rows_of=None):
+    def grpo_backward(self, batch: RolloutBatch, coefs: GRPOCoefs, masks, weights, rows_of=None):
         """Forward + backward of the GRPO loss over all micro-batches (grads accumulate where they
         are enabled); returns the per-micro-batch metric sums and the micro-batch count. rows_of:
         the sparse forward (see `_run`)."""
-        cfg = self.cfg
         _, packs = self._micro_batches(batch)
         mbs = [build_micro_batch(batch, ids, pad_to=self.pad_to) for ids in packs[self.dp_rank]]
 
         def loss_fn(mb: MicroBatch, logits: torch.Tensor):
             flat, targets, sizes = self._response_logits(mb, logits)
-            stats = vocab_parallel_logprobs(flat, targets, temperature=cfg.temperature)
+            stats = vocab_parallel_logprobs(flat, targets, temperature=self.temperature)
             dev = logits.device
             ids = mb.sample_ids
 
@@ -366,7 +391,7 @@ class Policy:
 
         return self._run(mbs, loss_fn, forward_only=False, rows_of=rows_of), len(mbs)
 
-    def _reduce_metrics(self, results: list[dict]) -> dict[str, float]:
+    def reduce_metrics(self, results: list[dict]) -> dict[str, float]:
         local = {}
         for r in results or []:
             for k, v in r.items():
@@ -394,17 +419,13 @@ class Policy:
     ) -> Path | None:
         """Write an HF safetensors checkpoint of the current weights (rank 0 writes; collective).
         dtype: cast on export (e.g. torch.bfloat16); default keeps the training dtype."""
-        out = export_hf_checkpoint(self.model, self.arch, self.cfg.model_dir, out_dir, max_shard_bytes, dtype)
+        out = export_hf_checkpoint(self.model, self.arch, self.model_dir, out_dir, max_shard_bytes, dtype)
         torch.distributed.barrier()
         return out
 
     def save_checkpoint(self, ckpt_dir: str | Path, step: int | None = None, extra_state: dict | None = None):
-        from sparrow_megatron.trainer.checkpoint import save_checkpoint
-
         return save_checkpoint(self, Path(ckpt_dir), self.step if step is None else step, extra_state or {})
 
     def load_checkpoint(self, ckpt_dir: str | Path) -> dict:
         """Restore model, optimizer, step and RNG; returns the extra_state given at save time."""
-        from sparrow_megatron.trainer.checkpoint import load_checkpoint
-
         return load_checkpoint(self, Path(ckpt_dir))

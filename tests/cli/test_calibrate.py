@@ -92,7 +92,7 @@ def test_unsolvable_table_prints_it_and_exits_2(sparrow, tmp_path, monkeypatch):
     to re-solve. The measuring run is replaced here only to reach that branch without an engine."""
     import numpy as np
 
-    import sparrow_megatron.sparsity.calibrate as cal
+    import sparrow_megatron.calibration as cal
 
     def fake_run(cfg, progress=None):
         ms = [cal.Measurement(b, np.full(30, a), np.full(30, a), np.full(30, a), np.arange(200, 230))

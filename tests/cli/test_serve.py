@@ -27,10 +27,10 @@ def test_bad_model_dir_and_bad_schedule_are_user_errors(tmp_path):
     with pytest.raises(UserError, match="unknown schedule 'nope'"):
         serve.build_config(parse(["--model", str(tmp_path), "--schedule", "nope"]))
     argv = ["--model", str(tmp_path), "--engines", "2", "--schedule", "qwen3-4b-0.86", "--lora-rank", "8"]
-    config = serve.build_config(parse(argv))
-    assert config.engines == 2 and config.schedule == "qwen3-4b-0.86" and config.lora.max_rank == 8
+    rollout, options = serve.build_config(parse(argv))
+    assert rollout.engines == 2 and options.server_schedule == "qwen3-4b-0.86" and options.lora.max_rank == 8
     argv += ["--lora-target-modules", "q_proj,k_proj,v_proj, o_proj"]
-    assert serve.build_config(parse(argv)).lora.target_modules == ("q_proj", "k_proj", "v_proj", "o_proj")
+    assert serve.build_config(parse(argv))[1].lora.target_modules == ("q_proj", "k_proj", "v_proj", "o_proj")
     with pytest.raises(UserError, match="--lora-target-modules needs --lora-rank"):
         serve.build_config(parse(["--model", str(tmp_path), "--lora-target-modules", "q_proj"]))
 
@@ -40,11 +40,10 @@ def test_cluster_flags_bind_to_the_given_address_and_exact_ports(tmp_path):
 
     (tmp_path / "config.json").write_text("{}")
     argv = ["--model", str(tmp_path), "--host", "10.0.0.5", "--tp", "2", "--kv-pool-tokens", "4096"]
-    config = serve.build_config(parse(argv))
-    assert (config.host, config.tp_size, config.max_total_tokens) == ("10.0.0.5", 2, 4096)
-    config.validate()  # a node's own address is allowed; every interface is not
-    with pytest.raises(UserError, match="servers bind to one address"):
-        serve.build_config(parse(["--model", str(tmp_path), "--host", "0.0.0.0"])).validate()
+    rollout, options = serve.build_config(parse(argv))  # a node's own address is allowed
+    assert (options.host, rollout.engine_tp, rollout.kv_pool_tokens) == ("10.0.0.5", 2, 4096)
+    with pytest.raises(UserError, match="servers bind to one address"):  # every interface is not
+        serve.build_config(parse(["--model", str(tmp_path), "--host", "0.0.0.0"]))
     with socket.socket() as held:
         held.bind(("127.0.0.1", 0))
         held.listen()

@@ -9,14 +9,14 @@ from sparrow_megatron.cli import submit
 from sparrow_megatron.errors import UserError
 
 SPEC = """
-from sparrow_megatron.launch.spec import ClusterConfig, LaunchSpec, RolloutGroupConfig, TrainerGroupConfig
+from sparrow_megatron.launch.spec import SlurmSettings, LaunchSpec, RolloutGroupConfig, TrainerGroupConfig
 SPEC = LaunchSpec(
     name="cli_spec",
     rollout_cmd=["sparrow", "rollout-node"],
     trainer_cmd=["sparrow", "train-worker"],
     rollout=RolloutGroupConfig(nodes=2, gpus_per_node=8, engine_tp=2),
     trainer=TrainerGroupConfig(nodes=2, gpus_per_node=8, tp=4, pp=2),
-    cluster=ClusterConfig(job_dir={job_dir!r}),
+    cluster=SlurmSettings(job_dir={job_dir!r}),
 )
 """
 

@@ -4,8 +4,8 @@
 `_in_graph` on static buffers whose rows are all dummies (pool row 0, length = the fill value), then
 the layers; replay: the live batch copied into the static buffers, padded to the captured size, the
 request ids gone, `out_graph` then `in_graph`, then the same layer code (what the graph recorded).
-The kernels run under Triton's interpreter (this folder's conftest). The outputs of the real rows must
-equal the torch reference, as eager decode does.
+The kernels run on CPU tensors under Triton's interpreter (tests/conftest.py turns it on without CUDA).
+The outputs of the real rows must equal the torch reference, as eager decode does.
 """
 
 from __future__ import annotations
@@ -16,6 +16,13 @@ import pytest
 import torch
 
 pytest.importorskip("sglang")
+
+from sparrow_kernels._common import interpreting  # noqa: E402
+
+# Its SGLang pools live on the CPU: compiled (GPU) kernels cannot read them.
+pytestmark = pytest.mark.skipif(
+    not interpreting(), reason="drives the kernels on CPU tensors: TRITON_INTERPRET=1"
+)
 
 from sglang.srt.model_executor.forward_batch_info import ForwardMode  # noqa: E402
 

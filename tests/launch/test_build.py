@@ -9,9 +9,9 @@ import sys
 from sparrow_megatron.launch import jobs
 from sparrow_megatron.launch.spec import (
     DEFAULT_IMAGE,
-    ClusterConfig,
     LaunchSpec,
     RolloutGroupConfig,
+    SlurmSettings,
     TrainerGroupConfig,
 )
 
@@ -28,7 +28,7 @@ def big_spec(tmp_path, **cluster) -> LaunchSpec:
         trainer_cmd=["sparrow", "train-worker", "--config", "/cfg/run config.yaml"],
         rollout=RolloutGroupConfig(nodes=2, gpus_per_node=8, engine_tp=2),
         trainer=TrainerGroupConfig(nodes=2, gpus_per_node=8, tp=4, pp=2),
-        cluster=ClusterConfig(
+        cluster=SlurmSettings(
             account="acct",
             partition="batch",
             time_limit="1-00:00:00",
@@ -107,7 +107,7 @@ def test_local_executor_runs_both_commands(tmp_path):
         ],
         rollout=RolloutGroupConfig(nodes=1, gpus_per_node=0),
         trainer=TrainerGroupConfig(nodes=1, gpus_per_node=0, procs_per_node=1, launcher="none"),
-        cluster=ClusterConfig(job_dir=str(tmp_path / "jobs"), python=sys.executable),
+        cluster=SlurmSettings(job_dir=str(tmp_path / "jobs"), python=sys.executable),
         run_dir=str(marker),
         executor="local",
     )

@@ -22,7 +22,7 @@ from sparrow_megatron.launch.task import build_command
 
 REPO = Path(__file__).resolve().parents[2]
 RECIPES = REPO / "recipes"
-QWEN3_SHAPES = {  # heads, layers (NOTES.md); 8 KV heads for all
+QWEN3_SHAPES = {  # heads, layers (the public Qwen3 config.json files); 8 KV heads for all
     "qwen3_1p7b_math": (16, 28),
     "qwen3_1p7b_code": (16, 28),
     "qwen3_4b_math": (32, 36),

@@ -13,7 +13,7 @@ import pytest
 from torchx.specs import AppState
 
 from sparrow_megatron.launch import jobs
-from sparrow_megatron.launch.spec import ClusterConfig, LaunchSpec, RolloutGroupConfig, TrainerGroupConfig
+from sparrow_megatron.launch.spec import LaunchSpec, RolloutGroupConfig, SlurmSettings, TrainerGroupConfig
 
 pytestmark = [pytest.mark.slurm, pytest.mark.timeout(420)]
 
@@ -55,7 +55,7 @@ def small_spec(
         rollout=RolloutGroupConfig(nodes=1, gpus_per_node=2, engine_tp=1),
         # Other processes on a shared machine may hold torchrun's default port.
         trainer=TrainerGroupConfig(nodes=1, gpus_per_node=2, rdzv_port=free_port(), **trainer),
-        cluster=ClusterConfig(
+        cluster=SlurmSettings(
             account="sparrow",
             partition="debug",
             time_limit="00:10:00",

@@ -2,8 +2,7 @@ import io
 
 from rich.console import Console
 
-from sparrow_megatron.loop.console import LoopProgress, key_value_table, step_fields, tails_table
-from sparrow_megatron.sparsity.tails import BinStats
+from sparrow_megatron.loop.console import LoopProgress, step_fields
 
 
 def _console(terminal: bool) -> tuple[Console, io.StringIO]:
@@ -39,16 +38,3 @@ def test_live_bar_on_a_terminal():
         assert task.completed == 2 and task.fields["reward"] == "0.750"
     out = buf.getvalue()
     assert "2/4" in out and "reward 0.750" in out and "p5 min 0.950" in out
-
-
-def test_tables_render():
-    console, buf = _console(terminal=False)
-    bins = [
-        BinStats(0, 2000, 500, 0.99, 0.8, 0.9, 0.95, 0.88, 0.92, 0.01),
-        BinStats(2000, 4000, 300, 0.97, 0.6, 0.7, 0.8, None, None, 0.12),
-    ]
-    console.print(tails_table(bins, tau=0.86))
-    console.print(key_value_table("summary", [("reward first -> last", "0.10 -> 0.80"), ("steps", 20)]))
-    out = buf.getvalue()
-    assert "[2000, 4000)" in out and "0.700" in out and "12.0%" in out
-    assert "reward first -> last" in out and "0.10 -> 0.80" in out and "20" in out

@@ -3,8 +3,8 @@ import logging
 
 import pytest
 
-from sparrow_megatron.config import ControllerConfig
 from sparrow_megatron.errors import UserError
+from sparrow_megatron.loop.config import ControllerConfig
 from sparrow_megatron.loop.controller import BudgetController, schedule_metrics
 from sparrow_megatron.sparsity.schedule import PRESETS, Schedule
 

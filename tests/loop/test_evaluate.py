@@ -7,7 +7,7 @@ import pytest
 
 from sparrow_megatron.loop.evaluate import EvalSpec, evaluate, mean_at_k, pass_at_k
 from sparrow_megatron.loop.tasks import Prompt
-from sparrow_megatron.rollout.types import RolloutBatch, Sample, SamplingParams
+from sparrow_megatron.rollout.types import GenerationResult, Sample, SamplingParams
 from sparrow_megatron.sparsity.schedule import Schedule
 
 
@@ -54,7 +54,7 @@ class _Fleet:
                 out = [ord(c) for c in (str(i) if right else "x")]
                 group.append(Sample(i, j, [], out, [0.0] * len(out), [], [], "stop", 0, 0, None, None, 0.0))
             groups.append(group)
-        return RolloutBatch(groups)
+        return GenerationResult(groups)
 
 
 def test_evaluate_scores_dense_and_sparse_paths():

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from sparrow_megatron.config import MonitorConfig
+from sparrow_megatron.loop.config import MonitorConfig
 from sparrow_megatron.loop.monitor import TailMonitor
 from sparrow_megatron.sparsity.acceptance import acceptance_rate
 

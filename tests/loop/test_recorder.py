@@ -4,7 +4,7 @@ import numpy as np
 from mlflow.tracking import MlflowClient
 from rich.console import Console
 
-from sparrow_megatron.config import ControllerConfig, MonitorConfig
+from sparrow_megatron.loop.config import ControllerConfig, MonitorConfig
 from sparrow_megatron.loop.console import LoopProgress
 from sparrow_megatron.loop.controller import BudgetController
 from sparrow_megatron.loop.monitor import TailMonitor

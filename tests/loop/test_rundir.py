@@ -79,8 +79,7 @@ def test_last_complete_checkpoint_ignores_partial_and_unmarked(tmp_path, caplog)
     run.begin_checkpoint(10)
     run.commit_checkpoint(10)
     assert run.last_complete_checkpoint().step == 10
-    assert run.prune_checkpoints(keep_last=2) == [tmp_path / "checkpoints" / "step_2"]
-    assert [c.step for c in run.list_checkpoints()] == [4, 10]
+    assert [c.step for c in run.list_checkpoints()] == [2, 4, 10]
 
 
 def test_commit_requires_begin_and_loop_state_errors(tmp_path):
@@ -126,7 +125,7 @@ def _bookkeeping_run(run_dir, steps, checkpoint_every, kill_after=None, resume=F
     """The loop's bookkeeping alone (monitor, controller, run dir) on a seeded synthetic tail stream."""
     import numpy as np
 
-    from sparrow_megatron.config import ControllerConfig, MonitorConfig
+    from sparrow_megatron.loop.config import ControllerConfig, MonitorConfig
     from sparrow_megatron.loop.controller import BudgetController, schedule_metrics
     from sparrow_megatron.loop.monitor import TailMonitor
 

@@ -16,3 +16,41 @@ def test_synthetic_train_size_cycles_the_train_split_only():
         prompts[0].text,
     ]  # 1 % 2, 2 % 2
     assert len({p.text for p in cycled.prompts("eval", 0, 4)}) == 4
+
+
+def _task_through_sparrow_train(tmp_path, recipe, rows, overrides=()):
+    """What `sparrow train RECIPE key=value ...` builds before it trains: the config, then the task."""
+    import json
+
+    from sparrow_megatron.config import load_config
+    from sparrow_megatron.loop.run import resolve_model_dir
+    from sparrow_megatron.loop.tasks import make_task
+
+    train = tmp_path / "train.jsonl"
+    train.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = load_config(
+        f"recipes/{recipe}",
+        [f"model.hf_dir={TINY_RECALL_DIR}", f"data.train_path={train}", "data.max_prompt_tokens=256",
+         "data.max_response_tokens=64", "cluster.executor=local", *overrides],
+    )  # fmt: skip
+    return make_task(cfg, load_tokenizer(resolve_model_dir(cfg)))
+
+
+def test_math_recipe_builds_its_task_with_renamed_columns(tmp_path):
+    rows = [{"q": "What is 1 + 1?", "sol": "2"}, {"q": "What is 2 + 3?", "sol": "5"}]
+    task = _task_through_sparrow_train(
+        tmp_path, "qwen3_1p7b_math.py", rows, ["data.columns={q: prompt, sol: answer}"]
+    )
+    prompts = task.prompts("train", 0, 3)
+    assert [p.example.answer for p in prompts] == ["2", "5", "2"]
+    assert "What is 2 + 3?" in prompts[1].text
+    assert task.reward(prompts[1], "so the answer is \\boxed{5}") == 1.0
+    assert task.reward(prompts[1], "\\boxed{4}") == 0.0
+
+
+def test_code_recipe_builds_its_task(tmp_path):
+    tests = {"inputs": ["3\n"], "outputs": ["6\n"]}
+    rows = [{"question": "Print twice the number read from stdin.", "input_output": tests}]
+    task = _task_through_sparrow_train(tmp_path, "qwen3_1p7b_code.py", rows)
+    (prompt,) = task.prompts("train", 0, 1)
+    assert "twice the number" in prompt.text and prompt.example.tests.inputs == ["3\n"]

@@ -62,18 +62,16 @@ def state_buckets(path, bucket_size: int = 8):
 @pytest.fixture(scope="session")
 def fleet(tiny_model, tmp_path_factory):
     """Two engines on the `sparrow` backend."""
-    from sparrow_megatron.rollout import RolloutConfig, RolloutFleet
+    from sparrow_megatron.rollout import FleetOptions, RolloutConfig, RolloutFleet
 
-    config = RolloutConfig(
+    rollout = RolloutConfig(engines=2, timeout_s=120, max_inflight_per_engine=8)
+    options = FleetOptions(
         model_path=str(tiny_model),
-        engines=2,
         run_dir=str(tmp_path_factory.mktemp("fleet_logs")),
         startup_timeout_s=600,
-        request_timeout_s=120,
         health_interval_s=2.0,
-        max_inflight_per_engine=8,
     )
-    fleet = RolloutFleet(config)
+    fleet = RolloutFleet(rollout, options)
     try:
         fleet.start()
         yield fleet

@@ -7,7 +7,13 @@ import pytest
 import torch
 
 from sparrow_megatron.errors import UserError
-from sparrow_megatron.rollout import LoraServerConfig, RolloutConfig, RolloutFleet, SamplingParams
+from sparrow_megatron.rollout import (
+    FleetOptions,
+    LoraServerConfig,
+    RolloutConfig,
+    RolloutFleet,
+    SamplingParams,
+)
 from sparrow_megatron.sparsity.schedule import Schedule
 from tests.rollout.conftest import hf_greedy, load_hf
 
@@ -37,16 +43,14 @@ def make_adapter(base_dir, out_dir, seed: int):
 
 @pytest.fixture(scope="module")
 def lora_fleet(tiny_model, tmp_path_factory):
-    config = RolloutConfig(
+    options = FleetOptions(
         model_path=str(tiny_model),
-        engines=1,
         run_dir=str(tmp_path_factory.mktemp("lora_fleet_logs")),
         lora=LoraServerConfig(max_rank=8, target_modules=TARGETS, max_loras_per_batch=2),
         startup_timeout_s=600,
-        request_timeout_s=120,
         health_interval_s=0,
     )
-    fleet = RolloutFleet(config)
+    fleet = RolloutFleet(RolloutConfig(engines=1, timeout_s=120), options)
     try:
         fleet.start()
         yield fleet

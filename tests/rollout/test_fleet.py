@@ -207,7 +207,7 @@ def test_a_request_that_fails_everywhere_raises_with_the_reason(fleet):
             fleet.generate([[1, 2, 3]], SamplingParams(max_new_tokens=200, ignore_eos=True))
     finally:
         for e in fleet.engines:
-            e.timeout_s = fleet.config.request_timeout_s
+            e.timeout_s = fleet.rollout.timeout_s
     fleet.check_engines()
     assert fleet.generate([[1, 2, 3]], GREEDY).flat()[0].response_len == 12
 

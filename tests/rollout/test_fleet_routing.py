@@ -1,9 +1,18 @@
 """Routing, retry and adapter rules of the fleet, isolated from servers (engines that fail on purpose)."""
 
+import dataclasses
+
 import pytest
 
 from sparrow_megatron.errors import UserError
-from sparrow_megatron.rollout import ACTIVE, RolloutConfig, RolloutError, RolloutFleet, SamplingParams
+from sparrow_megatron.rollout import (
+    ACTIVE,
+    FleetOptions,
+    RolloutConfig,
+    RolloutError,
+    RolloutFleet,
+    SamplingParams,
+)
 from sparrow_megatron.rollout.engine import Engine, EngineFailure
 from sparrow_megatron.rollout.fleet import NoEngineAvailable
 
@@ -20,9 +29,10 @@ class DownEngine(Engine):
 
 def fleet_of(n: int, **kw) -> RolloutFleet:
     urls = [f"http://127.0.0.1:{9 + i}" for i in range(n)]
-    config = RolloutConfig(urls=urls, health_interval_s=0, startup_timeout_s=1, request_timeout_s=1, **kw)
-    fleet = RolloutFleet(config)
-    fleet.engines = [DownEngine(i, url) for i, url in enumerate(fleet.config.urls)]
+    options = {k: kw.pop(k) for k in list(kw) if k in {f.name for f in dataclasses.fields(FleetOptions)}}
+    rollout = RolloutConfig(urls=urls, timeout_s=1, **kw)
+    fleet = RolloutFleet(rollout, FleetOptions(health_interval_s=0, startup_timeout_s=1, **options))
+    fleet.engines = [DownEngine(i, url) for i, url in enumerate(fleet.rollout.urls)]
     return fleet
 
 
@@ -71,9 +81,11 @@ def test_adapters_serve_the_sparse_path_only():
 
 def test_bad_config_is_a_user_error():
     with pytest.raises(UserError, match="model_path"):
-        RolloutFleet(RolloutConfig())
+        RolloutFleet(RolloutConfig(), FleetOptions())
     with pytest.raises(UserError, match="one address"):
-        RolloutFleet(RolloutConfig(model_path="m", host="0.0.0.0"))
+        RolloutFleet(RolloutConfig(), FleetOptions(model_path="m", host="0.0.0.0"))
+    with pytest.raises(UserError, match="field 'rollout.engines': must be >= 1"):
+        RolloutFleet(RolloutConfig(engines=0), FleetOptions(model_path="m"))
 
 
 def test_retry_waits_for_a_busy_engine_rather_than_the_one_that_failed():
@@ -92,8 +104,8 @@ def test_retry_waits_for_a_busy_engine_rather_than_the_one_that_failed():
 
 
 def test_engines_of_a_node_take_disjoint_gpus():
-    fleet = RolloutFleet(RolloutConfig(model_path="m", engines=4, tp_size=2, device="cuda"))
-    gpus = [fleet._engine_config(i).extra_server_args for i in range(4)]
+    fleet = RolloutFleet(RolloutConfig(engines=4, engine_tp=2), FleetOptions(model_path="m", device="cuda"))
+    gpus = [fleet._engine_options(i).extra_server_args for i in range(4)]
     assert [args[args.index("--base-gpu-id") + 1] for args in gpus] == ["0", "2", "4", "6"]
-    cpu = RolloutFleet(RolloutConfig(model_path="m", engines=2, device="cpu"))
-    assert "--base-gpu-id" not in cpu._engine_config(1).extra_server_args
+    cpu = RolloutFleet(RolloutConfig(engines=2), FleetOptions(model_path="m", device="cpu"))
+    assert "--base-gpu-id" not in cpu._engine_options(1).extra_server_args

@@ -9,38 +9,37 @@ import shlex
 import pytest
 
 from sparrow_megatron.cli import serve
-from sparrow_megatron.config import JobConfig, apply_overrides
+from sparrow_megatron.config import JobConfig, apply_overrides, validate
 from sparrow_megatron.errors import UserError
-from sparrow_megatron.loop.run import fleet_config
+from sparrow_megatron.loop.run import attached_rollout, fleet_options
 from sparrow_megatron.loop.rundir import RunDir
-from sparrow_megatron.rollout.config import RolloutConfig, check_server_args
+from sparrow_megatron.rollout.config import FleetOptions, RolloutConfig
+from sparrow_megatron.rollout.fleet import RolloutFleet
 from sparrow_megatron.rollout.server import SPARROW_GPU_ARGS, server_command
 
 FLAGS = ["--cuda-graph-max-bs", "64", "--chunked-prefill-size", "8192"]
 
 
-def tail_after(cmd: list[str], flags: list[str]) -> bool:
-    return cmd[-len(flags) :] == flags
-
-
 def test_job_config_flags_reach_the_fleet_engines(tmp_path):
     cfg = apply_overrides(JobConfig(), [f"rollout.server_args={FLAGS!r}".replace("'", '"')])
     assert cfg.rollout.server_args == FLAGS
-    fleet = fleet_config(cfg, tmp_path, RunDir(tmp_path / "run"))
-    assert fleet.extra_server_args == FLAGS
-    cmd = server_command(fleet, 30000, str(tmp_path))
-    assert tail_after(cmd, FLAGS)
+    fleet = RolloutFleet(attached_rollout(cfg), fleet_options(cfg, tmp_path, RunDir(tmp_path / "run")))
+    cmd = server_command(fleet.rollout, fleet._engine_options(0, version=3), 30000, str(tmp_path))
+    # after the fleet's own flags (SGLang keeps the last value), before its per-engine ones
+    at = cmd.index(FLAGS[0])
+    assert cmd[at : at + len(FLAGS)] == FLAGS and at > cmd.index("--attention-backend")
+    assert cmd[at + len(FLAGS) : at + len(FLAGS) + 2] == ["--weight-version", "3"]
 
 
 def test_gpu_launch_of_sparrow_disables_prefill_graphs_only():
-    gpu = RolloutConfig(device="cuda", attention_backend="sparrow")
-    cmd = server_command(gpu, 30000, "/m")
+    gpu = FleetOptions(device="cuda")
+    cmd = server_command(RolloutConfig(attention_backend="sparrow"), gpu, 30000, "/m")
     joined = " ".join(cmd)
     assert " ".join(SPARROW_GPU_ARGS) in joined and "--page-size 16" in joined
     assert "--cuda-graph-backend-decode" not in cmd  # decode graphs stay on: the backend supports them
-    own = RolloutConfig(device="cuda", extra_server_args=["--cuda-graph-backend-prefill", "flashinfer"])
-    assert server_command(own, 30000, "/m").count("--cuda-graph-backend-prefill") == 1  # the user's wins
-    cpu = server_command(RolloutConfig(device="cpu"), 30000, "/m")
+    own = RolloutConfig(server_args=["--cuda-graph-backend-prefill", "flashinfer"])
+    assert server_command(own, gpu, 30000, "/m").count("--cuda-graph-backend-prefill") == 1  # the user's wins
+    cpu = server_command(RolloutConfig(), FleetOptions(device="cpu"), 30000, "/m")
     assert cpu.count("--cuda-graph-backend-decode") == 1  # CPU: both off, as before
 
 
@@ -58,8 +57,12 @@ def test_sparrow_serve_passes_its_server_args(tmp_path):
             "--chunked-prefill-size 8192",
         ]
     )
-    config = serve.build_config(args)
-    assert config.extra_server_args == FLAGS
+    rollout, _ = serve.build_config(args)
+    assert rollout.server_args == FLAGS
+    with pytest.raises(UserError, match="--tp-size is set by the fleet"):
+        serve.build_config(
+            parser.parse_args(["serve", "--model", str(tmp_path), "--server-args=--tp-size 2"])
+        )
     with pytest.raises(UserError, match="--server-args"):
         serve.build_config(parser.parse_args(["serve", "--model", str(tmp_path), "--server-args=--x 'open"]))
 
@@ -88,11 +91,18 @@ def test_slurm_rollout_group_command_carries_them(tmp_path):
     serve.register(parser.add_subparsers(dest="command"))
     model = rollout[rollout.index("--model") + 1]
     args = parser.parse_args(["serve", "--model", model, *given])
-    assert serve.build_config(args).extra_server_args == ["--cuda-graph-max-bs", "64"]
+    assert serve.build_config(args)[0].server_args == ["--cuda-graph-max-bs", "64"]
 
 
 def test_bad_server_args_name_the_field():
-    with pytest.raises(UserError, match="rollout.server_args"):
-        check_server_args(["--x", 3], "field 'rollout.server_args'")
-    with pytest.raises(UserError, match="rollout.server_args"):
-        apply_overrides(JobConfig(), ["rollout.server_args=[1, 2]"])
+    with pytest.raises(UserError, match=r"field 'rollout.server_args\[1\]': expected str"):
+        apply_overrides(JobConfig(), ["rollout.server_args=[--x, 3]"])
+    with pytest.raises(UserError, match="field 'rollout.server_args': must start with an SGLang flag"):
+        validate(apply_overrides(JobConfig(), ['rollout.server_args=["64"]']))
+    owned = apply_overrides(
+        JobConfig(), ['rollout.server_args=["--port=1", "--attention-backend", "triton"]']
+    )
+    with pytest.raises(UserError) as err:
+        validate(owned)
+    assert "--port is set by the fleet" in str(err.value)
+    assert "--attention-backend is set by the fleet (from rollout.attention_backend)" in str(err.value)

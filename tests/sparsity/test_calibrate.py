@@ -10,15 +10,14 @@ import numpy as np
 import pytest
 import torch
 
+from sparrow_megatron.calibration import CalibrateConfig, load_prompt_texts
 from sparrow_megatron.errors import UserError
 from sparrow_megatron.sparsity.calibrate import (
-    CalibrateConfig,
     Measurement,
     build_table,
     check_budgets,
     default_budgets,
     fill_unmeasured,
-    load_prompt_texts,
     measure_sequences,
     solve_calibrated,
 )
@@ -205,8 +204,8 @@ MONOTONE_TOL = 0.05
 def test_calibrate_end_to_end_on_the_tiny_model(tmp_path):
     """Every layer sparse (with the default dense layers 0 and 1 the tiny model recalls the needle under
     any budget on these prompts): 48 tokens (sink + local pages only) cannot see the needle."""
+    from sparrow_megatron.calibration import run_calibration
     from sparrow_megatron.cli.main import main
-    from sparrow_megatron.sparsity.calibrate import run_calibration
     from sparrow_megatron.sparsity.schedule import Schedule
 
     out = tmp_path / "cal"
@@ -257,9 +256,9 @@ def test_plain_prompt_rows_from_parquet_match_the_task_prompts(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    from sparrow_megatron.calibration import recall_prompt_texts
     from sparrow_megatron.data.datasets import load_tokenizer
     from sparrow_megatron.data.recall import TINY_RECALL_DIR, RecallTask
-    from sparrow_megatron.sparsity.calibrate import recall_prompt_texts
 
     tokenizer = load_tokenizer(TINY_RECALL_DIR)
     examples = RecallTask().examples("eval", 3)

@@ -18,11 +18,12 @@ import torch  # noqa: E402
 
 
 def main() -> None:
+    from policy_args import make_policy  # this script's directory is on sys.path
     from safetensors.torch import load_file
 
     from sparrow_megatron.sparsity.schedule import Schedule
     from sparrow_megatron.sparsity.selection import PageGeometry
-    from sparrow_megatron.trainer import Policy, RolloutBatch, TrainerConfig
+    from sparrow_megatron.trainer import RolloutBatch
     from sparrow_megatron.trainer.distill import SparseDistiller
     from sparrow_megatron.trainer.lora import LoraSpec
 
@@ -35,9 +36,7 @@ def main() -> None:
     args = ap.parse_args()
     out = Path(args.out)
 
-    policy = Policy(
-        TrainerConfig(model_dir=args.model_dir, tp=args.tp, pp=args.pp, micro_batch_tokens=80, seed=5)
-    )
+    policy = make_policy(args.model_dir, tp=args.tp, pp=args.pp, micro_batch_tokens=80, seed=5)
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(0, 128, (n,), generator=g).tolist() for n in (6, 9, 5)]
     responses = [torch.randint(0, 128, (n,), generator=g).tolist() for n in (30, 24, 27)]

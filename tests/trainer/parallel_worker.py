@@ -40,10 +40,10 @@ def main() -> None:
     ap.add_argument("--untied-model-dir", help="also load this (untied) model and export it")
     args = ap.parse_args()
 
-    from sparrow_megatron.trainer import Policy, TrainerConfig
+    from policy_args import make_policy  # this script's directory is on sys.path
 
-    cfg = TrainerConfig(
-        model_dir=args.model_dir,
+    policy = make_policy(
+        args.model_dir,
         tp=args.tp,
         pp=args.pp,
         micro_batch_tokens=32,  # several micro-batches: exercises gradient accumulation
@@ -52,7 +52,6 @@ def main() -> None:
         loss_agg=args.loss_agg,
         temperature=0.9,
     )
-    policy = Policy(cfg)
     batch = parity_batch()
     scored = policy.score(batch)
     metrics = policy.train_step(batch)
@@ -72,7 +71,7 @@ def main() -> None:
             out / "result.pt",
         )
     if args.untied_model_dir:
-        untied = Policy(TrainerConfig(model_dir=args.untied_model_dir, tp=args.tp, pp=args.pp))
+        untied = make_policy(args.untied_model_dir, tp=args.tp, pp=args.pp)
         untied.export_hf(out / "hf_export_untied", max_shard_bytes=100_000)  # sharded, with an index
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()

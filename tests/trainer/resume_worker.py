@@ -36,15 +36,15 @@ def main() -> None:
         help="train, save, export HF (saved_hf/), train once more, export (expected_hf/): for resharding",
     )
     args = ap.parse_args()
-    from sparrow_megatron.trainer import Policy, TrainerConfig
+    from policy_args import make_policy  # this script's directory is on sys.path
 
-    def cfg():
-        return TrainerConfig(
-            model_dir=args.model_dir, tp=args.tp, pp=args.pp, lr=1e-3, warmup_steps=1, micro_batch_tokens=20
+    def policy():
+        return make_policy(
+            args.model_dir, tp=args.tp, pp=args.pp, lr=1e-3, warmup_steps=1, micro_batch_tokens=20
         )
 
     out = Path(args.out)
-    run = Policy(cfg())
+    run = policy()
     run.train_step(batch(0))
     run.save_checkpoint(out / "ckpt", extra_state={"cursor": 3})
     if args.save_only:
@@ -58,7 +58,7 @@ def main() -> None:
         return
     expected = run.train_step(batch(1))
     expected_params = {n: p.detach().clone() for n, p in run.model.module.named_parameters()}
-    resumed = Policy(cfg())
+    resumed = policy()
     extra = resumed.load_checkpoint(out / "ckpt")
     got = resumed.train_step(batch(1))
     got_params = {n: p.detach().clone() for n, p in resumed.model.module.named_parameters()}

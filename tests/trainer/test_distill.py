@@ -11,9 +11,10 @@ import torch
 from sparrow_megatron.errors import UserError
 from sparrow_megatron.sparsity.schedule import Schedule
 from sparrow_megatron.sparsity.selection import PageGeometry
-from sparrow_megatron.trainer import Policy, RolloutBatch, TrainerConfig
+from sparrow_megatron.trainer import RolloutBatch
 from sparrow_megatron.trainer.distill import SparseDistiller
 from sparrow_megatron.trainer.lora import LoraSpec
+from tests.trainer.policy_args import make_policy
 
 SCHEDULE = Schedule.fixed(
     8, geometry=PageGeometry(page_size=4, sink_pages=1, local_pages=1), dense_layers=(0,)
@@ -27,7 +28,7 @@ def _k3(sparse, dense):
 
 @pytest.fixture(scope="module")
 def setup(tiny_tied):
-    policy = Policy(TrainerConfig(model_dir=str(tiny_tied), lr=1e-3, micro_batch_tokens=80, seed=5))
+    policy = make_policy(str(tiny_tied), lr=1e-3, micro_batch_tokens=80, seed=5)
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(0, 128, (n,), generator=g).tolist() for n in (6, 9, 5)]
     responses = [torch.randint(0, 128, (n,), generator=g).tolist() for n in (30, 24, 27)]

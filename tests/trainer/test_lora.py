@@ -6,16 +6,16 @@ import pytest
 import torch
 
 from sparrow_megatron.errors import UserError
-from sparrow_megatron.trainer import Policy, TrainerConfig
 from sparrow_megatron.trainer.lora import LoraAdapter, LoraSpec
 from sparrow_megatron.trainer.policy import _causal_mask
+from tests.trainer.policy_args import make_policy
 
 ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 @pytest.fixture(scope="module")
 def policy(tiny_untied):
-    return Policy(TrainerConfig(model_dir=str(tiny_untied)))
+    return make_policy(str(tiny_untied))
 
 
 def test_peft_export_matches_megatron_base_plus_adapter(policy, tiny_untied, tmp_path):

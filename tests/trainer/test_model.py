@@ -4,8 +4,8 @@ import shutil
 import pytest
 
 from sparrow_megatron.errors import UserError
-from sparrow_megatron.trainer import Policy, TrainerConfig
 from sparrow_megatron.trainer.model import check_parallel_split, read_qwen3_config
+from tests.trainer.policy_args import make_policy
 
 
 def _copy_with_config(src, dst, **changes):
@@ -32,7 +32,7 @@ def test_reads_qwen3_shape_from_config(tiny_tied, tiny_untied):
 def test_config_that_is_not_qwen3_is_refused(tiny_tied, tmp_path):
     d = _copy_with_config(tiny_tied, tmp_path / "llama", model_type="llama")
     with pytest.raises(UserError, match="model_type.*'llama'"):
-        Policy(TrainerConfig(model_dir=str(d)))
+        make_policy(str(d))
     (d / "config.json").write_text("{not json")
     with pytest.raises(UserError, match="config.json:1: not valid JSON"):
         read_qwen3_config(d)
@@ -47,11 +47,11 @@ def test_tp_must_divide_heads_and_pp_layers(tiny_tied):
     with pytest.raises(UserError, match="num_hidden_layers=4 is not divisible by pp=3"):
         check_parallel_split(arch, tp=1, pp=3)
     with pytest.raises(UserError, match="tp=3"):
-        Policy(TrainerConfig(model_dir=str(tiny_tied), tp=3))
+        make_policy(str(tiny_tied), tp=3)
 
 
-def test_bad_trainer_config_fields_are_named():
-    with pytest.raises(UserError, match="'loss_agg'"):
-        TrainerConfig(model_dir="x", loss_agg="sum").validate()
-    with pytest.raises(UserError, match="'model_dir'"):
-        TrainerConfig().validate()
+def test_bad_trainer_settings_are_named_before_anything_is_built():
+    with pytest.raises(UserError, match="field 'trainer.tp': must be >= 1"):
+        make_policy("x", tp=0)
+    with pytest.raises(UserError, match="model_dir is empty"):
+        make_policy("")

@@ -9,8 +9,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from sparrow_megatron.trainer import Policy, RolloutBatch, TrainerConfig, group_advantages
+from sparrow_megatron.trainer import RolloutBatch, group_advantages
 from sparrow_megatron.trainer.policy import _causal_mask
+from tests.trainer.policy_args import make_policy
 
 WORKER = Path(__file__).with_name("parallel_worker.py")
 
@@ -24,7 +25,7 @@ def _hf_model(model_dir):
 @pytest.mark.parametrize("which", ["tiny_tied", "tiny_untied"])
 def test_mcore_logits_and_scores_match_hf_transformers(which, request):
     model_dir = request.getfixturevalue(which)
-    policy = Policy(TrainerConfig(model_dir=str(model_dir), temperature=0.7, top_k_logprobs=5))
+    policy = make_policy(str(model_dir), temperature=0.7, top_k_logprobs=5)
     hf = _hf_model(model_dir)
     tokens = torch.tensor([[5, 17, 33, 2, 90, 64, 11, 7, 100, 3]])
     with torch.no_grad():
@@ -52,7 +53,7 @@ def test_mcore_logits_and_scores_match_hf_transformers(which, request):
 
 
 def test_grpo_steps_move_logprobs_in_the_advantage_direction(tiny_tied):
-    policy = Policy(TrainerConfig(model_dir=str(tiny_tied), lr=3e-4, micro_batch_tokens=16, seed=3))
+    policy = make_policy(str(tiny_tied), lr=3e-4, micro_batch_tokens=16, seed=3)
     prompts = [[5, 6, 7], [5, 6, 7], [8, 9], [8, 9]]
     responses = [[20, 21, 22, 23], [40, 41, 42], [60, 61], [80, 81, 82, 83, 84]]
     adv = group_advantages([1.0, 0.0, 0.0, 1.0], [0, 0, 1, 1]).tolist()

@@ -8,7 +8,8 @@ import torch
 from sparrow_megatron.sparsity.reference import position_budgets, sparse_causal_attention_reference
 from sparrow_megatron.sparsity.schedule import Schedule
 from sparrow_megatron.sparsity.selection import PageGeometry
-from sparrow_megatron.trainer import Policy, RolloutBatch, TrainerConfig
+from sparrow_megatron.trainer import RolloutBatch
+from tests.trainer.policy_args import make_policy
 
 GEOM = PageGeometry(page_size=4, sink_pages=1, local_pages=1)
 # Dense below 16 tokens, then budgets 12 and 16 tokens: a 40-token sequence crosses three bins.
@@ -54,7 +55,7 @@ def _hf_sparse_logprobs(model_dir, batch, schedules, temperature):
 
 @pytest.fixture(scope="module")
 def policy(tiny_tied):
-    return Policy(TrainerConfig(model_dir=str(tiny_tied), temperature=0.8, micro_batch_tokens=128))
+    return make_policy(str(tiny_tied), temperature=0.8, micro_batch_tokens=128)
 
 
 def test_sparse_logprobs_match_hf_with_reference_attention(policy, tiny_tied):
@@ -96,16 +97,18 @@ def test_schedule_count_must_match_the_batch(policy):
 def test_sparse_logprobs_match_the_sglang_sparse_decode(policy, tiny_tied, tmp_path):
     """The rollout itself as the reference: a real engine on the sparse backend samples with a schedule
     whose budget is far below the context; the trainer's sparse forward scores the same tokens."""
-    from sparrow_megatron.rollout import RolloutConfig, RolloutFleet, SamplingParams
+    from sparrow_megatron.rollout import FleetOptions, RolloutConfig, RolloutFleet, SamplingParams
 
     schedule = Schedule(budgets=(None, 48, 64), bin_width=64, dense_layers=(1,), name="engine-parity")
     g = torch.Generator().manual_seed(3)
     prompts = [torch.randint(0, 128, (n,), generator=g).tolist() for n in (40, 70)]
-    config = RolloutConfig(
-        model_path=str(tiny_tied), engines=1, run_dir=str(tmp_path / "engine"), startup_timeout_s=600,
-        request_timeout_s=120, health_interval_s=0,
-    )  # fmt: skip
-    fleet = RolloutFleet(config)
+    options = FleetOptions(
+        model_path=str(tiny_tied),
+        run_dir=str(tmp_path / "engine"),
+        startup_timeout_s=600,
+        health_interval_s=0,
+    )
+    fleet = RolloutFleet(RolloutConfig(engines=1, timeout_s=120), options)
     try:
         fleet.start()
         sampling = SamplingParams(temperature=0.8, max_new_tokens=60, ignore_eos=True, seed=11)

@@ -6,8 +6,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from sparrow_megatron.errors import UserError
-from sparrow_megatron.trainer import Policy, RolloutBatch, TrainerConfig
+from sparrow_megatron.trainer import RolloutBatch
 from sparrow_megatron.trainer.weights import HFCheckpoint
+from tests.trainer.policy_args import make_policy
 
 
 def _shard(src, dst):
@@ -27,8 +28,8 @@ def _shard(src, dst):
 def test_sharded_checkpoint_loads_like_the_single_file(tiny_tied, tmp_path):
     sharded = _shard(tiny_tied, tmp_path / "sharded")
     batch = RolloutBatch([[5, 6, 7]], [[8, 9, 10]])
-    a = Policy(TrainerConfig(model_dir=str(tiny_tied))).score(batch, top_k=0).logprobs[0]
-    b = Policy(TrainerConfig(model_dir=str(sharded))).score(batch, top_k=0).logprobs[0]
+    a = make_policy(str(tiny_tied)).score(batch, top_k=0).logprobs[0]
+    b = make_policy(str(sharded)).score(batch, top_k=0).logprobs[0]
     assert torch.equal(a, b)
 
 
@@ -50,7 +51,7 @@ def test_missing_tensor_and_shape_mismatch_are_named(tiny_tied, tmp_path):
     cfg["intermediate_size"] = 128  # weights have 192
     (bad / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(UserError, match="mlp.gate_proj.weight.*expected \\(256, 64\\)"):
-        Policy(TrainerConfig(model_dir=str(bad)))
+        make_policy(str(bad))
 
     missing = tmp_path / "missing_tensor"
     shutil.copytree(tiny_tied, missing)
@@ -58,11 +59,11 @@ def test_missing_tensor_and_shape_mismatch_are_named(tiny_tied, tmp_path):
     del tensors["model.layers.2.self_attn.k_norm.weight"]
     save_file(tensors, str(missing / "model.safetensors"))
     with pytest.raises(UserError, match="'model.layers.2.self_attn.k_norm.weight' not found"):
-        Policy(TrainerConfig(model_dir=str(missing)))
+        make_policy(str(missing))
 
 
 def test_iter_hf_weights_streams_buckets_of_the_whole_model(tiny_untied):
-    policy = Policy(TrainerConfig(model_dir=str(tiny_untied)))
+    policy = make_policy(str(tiny_untied))
     buckets = list(policy.iter_hf_weights(bucket_bytes=50_000))
     assert len(buckets) > 1
     assert all(sum(t.numel() * t.element_size() for _, t in b[:-1]) < 50_000 for b in buckets)
