@@ -161,13 +161,15 @@ def _merge_kernel(
     mask_d = offs_d < HEAD_DIM
     lse = tl.load(MidLse + b * stride_ml_b + h * stride_ml_h + offs_s, mask=mask_s, other=float("-inf"))
     m = tl.max(lse, axis=0)
+    m = tl.where(m == float("-inf"), 0.0, m)  # a row with nothing to read (masked by data) writes 0
     w = tl.where(lse == float("-inf"), 0.0, tl.exp(lse - m))
     o = tl.load(
         MidO + b * stride_mo_b + h * stride_mo_h + offs_s[:, None] * stride_mo_s + offs_d[None, :],
         mask=mask_s[:, None] & mask_d[None, :],
         other=0.0,
     )
-    out = tl.sum(w[:, None] * o, axis=0) / tl.sum(w, axis=0)
+    total = tl.sum(w, axis=0)
+    out = tl.sum(w[:, None] * o, axis=0) / tl.where(total > 0.0, total, 1.0)
     tl.store(Out + b * stride_o_b + h * stride_o_h + offs_d, out.to(Out.dtype.element_ty), mask=mask_d)
 
 

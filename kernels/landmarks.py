@@ -108,6 +108,64 @@ def update_landmarks(
     )
 
 
+@triton.jit
+def _page_landmark_kernel(
+    K,
+    Pages,
+    Landmarks,
+    stride_k_slot,
+    stride_k_head,
+    stride_lm_page,
+    stride_lm_head,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    PAGE_SIZE: tl.constexpr,
+    ROUND_BF16: tl.constexpr,
+):
+    page = tl.load(Pages + tl.program_id(0)).to(tl.int64)
+    h = tl.program_id(1)
+    if page >= 0:
+        slots = page * PAGE_SIZE + tl.arange(0, PAGE_SIZE)
+        offs_d = tl.arange(0, BLOCK_D)
+        mask_d = offs_d < HEAD_DIM
+        k = tl.load(
+            K + slots[:, None] * stride_k_slot + h * stride_k_head + offs_d[None, :], mask=mask_d[None, :], other=0.0
+        )
+        mean = tl.sum(k.to(tl.float32), axis=0) / PAGE_SIZE
+        if ROUND_BF16:
+            mean = round_bf16_rne(mean)
+        dst = Landmarks + page * stride_lm_page + h * stride_lm_head + offs_d
+        tl.store(dst, mean.to(Landmarks.dtype.element_ty), mask=mask_d)
+
+
+def update_page_landmarks(
+    k_buffer: torch.Tensor, landmarks: torch.Tensor, pages: torch.Tensor, page_size: int = 16
+) -> None:
+    """Landmarks of whole PHYSICAL pages, in place: landmarks[p] = mean of slots [p*P, (p+1)*P) of k_buffer.
+
+    The SGLang backend's layout (server page size P, so a logical page is one physical page):
+    k_buffer [num_slots, Hkv, D], landmarks [num_slots // P, Hkv, D]. `pages` [N] int64 on the device,
+    -1 = nothing to write (a fixed-size launch: CUDA-graph safe, no host read).
+    """
+    if pages.numel() == 0:
+        return
+    num_kv_heads, head_dim = k_buffer.shape[1], k_buffer.shape[2]
+    assert k_buffer.stride(2) == 1 and landmarks.stride(2) == 1
+    _page_landmark_kernel[(pages.numel(), num_kv_heads)](
+        k_buffer,
+        pages,
+        landmarks,
+        k_buffer.stride(0),
+        k_buffer.stride(1),
+        landmarks.stride(0),
+        landmarks.stride(1),
+        HEAD_DIM=head_dim,
+        BLOCK_D=next_pow2(head_dim, 16),
+        PAGE_SIZE=page_size,
+        ROUND_BF16=interpreting() and landmarks.dtype == torch.bfloat16,
+    )
+
+
 def landmark_buffer(
     pool_size: int, max_pages: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype, device
 ) -> torch.Tensor:

@@ -87,6 +87,8 @@ def _score_kernel(
     CandStart,
     CandEnd,
     Scores,
+    PhysPages,
+    stride_pp_b,
     stride_q_b,
     stride_q_h,
     stride_lm_row,
@@ -100,6 +102,7 @@ def _score_kernel(
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    PHYSICAL: tl.constexpr,
 ):
     b = tl.program_id(0)
     h = tl.program_id(1)
@@ -116,8 +119,12 @@ def _score_kernel(
     ).to(tl.float32)
     q_mean = tl.sum(q, axis=0) / GROUP
     valid = offs < num_cand
-    req = tl.load(ReqPoolIdx + b).to(tl.int64)
     pages = (start + offs).to(tl.int64)
+    if PHYSICAL:  # landmarks [num_phys_pages, Hkv, D] through the row's logical -> physical page table
+        req = tl.zeros((), tl.int64)
+        pages = tl.load(PhysPages + b * stride_pp_b + pages, mask=valid, other=0).to(tl.int64)
+    else:
+        req = tl.load(ReqPoolIdx + b).to(tl.int64)
     lm = tl.load(
         Landmarks
         + req * stride_lm_row
@@ -139,9 +146,16 @@ def score_pages(
     req_pool_indices: torch.Tensor,
     plan: BatchPlan,
     block_n: int = 128,
+    phys_pages: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Scores of every candidate page: [B, Hkv, max_candidates] fp32 (-inf past a request's candidates)."""
+    """Scores of every candidate page: [B, Hkv, max_candidates] fp32 (-inf past a request's candidates).
+
+    With `phys_pages` [B, W] (logical -> physical page per row), `landmarks` is per physical page,
+    [num_pages, Hkv, D] (the SGLang backend's buffer), and `req_pool_indices` is not read.
+    """
     batch, num_q_heads, head_dim = q.shape
+    if phys_pages is not None:
+        landmarks = landmarks.unsqueeze(0)
     num_kv_heads = landmarks.shape[2]
     group = num_q_heads // num_kv_heads
     width = max(plan.max_candidates, 1)
@@ -157,6 +171,8 @@ def score_pages(
         plan.cand_start,
         plan.cand_end,
         scores,
+        landmarks if phys_pages is None else phys_pages,
+        0 if phys_pages is None else phys_pages.stride(0),
         q.stride(0),
         q.stride(1),
         landmarks.stride(0),
@@ -170,6 +186,7 @@ def score_pages(
         HEAD_DIM=head_dim,
         BLOCK_D=next_pow2(head_dim, 16),
         BLOCK_N=block_n,
+        PHYSICAL=phys_pages is not None,
     )
     return scores
 

@@ -1,22 +1,12 @@
-"""The seam to the Triton sparse-decode kernels (`sparrow_kernels`): used on GPU when importable.
+"""Whether decode runs the Triton kernels (`sglang_patches.kernel_decode`): on GPU when importable.
 
-Contract (implemented by `sparrow_kernels.sglang_decode.sparse_decode`; nothing here re-implements the
-rule): `sparse_decode(q, out, layer, forward_batch, landmarks, rows)` with
-- q [B, Hq, D] and out [B, Hq, Dv] views of the decode batch (out already holds the dense delegate's
-  output; only the rows listed are overwritten, in place);
-- the layer (RadixAttention: layer_id, scaling, tp_q_head_num, qk_head_dim, v_head_dim) and the
-  ForwardBatch (K/V from `token_to_kv_pool.get_key_buffer/get_value_buffer(layer_id)`, the pool rows
-  from `req_to_token_pool.req_to_token` and `req_pool_indices`, lengths from `seq_lens_cpu`, else
-  `seq_lens`);
-- the backend's landmark buffer [num_slots // 16, Hkv, D], indexed by PHYSICAL KV page;
-- rows = [(batch row, budget, Schedule)], each step sparse; all schedules must share one page
-  geometry (a UserError otherwise); the KV cache must be in q's dtype and Dv == D.
-It returns (page_table [R, Hkv, max_selected] int32, num_selected [R] int32) of the rows in the order
-given (the selected logical pages, ascending), which the backend hands to the selection recorder.
+The kernel path serves every row of a decode step (dense rows through the attention kernel's dense
+mode, sparse rows through scoring + top-k + sparse attention), masked by the step plan's device data,
+so it is also the CUDA-graph path.
 
 When it runs: on CUDA by default (`SPARROW_SGLANG_KERNELS=0` forces the torch path there); on CPU only
 with `SPARROW_SGLANG_KERNELS=1` and `TRITON_INTERPRET=1` (Triton's interpreter, for tests). Otherwise the
-backend runs the torch reference path.
+backend runs the torch path (`sglang_patches.torch_decode`).
 """
 
 from __future__ import annotations
@@ -48,17 +38,14 @@ def kernels_wanted(device: torch.device) -> bool:
     return True
 
 
-def load_gpu_sparse_decode(required: bool = False) -> Callable | None:
-    """The kernels' entry point, or None (torch path) when not importable and not `required`."""
+def load_kernel_decode(required: bool = False) -> Callable | None:
+    """The kernel decode path (`sglang_patches.kernel_decode.kernel_decode`), or None (torch path) when
+    the kernels are not importable and not `required`."""
     try:
-        from sparrow_kernels.sglang_decode import sparse_decode
+        from sglang_patches.kernel_decode import kernel_decode
     except ImportError as exc:
         if required:
-            raise UserError(
-                f"{KERNELS_ENV}=1 but sparrow_kernels.sglang_decode is not importable: {exc}"
-            ) from exc
-        logger.warning(
-            "sparrow_kernels.sglang_decode not importable (%s): sparse decode runs the torch path", exc
-        )
+            raise UserError(f"{KERNELS_ENV}=1 but the sparrow_kernels are not importable: {exc}") from exc
+        logger.warning("sparrow_kernels not importable (%s): sparse decode runs the torch path", exc)
         return None
-    return sparse_decode
+    return kernel_decode

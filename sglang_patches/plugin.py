@@ -8,6 +8,9 @@ HookRegistry (applied by SGLang right after the plugins run) and, without CUDA, 
   (request override, else the server default) is noted by request id; the backend looks it up through
   `forward_batch.rids` (the runner may rebuild the ForwardBatch with `dataclasses.replace`, which keeps
   its fields but drops any attribute we would add);
+- `DefaultPoolConfigurator._compute_cell_size` (scheduler process), when the server runs the `sparrow`
+  backend: each KV-pool token also pays its share of the landmark buffers (one landmark per 16-token
+  page per layer), so SGLang's memory budget holds them and the backend allocates them at start-up;
 - with SPARROW_SEEDED_SAMPLING=1, `SamplingBatchInfo.from_schedule_batch`: per-request seeds
   (sglang_patches/seeded_sampling.py).
 """
@@ -50,6 +53,12 @@ def register() -> None:
         HookType.AFTER,
     )
 
+    HookRegistry.register(
+        "sglang.srt.model_executor.pool_configurator.DefaultPoolConfigurator._compute_cell_size",
+        _count_landmarks,
+        HookType.AFTER,
+    )
+
     from sglang_patches import seeded_sampling
 
     if seeded_sampling.enabled():
@@ -75,3 +84,23 @@ def _attach_schedules(forward_batch, cls, batch, *args, **kwargs):
 
     note_request_schedules(getattr(batch, "reqs", None) or [])
     return forward_batch
+
+
+def _count_landmarks(result, configurator, kvc, num_layers, *args, **kwargs):
+    from sglang_patches.backend import landmark_bytes_per_token
+
+    server_args = kvc.server_args
+    if not result or BACKEND_NAME not in (
+        getattr(server_args, "attention_backend", None),
+        getattr(server_args, "decode_attention_backend", None),
+    ):
+        return result
+    import torch
+    from sglang.srt.runtime_context import get_parallel
+
+    model_config = kvc.model_config
+    num_kv_heads = model_config.get_num_kv_heads(get_parallel().attn_tp_size)
+    dtype_bytes = torch._utils._element_size(kvc.kv_cache_dtype)
+    extra = landmark_bytes_per_token(num_layers, num_kv_heads, model_config.head_dim, dtype_bytes)
+    logger.info("sparrow: landmarks add %d bytes per KV token (cell size %d)", extra, result)
+    return result + extra

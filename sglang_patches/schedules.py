@@ -87,15 +87,28 @@ _SCHEDULES_BY_RID: OrderedDict[str, Schedule | None] = OrderedDict()
 _MAX_NOTED = 65536
 
 
+# The schedules of the batch the scheduler built last, in batch order: a replayed CUDA graph's batch
+# view has no request ids, and that batch is the one about to run (same thread, just before the forward).
+_CURRENT_STEP: list[Schedule | None] = []
+
+
 def note_request_schedules(reqs) -> None:
     """Called for every forward batch the scheduler builds, with its requests."""
+    step = []
     for req in reqs:
         if req.rid in _SCHEDULES_BY_RID:
             _SCHEDULES_BY_RID.move_to_end(req.rid)
-            continue
-        _SCHEDULES_BY_RID[req.rid] = request_schedule(req.sampling_params.custom_params)
-        if len(_SCHEDULES_BY_RID) > _MAX_NOTED:
-            _SCHEDULES_BY_RID.popitem(last=False)
+        else:
+            _SCHEDULES_BY_RID[req.rid] = request_schedule(req.sampling_params.custom_params)
+            if len(_SCHEDULES_BY_RID) > _MAX_NOTED:
+                _SCHEDULES_BY_RID.popitem(last=False)
+        step.append(_SCHEDULES_BY_RID[req.rid])
+    _CURRENT_STEP[:] = step
+
+
+def current_step_schedules() -> list[Schedule | None]:
+    """The schedules of the last batch noted, in batch order."""
+    return list(_CURRENT_STEP)
 
 
 def schedules_of(rids) -> list[Schedule | None]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shlex
 import signal
 import threading
 from pathlib import Path
@@ -48,6 +49,14 @@ def register(subparsers) -> None:
         default=None,
         help="comma-separated HF module names adapters may target (default: every projection)",
     )
+    p.add_argument(
+        "--server-args",
+        action="append",
+        default=[],
+        metavar="FLAGS",
+        help="extra SGLang flags for every engine, one shell-quoted string (repeatable), "
+        "e.g. --server-args='--cuda-graph-max-bs 64'",
+    )
     p.add_argument("--run-dir", default=None, help="directory for the engines' logs (default: a temp dir)")
     p.add_argument("--startup-timeout", type=float, default=600.0, help="seconds to wait for each engine")
     p.add_argument("--no-restart", action="store_true", help="do not restart engines that die")
@@ -90,6 +99,10 @@ def build_config(args: argparse.Namespace):
         ]
         if taken:
             raise UserError(f"--exact-ports: port(s) {', '.join(map(str, taken))} on {args.host} are in use")
+    try:
+        server_args = [flag for text in args.server_args for flag in shlex.split(text)]
+    except ValueError as err:
+        raise UserError(f"--server-args: {err}") from None
     if args.schedule is not None:
         resolve_schedule(args.schedule)  # a bad preset/file fails here, not in N server logs
     rollout = RolloutConfig(
@@ -97,6 +110,7 @@ def build_config(args: argparse.Namespace):
         engine_tp=args.tp,
         kv_pool_tokens=args.kv_pool_tokens or 0,
         attention_backend=args.attention_backend or "",
+        server_args=server_args,
     )
     options = FleetOptions(
         model_path=str(model.resolve()),

@@ -5,6 +5,7 @@ those engines through the env contract (`rollout.urls=env`)."""
 from __future__ import annotations
 
 import importlib.util
+import shlex
 from pathlib import Path
 
 from sparrow_megatron.config import JobConfig
@@ -71,6 +72,8 @@ def launch_spec(cfg: JobConfig, recipe: str, overrides: list[str]) -> LaunchSpec
         rollout_cmd += ["--schedule", r.schedule]
     if r.kv_pool_tokens:
         rollout_cmd += ["--kv-pool-tokens", str(r.kv_pool_tokens)]
+    if r.server_args:  # one word, so that a flag-like value is not read as a `sparrow serve` option
+        rollout_cmd += [f"--server-args={shlex.join(r.server_args)}"]
     if cfg.distill.enabled:  # the engines must accept the adapter DistillSparse trains and loads each step
         rollout_cmd += ["--lora-rank", str(cfg.distill.rank)]
         rollout_cmd += ["--lora-target-modules", ",".join(cfg.distill.target_modules)]

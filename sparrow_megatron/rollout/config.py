@@ -50,6 +50,9 @@ class RolloutConfig:
     # Attach mode: base URLs (http://host:port) of running engines instead of launching `engines`.
     # ["env"] resolves them at loop start from the Slurm job's env contract (launch/contract.py).
     urls: list[str] = field(default_factory=list)
+    # Extra SGLang flags (with their values) for every launched engine, after the fleet's own flags,
+    # e.g. ["--cuda-graph-max-bs", "64"]. Not used in attach mode: those engines are already running.
+    server_args: list[str] = field(default_factory=list)
 
     def problems(self, prefix: str = "rollout.") -> list[str]:
         from sparrow_megatron.errors import UserError
@@ -73,11 +76,35 @@ class RolloutConfig:
                 f"urls[{i}]",
                 f"{url!r} is not an http(s):// base URL (or the single word 'env': from the Slurm job)",
             )
+        if self.server_args:
+            p.need(
+                self.server_args[0].startswith("-"),
+                "server_args",
+                f"must start with an SGLang flag (--name), got {self.server_args[0]!r}",
+            )
+        for flag in self.server_args:
+            name = flag.partition("=")[0]  # --flag=value names the flag too
+            owner = FLEET_OWNED_FLAGS.get(name)
+            p.need(owner is None, "server_args", f"{name} is set by the fleet (from {owner}); leave it out")
         try:
             resolve_schedule(self.schedule)
         except UserError as err:
             p.need(False, "schedule", str(err))
         return p
+
+
+# SGLang flags the fleet sets itself, each with the job key (or launch setting) that owns it: given again
+# in rollout.server_args they would silently override the section (or break the fleet's bookkeeping).
+FLEET_OWNED_FLAGS = {
+    "--model-path": "model.hf_dir",
+    "--host": "the fleet's host",
+    "--port": "the fleet's ports",
+    "--tp-size": "rollout.engine_tp",
+    "--attention-backend": "rollout.attention_backend",
+    "--max-total-tokens": "rollout.kv_pool_tokens",
+    "--random-seed": "loop.seed",
+    "--weight-version": "the fleet's weight versions",
+}
 
 
 @dataclass

@@ -72,6 +72,11 @@ def resolve_device(options: FleetOptions) -> str:
     return "cuda" if cuda_available() else "cpu"
 
 
+# What the `sparrow` backend needs from SGLang on GPU. Decode CUDA graphs are supported (on by default
+# there); prefill graphs are not: the backend's prefill is the delegate's, and the graph state is ours.
+SPARROW_GPU_ARGS = ("--cuda-graph-backend-prefill", "disabled")
+
+
 def server_command(rollout: RolloutConfig, config: FleetOptions, port: int, model_path: str) -> list[str]:
     cmd = [sys.executable, "-m", "sglang.launch_server", "--model-path", model_path,
            "--host", config.host, "--port", str(port), "--tp-size", str(rollout.engine_tp)]  # fmt: skip
@@ -81,6 +86,10 @@ def server_command(rollout: RolloutConfig, config: FleetOptions, port: int, mode
     cmd += ["--page-size", str(config.page_size)]
     if rollout.attention_backend:
         cmd += ["--attention-backend", rollout.attention_backend]
+    # The user's flags (rollout.server_args), then the fleet's per-engine ones (GPU id, weight version).
+    extra = [*rollout.server_args, *config.extra_server_args]
+    if rollout.attention_backend == "sparrow" and not cpu and SPARROW_GPU_ARGS[0] not in extra:
+        cmd += SPARROW_GPU_ARGS
     # On CPU a small KV pool: SGLang sizes it from "device memory", which is the host's RAM there.
     optional = {
         "--mem-fraction-static": config.mem_fraction_static or (CPU_MEM_FRACTION if cpu else None),
@@ -103,7 +112,7 @@ def server_command(rollout: RolloutConfig, config: FleetOptions, port: int, mode
             cmd += ["--lora-backend", backend]
     if config.seeded_sampling and not cpu:
         cmd += ["--sampling-backend", "pytorch"]  # flashinfer's sampler refuses per-request seeds
-    return cmd + list(config.extra_server_args)
+    return cmd + extra
 
 
 def server_env(config: FleetOptions) -> dict[str, str]:

@@ -33,3 +33,18 @@ def test_prefill_then_decode_landmarks_match_rule(head_dim):
             marks[pool.req_pool_indices[b], : n // 16].cpu(), want, atol=1e-2, rtol=1e-2
         )
         assert torch.isnan(marks[pool.req_pool_indices[b], n // 16 :]).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_page_landmarks_by_physical_page_match_rule_and_skip_minus_one(dtype):
+    """The SGLang layout: landmarks[p] is the mean of slots [16p, 16p + 16); -1 writes nothing."""
+    from sparrow_kernels.landmarks import update_page_landmarks
+
+    gen = torch.Generator().manual_seed(3)
+    keys = torch.randn(10 * 16, 2, 64, generator=gen).to(dtype).to(DEVICE)
+    marks = torch.full((10, 2, 64), 7.0, dtype=dtype, device=DEVICE)
+    pages = torch.tensor([4, -1, 1, 9], device=DEVICE)
+    update_page_landmarks(keys, marks, pages, 16)
+    for p in range(10):
+        expected = compute_landmarks(keys[16 * p : 16 * p + 16], 16)[0] if p in (1, 4, 9) else marks[p] * 0 + 7
+        torch.testing.assert_close(marks[p], expected, rtol=0, atol=0)

@@ -118,3 +118,15 @@ def test_invalid_schedule_is_400_and_server_survives(sparrow_server, schedule, p
     assert "sparrow_schedule" in json.dumps(out) and problem in json.dumps(out), out
     assert sparrow_server.healthy()
     generate_ok(sparrow_server, "hello", 4)
+
+
+def test_landmarks_are_counted_in_the_kv_pool_budget(sparrow_server):
+    """The pool's per-token cell size includes the landmarks: one per 16-token page of K (K+V / 32)."""
+    import re
+
+    found = re.search(
+        r"landmarks add (\d+) bytes per KV token \(cell size (\d+)\)", sparrow_server.log.read_text()
+    )
+    assert found, "the plugin's cell-size hook did not run"
+    extra, kv_cell = int(found.group(1)), int(found.group(2))
+    assert extra > 0 and extra * 2 * 16 == kv_cell

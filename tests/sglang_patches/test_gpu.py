@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from sglang_patches.gpu import KERNELS_ENV, kernels_wanted, load_gpu_sparse_decode
+from sglang_patches.gpu import KERNELS_ENV, kernels_wanted, load_kernel_decode
 from sparrow_megatron.errors import UserError
 
 
@@ -36,7 +36,7 @@ def test_bad_flag_is_named(env):
         kernels_wanted("cuda")
 
 
-def test_entry_point_is_the_kernels_seam():
-    from sparrow_kernels.sglang_decode import sparse_decode
+def test_entry_point_is_the_kernel_decode_path():
+    from sglang_patches.kernel_decode import kernel_decode
 
-    assert load_gpu_sparse_decode(required=True) is sparse_decode
+    assert load_kernel_decode(required=True) is kernel_decode
