@@ -22,6 +22,7 @@ class DataConfig:
     columns: dict[str, ColumnRole] = field(default_factory=dict)
     max_prompt_tokens: int = 256
     max_response_tokens: int = 256  # generation cutoff: 37K in the math recipes, 24K for code
+    # Math/code: each epoch of the train file in its own seeded order (loop.seed, epoch); false = file order.
     shuffle: bool = True
     # Synthetic task: cycle through the first N train examples (epochs over a fixed set, like a dataset
     # file); 0 = a fresh example for every prompt.

@@ -60,6 +60,8 @@ class DatasetTask:
 
         self.kind = cfg.data.kind
         self.tokenizer = tokenizer
+        self.shuffle, self.seed = cfg.data.shuffle, cfg.loop.seed
+        self._orders: dict[int, list[int]] = {}
         load = load_math_dataset if self.kind == "math" else load_code_dataset
         self.splits: dict[str, list] = {}
         for split, path in (("train", cfg.data.train_path), ("eval", cfg.data.eval_path)):
@@ -82,10 +84,20 @@ class DatasetTask:
         examples = self.splits.get(split)
         if not examples:
             raise UserError(f"data: no {split} examples (set data.{split}_path)")
-        return [
-            Prompt(i, examples[i % len(examples)].prompt_text(self.tokenizer), examples[i % len(examples)])
-            for i in range(start, start + count)
-        ]
+        picked = [(i, examples[self._row(split, i, len(examples))]) for i in range(start, start + count)]
+        return [Prompt(i, ex.prompt_text(self.tokenizer), ex) for i, ex in picked]
+
+    def _row(self, split: str, i: int, n: int) -> int:
+        """Row of the i-th prompt: epochs over the file, each train epoch in a permutation seeded by
+        (loop.seed, epoch), so the order is a pure function of i and a resumed run draws the same rows."""
+        if split != "train" or not self.shuffle:
+            return i % n
+        import numpy as np
+
+        epoch = i // n
+        if epoch not in self._orders:
+            self._orders = {epoch: np.random.default_rng([self.seed, epoch]).permutation(n).tolist()}
+        return self._orders[epoch][i % n]
 
     def reward(self, prompt: Prompt, response: str) -> float:
         if self.kind == "math":

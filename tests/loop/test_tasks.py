@@ -39,13 +39,25 @@ def _task_through_sparrow_train(tmp_path, recipe, rows, overrides=()):
 def test_math_recipe_builds_its_task_with_renamed_columns(tmp_path):
     rows = [{"q": "What is 1 + 1?", "sol": "2"}, {"q": "What is 2 + 3?", "sol": "5"}]
     task = _task_through_sparrow_train(
-        tmp_path, "qwen3_1p7b_math.py", rows, ["data.columns={q: prompt, sol: answer}"]
+        tmp_path, "qwen3_1p7b_math.py", rows, ["data.columns={q: prompt, sol: answer}", "data.shuffle=false"]
     )
     prompts = task.prompts("train", 0, 3)
     assert [p.example.answer for p in prompts] == ["2", "5", "2"]
     assert "What is 2 + 3?" in prompts[1].text
     assert task.reward(prompts[1], "so the answer is \\boxed{5}") == 1.0
     assert task.reward(prompts[1], "\\boxed{4}") == 0.0
+
+
+def test_shuffled_train_epochs_are_seeded_permutations_of_the_file(tmp_path):
+    rows = [{"problem": f"What is {i} + 1?", "answer": str(i + 1)} for i in range(12)]
+    task = _task_through_sparrow_train(tmp_path, "qwen3_1p7b_math.py", rows, ["loop.seed=3"])
+    answers = [p.example.answer for p in task.prompts("train", 0, 36)]
+    epochs = [answers[k * 12 : (k + 1) * 12] for k in range(3)]
+    assert all(sorted(e) == sorted(r["answer"] for r in rows) for e in epochs)  # each row once per epoch
+    assert epochs[0] != [r["answer"] for r in rows] and epochs[0] != epochs[1]
+    # A pure function of the index (what --resume relies on), also when read from the middle.
+    again = _task_through_sparrow_train(tmp_path, "qwen3_1p7b_math.py", rows, ["loop.seed=3"])
+    assert [p.example.answer for p in again.prompts("train", 20, 10)] == answers[20:30]
 
 
 def test_code_recipe_builds_its_task(tmp_path):
