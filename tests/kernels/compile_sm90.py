@@ -36,7 +36,7 @@ def _compile(fn, pointers: dict[str, str], constexprs: dict) -> None:
 
 
 def main(groups=(2, 4, 5, 8)) -> None:
-    i32, bf16, f32 = "*i32", "*bf16", "*fp32"
+    i32, i64, bf16, f32 = "*i32", "*i64", "*bf16", "*fp32"
     for head_dim in (64, 128):
         dims = dict(HEAD_DIM=head_dim, BLOCK_D=head_dim)
         _compile(
@@ -44,13 +44,21 @@ def main(groups=(2, 4, 5, 8)) -> None:
             dict(K=bf16, ReqToToken=i32, ReqPoolIdx=i32, PageStart=i32, PageEnd=i32, Landmarks=bf16),
             dict(dims, PAGE_SIZE=16, ROUND_BF16=False),
         )
+        # The SGLang backend's landmarks of physical pages (int64 page ids, -1 = none).
+        _compile(
+            landmarks._page_landmark_kernel,
+            dict(K=bf16, Pages=i64, Landmarks=bf16),
+            dict(dims, PAGE_SIZE=16, ROUND_BF16=False),
+        )
         for group in groups:
             gdims = dict(dims, GROUP=group, BLOCK_G=16)
-            _compile(
-                page_selection._score_kernel,
-                dict(Q=bf16, Landmarks=bf16, ReqPoolIdx=i32, CandStart=i32, CandEnd=i32, Scores=f32),
-                dict(gdims, BLOCK_N=128),
-            )
+            for physical in (False, True):  # per-request landmarks, or per physical page (the backend's)
+                _compile(
+                    page_selection._score_kernel,
+                    dict(Q=bf16, Landmarks=bf16, ReqPoolIdx=i32, CandStart=i32, CandEnd=i32, Scores=f32,
+                         PhysPages=i64 if physical else bf16),
+                    dict(gdims, BLOCK_N=128, PHYSICAL=physical),
+                )  # fmt: skip
             for dense in (False, True):
                 _compile(
                     decode_attention._split_kernel,
