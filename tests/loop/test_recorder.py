@@ -27,7 +27,8 @@ def test_low_tail_stream_through_monitor_controller_and_tracking(tmp_path, mlflo
     the warning fires after k steps, and every number lands in metrics.jsonl, MLflow and the plots."""
     rng = np.random.default_rng(0)
     run = RunDir(tmp_path / "run").create()
-    monitor = TailMonitor(MonitorConfig(consecutive_steps=2))
+    # The stream gives one acceptance array, no bounds: it is the signal.
+    monitor = TailMonitor(MonitorConfig(signal="estimate", consecutive_steps=2))
     schedule = Schedule((512, 1024, 1536), name="start")
     controller = BudgetController(ControllerConfig(enabled=True), 0.86, schedule)
     buf = io.StringIO()
