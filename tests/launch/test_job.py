@@ -160,7 +160,9 @@ def test_distill_recipe_starts_its_engines_with_the_adapters_capacity(tmp_path):
     spec = load_launch_spec(str(RECIPES / "qwen3_14b_math.py"), overrides, "slurm")
     rollout = spec.resolved_rollout_cmd()
     assert rollout[rollout.index("--lora-rank") + 1] == "32"
-    assert rollout[rollout.index("--lora-target-modules") + 1] == "q_proj,k_proj,v_proj,o_proj"
+    # The adapter's default targets (all-linear, as the reference's DistillSparse) reach the engines.
+    want = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
+    assert rollout[rollout.index("--lora-target-modules") + 1] == want
 
 
 def test_local_executor_runs_the_trainer_with_its_own_engines(tmp_path):
