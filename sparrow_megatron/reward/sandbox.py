@@ -223,14 +223,22 @@ def _refusal(missing: list[str]) -> str:
 # ---------------------------------------------------------------- runs
 
 
+_next_slot = os.getpid()  # processes sharing the range start at different slots
+
+
 class _UidSlot:
     """An exclusive uid for one run, locked across processes with flock (released on close/exit)."""
 
     def __init__(self, config: SandboxConfig):
         lock_dir = Path(tempfile.gettempdir()) / "sparrow-sandbox-uids"
         lock_dir.mkdir(mode=0o700, exist_ok=True)
+        # Start after the slot this process took last: a uid is reused only after the others, so the
+        # tasks of its previous run have long been reaped.
+        global _next_slot
+        start, _next_slot = _next_slot, _next_slot + 1
+        slots = [config.uid_base + (start + i) % config.uid_slots for i in range(config.uid_slots)]
         for _ in range(200):
-            for uid in range(config.uid_base, config.uid_base + config.uid_slots):
+            for uid in slots:
                 fd = os.open(lock_dir / f"{uid}.lock", os.O_RDWR | os.O_CREAT, 0o600)
                 try:
                     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -248,8 +256,8 @@ class _UidSlot:
         os.close(self._fd)
 
 
-def processes_of_uid(uid: int) -> list[int]:
-    """Live (non-zombie) PIDs whose real uid is `uid` (from /proc)."""
+def processes_of_uid(uid: int, zombies: bool = False) -> list[int]:
+    """PIDs whose real uid is `uid` (from /proc); zombies only when asked."""
     pids = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
@@ -260,7 +268,7 @@ def processes_of_uid(uid: int) -> list[int]:
         except OSError:
             continue
         # Zombies hold nothing and cannot act; their parent (or init) reaps them.
-        if int(fields["Uid"].split()[0]) == uid and not fields["State"].strip().startswith("Z"):
+        if int(fields["Uid"].split()[0]) == uid and (zombies or not fields["State"].strip().startswith("Z")):
             pids.append(int(entry))
     return pids
 
@@ -280,11 +288,15 @@ def _kill_uid(uid: int, deadline_s: float = 5.0) -> None:
         time.sleep(0.02)
 
 
-def _limits(config: SandboxConfig, own_uid: bool) -> dict[str, int]:
+def _limits(config: SandboxConfig, own_uid: bool, uid: int | None = None) -> dict[str, int]:
     nproc = config.max_processes + 2  # bwrap and its reaper
     if not own_uid:
         # Without a uid of its own the count includes every process of the current user.
         nproc += len(processes_of_uid(os.getuid()))
+    elif uid is not None:
+        # Zombies of the uid's earlier runs (killed, not yet reaped by init: bwrap's pid-1 child is
+        # reparented there) still count against RLIMIT_NPROC though they hold nothing.
+        nproc += len(processes_of_uid(uid, zombies=True))
     return {
         # One second past the deadline: the supervisor's clock decides timeouts, this is a backstop.
         "RLIMIT_CPU": math.ceil(config.timeout_s) + 1,
@@ -367,7 +379,7 @@ def _run(source, stdin, config, files, args) -> SandboxResult:
             "bwrap": _bwrap_path(config),
             "argv": None,  # filled by _launch, once the status fd is known
             "env": {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"},
-            "limits": _limits(config, own_uid=as_root),
+            "limits": _limits(config, own_uid=as_root, uid=slot.uid if as_root else None),
             "nice": config.nice,
             "switch_uid": as_root,
             "uid": slot.uid if as_root else os.getuid(),
