@@ -130,7 +130,8 @@ def _bookkeeping_run(run_dir, steps, checkpoint_every, kill_after=None, resume=F
     from sparrow_megatron.loop.monitor import TailMonitor
 
     run = RunDir(run_dir).create()
-    monitor = TailMonitor(MonitorConfig(consecutive_steps=2))
+    # The stream gives one acceptance array, no bounds: it is the signal.
+    monitor = TailMonitor(MonitorConfig(signal="estimate", consecutive_steps=2))
     controller = BudgetController(
         ControllerConfig(enabled=True, patience=2), 0.86, Schedule((512, 1024, 1536))
     )
