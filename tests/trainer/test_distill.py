@@ -154,8 +154,10 @@ def test_tp2_pp2_dp2_distill_match_single_rank(tiny_tied, tmp_path):
             assert m["loss"] == pytest.approx(r["loss"], rel=1e-4, abs=1e-7)
             assert m["grad_norm"] == pytest.approx(r["grad_norm"], rel=1e-4)
         assert set(got["peft"]) == set(ref["peft"])
+        # TP=2 runs sequence parallel by default: its reduce-scatter sums in another order, and two Adam
+        # steps scale that fp32 noise up to ~2e-6 on adapter weights of magnitude up to 0.07.
         for name, t in got["peft"].items():
-            torch.testing.assert_close(t, ref["peft"][name], rtol=1e-4, atol=1e-6, msg=name)
+            torch.testing.assert_close(t, ref["peft"][name], rtol=1e-4, atol=5e-6, msg=name)
 
 
 def _assert_same_second_step(got: dict, want: dict, exact: bool) -> None:
