@@ -5,6 +5,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 
@@ -83,8 +84,11 @@ def test_serve_prints_urls_serves_and_stops_on_ctrl_c(tiny_model_dir, tmp_path):
         )
         with urllib.request.urlopen(req, timeout=120) as resp:
             assert len(json.loads(resp.read())["output_ids"]) == 3
+        # Keep reading what serve prints while it stops: an undrained pipe would block its writes.
+        drain = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
+        drain.start()
         os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C sends to the foreground group
-        assert proc.wait(timeout=120) == 0
+        assert proc.wait(timeout=300) == 0, "".join(lines[-50:])
         with pytest.raises(ProcessLookupError):
             os.killpg(pid, 0)  # the server's whole process group is gone
     finally:
