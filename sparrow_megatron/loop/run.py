@@ -23,6 +23,7 @@ import torch
 from sparrow_megatron.config import JobConfig, validate
 from sparrow_megatron.errors import UserError
 from sparrow_megatron.loop import spmd
+from sparrow_megatron.loop.collect import collect
 from sparrow_megatron.loop.console import LoopProgress
 from sparrow_megatron.loop.controller import BudgetController
 from sparrow_megatron.loop.evaluate import EvalSpec, eval_sampling, evaluate
@@ -102,12 +103,6 @@ def to_trainer_batch(
         rollout_logprobs=[s.logprobs for s in samples],
         advantages=advantages.tolist(),
     )
-
-
-def usable(samples: list[Sample]) -> tuple[list[Sample], int]:
-    """Samples the update can use: a response, finite log-probs. The others are counted and logged."""
-    keep = [s for s in samples if s.output_ids and np.isfinite(s.logprobs).all()]
-    return keep, len(samples) - len(keep)
 
 
 class Loop:
@@ -249,25 +244,11 @@ class Loop:
         """One RL step: rollout -> reward -> dense score -> tails -> GRPO update -> weight sync."""
         cfg = self.cfg
         t0 = time.perf_counter()
-        prompts = task.prompts("train", (step - 1) * cfg.loop.prompts_per_step, cfg.loop.prompts_per_step)
-        prompt_ids = [tokenizer(p.text, add_special_tokens=False)["input_ids"] for p in prompts]
         timer = _PhaseTimer()
-        rollout = fleet.generate(prompt_ids, _seeded(sampling, cfg.loop.seed, step), n=cfg.rollout.n_samples,
-                                 schedule=schedule)  # fmt: skip
-        samples, dropped = usable(rollout.flat())
-        if dropped:
-            log.warning("step %d: %d samples without a usable response left out of the update", step, dropped)
-        judge_errors = _judge_errors()
-        rewards = [task.reward(prompts[s.prompt_index], tokenizer.decode(s.output_ids)) for s in samples]
-        judge_errors = _judge_errors() - judge_errors
+        got = collect(step, cfg, task, tokenizer, fleet, sampling, schedule)
+        samples = got.samples
         timer.lap("rollout")
-        batch = to_trainer_batch(
-            samples,
-            rewards,
-            [prompts[s.prompt_index].index for s in samples],
-            cfg.grpo.adv_eps,
-            std=cfg.grpo.std,
-        )
+        batch = to_trainer_batch(samples, got.rewards, got.group_ids, cfg.grpo.adv_eps, std=cfg.grpo.std)
         score = policy.score(batch)
         timer.lap("score")
         batch.old_logprobs = score.logprobs
@@ -292,18 +273,11 @@ class Loop:
             timer.lap("distill")
         metrics.update(timer.metrics())
         metrics.update(tails.metrics())
+        metrics.update(got.metrics())
         metrics.update({
-            "reward/mean": float(np.mean(rewards)) if rewards else 0.0,
             # Groups whose samples all score the same carry no GRPO signal: the share that does.
-            "reward/signal_frac": float(np.mean(np.abs(batch.advantages) > 0)) if rewards else 0.0,
-            # Code cases the judge itself failed on this step (each scored 0): nonzero is a judge bug.
-            "reward/judge_errors": float(judge_errors),
-            "rollout/response_len": float(np.mean([s.response_len for s in samples])),
-            "rollout/tokens_per_s": rollout.tokens_per_s,
-            "rollout/dropped_samples": float(dropped),
+            "reward/signal_frac": float(np.mean(np.abs(batch.advantages) > 0)) if samples else 0.0,
             "rollout/weight_version": float(fleet.weight_version),
-            # What the engines report having served this step's samples with (the previous step's sync).
-            "rollout/engine_weight_version": float(min(s.weight_version for s in samples)) if samples else -1.0,
             "time/step_s": time.perf_counter() - t0,
         })  # fmt: skip
         return metrics
@@ -417,18 +391,6 @@ class _PhaseTimer:
 
     def metrics(self) -> dict[str, float]:
         return {f"time/{name}_s": seconds for name, seconds in self.phases.items()}
-
-
-def _judge_errors() -> int:
-    """Judge failures of code rewards in this process so far (the judge counts them, by reason)."""
-    from sparrow_megatron.reward.code_reward import judge_error_counts
-
-    return sum(judge_error_counts().values())
-
-
-def _seeded(sampling: SamplingParams, seed: int, step: int) -> SamplingParams:
-    """Per-step sampling seed: a resumed run draws the same tokens as an uninterrupted one."""
-    return replace(sampling, seed=seed * 1_000_003 + step * 7919)
 
 
 def _measure_throughput(fleet, task, tokenizer, cfg: JobConfig, schedule) -> dict[str, float]:

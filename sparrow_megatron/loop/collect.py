@@ -1,0 +1,76 @@
+"""The first half of an RL step: prompts -> sparse rollout (fleet) -> rewards, as one typed record.
+
+What the trainer side needs from the rollout side is `Collected`: the usable samples, their rewards and
+GRPO group ids, and the counts the step logs. Keeping it in one place lets the rollout half change how it
+fills a batch (reward pools, dynamic sampling, one-step-off overlap) without touching the update half.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+from sparrow_megatron.rollout.types import Sample, SamplingParams
+
+log = logging.getLogger("sparrow.loop")
+
+
+@dataclass
+class Collected:
+    samples: list[Sample]  # usable samples: a response and finite log-probs
+    rewards: list[float]  # one per sample
+    group_ids: list[int]  # GRPO group of each sample: the prompt's running index
+    dropped: int  # samples left out (no response, non-finite log-probs)
+    judge_errors: int  # code-judge failures on this batch (each scored 0)
+    tokens_per_s: float  # the fleet's generation throughput on this batch
+
+    def metrics(self) -> dict[str, float]:
+        samples, rewards = self.samples, self.rewards
+        return {
+            "reward/mean": float(np.mean(rewards)) if rewards else 0.0,
+            # Code cases the judge itself failed on this step (each scored 0): nonzero is a judge bug.
+            "reward/judge_errors": float(self.judge_errors),
+            "rollout/response_len": float(np.mean([s.response_len for s in samples])) if samples else 0.0,
+            "rollout/tokens_per_s": self.tokens_per_s,
+            "rollout/dropped_samples": float(self.dropped),
+            # What the engines report having served this batch with (the previous step's sync).
+            "rollout/engine_weight_version": (
+                float(min(s.weight_version for s in samples)) if samples else -1.0
+            ),
+        }
+
+
+def usable(samples: list[Sample]) -> tuple[list[Sample], int]:
+    """Samples the update can use: a response, finite log-probs. The others are counted and logged."""
+    keep = [s for s in samples if s.output_ids and np.isfinite(s.logprobs).all()]
+    return keep, len(samples) - len(keep)
+
+
+def collect(step: int, cfg, task, tokenizer, fleet, sampling: SamplingParams, schedule) -> Collected:
+    """Roll out this step's prompts (rollout.n_samples each, under `schedule`) and score them."""
+    prompts = task.prompts("train", (step - 1) * cfg.loop.prompts_per_step, cfg.loop.prompts_per_step)
+    prompt_ids = [tokenizer(p.text, add_special_tokens=False)["input_ids"] for p in prompts]
+    rollout = fleet.generate(prompt_ids, seeded(sampling, cfg.loop.seed, step), n=cfg.rollout.n_samples,
+                             schedule=schedule)  # fmt: skip
+    samples, dropped = usable(rollout.flat())
+    if dropped:
+        log.warning("step %d: %d samples without a usable response left out of the update", step, dropped)
+    judge_errors = _judge_errors()
+    rewards = [task.reward(prompts[s.prompt_index], tokenizer.decode(s.output_ids)) for s in samples]
+    judge_errors = _judge_errors() - judge_errors
+    group_ids = [prompts[s.prompt_index].index for s in samples]
+    return Collected(samples, rewards, group_ids, dropped, judge_errors, rollout.tokens_per_s)
+
+
+def seeded(sampling: SamplingParams, seed: int, step: int) -> SamplingParams:
+    """Per-step sampling seed: a resumed run draws the same tokens as an uninterrupted one."""
+    return replace(sampling, seed=seed * 1_000_003 + step * 7919)
+
+
+def _judge_errors() -> int:
+    """Judge failures of code rewards in this process so far (the judge counts them, by reason)."""
+    from sparrow_megatron.reward.code_reward import judge_error_counts
+
+    return sum(judge_error_counts().values())
