@@ -52,6 +52,12 @@ fi
 
 mcore_version=$(sed -n 's/^ARG MEGATRON_CORE_VERSION=//p' Dockerfile)
 [ -n "$mcore_version" ] || { echo "setup_py312: no ARG MEGATRON_CORE_VERSION in Dockerfile" >&2; exit 1; }
+# A 3.12 install of the package (the train extra) must get the version tested here.
+if ! grep -qF "\"megatron-core==$mcore_version; python_version >= '3.12'\"" pyproject.toml; then
+  echo "setup_py312: pyproject.toml's megatron-core for Python 3.12 is not the Dockerfile's" \
+    "$mcore_version: pin the same version in both" >&2
+  exit 1
+fi
 
 [ -x .venv312/bin/python ] || "$python_bin" -m venv .venv312
 stamp=$( (cat scripts/setup_py312.sh pyproject.toml setup.py; echo "$mcore_version") | sha256sum | cut -c1-16)

@@ -7,9 +7,10 @@
 # (test_model, test_weights, test_policy's HF parity), TP=2 and PP=2 on gloo with resharding checkpoints
 # (test_checkpoint's torchrun tests), recompute and sequence parallelism under TP=2 (test_long_context),
 # dist_checkpointing and the distributed optimizer (test_checkpoint), optimizer steps (test_policy,
-# test_checkpoint) and LoRA on TP layers with PEFT export (test_lora). Left to the main suite for time:
-# the 8-rank TP x PP x DP parity run and the TP=2 resume (the same calls as the tests kept), the plan's
-# MemTracker checks (minutes), and what needs Triton or SGLang (no megatron-core difference).
+# test_checkpoint) and LoRA on TP layers with PEFT export (test_lora). Left to the main suite for time
+# (each several minutes on 2 cores): the 8-rank TP x PP x DP parity run (the only DP=2 run), the TP=2
+# resume (the calls of the TP=2 checkpoint test kept) and the plan's MemTracker checks (they pass with
+# 0.19.2); and what needs Triton or SGLang, whose code has no megatron-core difference.
 # Arguments replace the subset (a file, -k ...); PYTEST_ADDOPTS adds options to it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
