@@ -1,5 +1,5 @@
 # The README's two commands. Both set up .venv/ first (scripts/setup.sh is idempotent).
-.PHONY: run test setup
+.PHONY: run test test-py312 setup
 
 setup:
 	bash scripts/setup.sh
@@ -9,3 +9,7 @@ run: setup
 
 test:
 	bash scripts/test.sh
+
+# Only the trainer tests on Python 3.12 with the GPU image's megatron-core (.venv312/; part of `test`).
+test-py312:
+	bash scripts/test_py312.sh

@@ -170,9 +170,9 @@ class MegatronOptimizer:
         except KeyError as exc:
             if exc.args != ("step",):
                 raise
-            # megatron-core 0.16.1 over torch's Adam (no TE/Apex): the fully_reshardable loader copies
-            # every per-parameter state key but torch Adam's 'step'. TE/Apex FusedAdam keep the step in
-            # the param group and load fine; the GPU image has TE.
+            # megatron-core 0.16.1 and 0.19.2 over torch's Adam (no TE/Apex): the fully_reshardable
+            # loader copies every per-parameter state key but torch Adam's 'step'. TE/Apex FusedAdam
+            # keep the step in the param group and load fine; the GPU image has TE.
             raise UserError(
                 "resuming Megatron's distributed optimizer needs Transformer Engine or Apex (FusedAdam): "
                 "this megatron-core cannot load its state into torch's Adam (KeyError 'step')"
