@@ -41,7 +41,10 @@ def test_device_plan_equals_the_rule():
         got = (int(plan.num_pages[t]), int(plan.num_selected[t]), int(plan.top_k[t]))
         assert got == (want.num_pages, want.num_selected, -1 if want.dense else want.top_k), t
         if not want.dense:
-            assert (int(plan.cand_start[t]), int(plan.cand_end[t])) == (want.candidate_start, want.candidate_end)
+            assert (int(plan.cand_start[t]), int(plan.cand_end[t])) == (
+                want.candidate_start,
+                want.candidate_end,
+            )
     assert plan.max_selected >= int(plan.num_selected.max())
 
 
@@ -51,7 +54,9 @@ def test_selection_equals_reference_mask(num_kv_heads, group, head_dim, rows):
     q, k, _ = _inputs(seq_len, num_kv_heads, group, head_dim, seed=group)
     budgets = position_budgets(_schedule(), prompt, seq_len)
     _, want_mask = sparse_causal_attention_reference(q, k, k, budgets)  # [Hkv, T, T]
-    sel = select_blocks(q.to(DEVICE), k.to(DEVICE), budget_tensor(budgets, seq_len, DEVICE), rows_per_block=rows)
+    sel = select_blocks(
+        q.to(DEVICE), k.to(DEVICE), budget_tensor(budgets, seq_len, DEVICE), rows_per_block=rows
+    )
     bits = sel.row_bits.cpu().long()  # [T, Hkv, bytes]
     pages = torch.arange(bits.shape[2] * 8)
     page_sel = (bits[..., pages // 8] >> (pages % 8)) & 1  # [T, Hkv, pages]
