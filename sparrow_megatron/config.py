@@ -244,6 +244,15 @@ def _schedule_problems(cfg: JobConfig, schedule, p: Problems) -> None:
             "distill.enabled",
             "DistillSparse trains the sparse rollout's adapter, but rollout.schedule is dense",
         )
+    fixed = cfg.distill.fixed_budget
+    if cfg.distill.budget_mode == "fixed" and fixed is not None and fixed > 0 and schedule is not None:
+        geo = schedule.geometry
+        p.need(
+            fixed % geo.page_size == 0 and fixed >= geo.min_budget,
+            "distill.fixed_budget",
+            f"{fixed} must be a multiple of the schedule's page size {geo.page_size} and at least "
+            f"{geo.min_budget} (its sink + local pages)",
+        )
 
 
 def _placement_problems(cfg: JobConfig, p: Problems) -> None:
