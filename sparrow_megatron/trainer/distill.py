@@ -34,7 +34,9 @@ STATE_FILE = "adapter_state.pt"
 MOMENTS = ("exp_avg", "exp_avg_sq")
 
 
-def training_schedule(schedule: Schedule | None, budget_mode: str = "replay", fixed_budget: int | None = None):
+def training_schedule(
+    schedule: Schedule | None, budget_mode: str = "replay", fixed_budget: int | None = None
+):
     """The schedule the adapter trains under: the rollout's (replay, exact per position) or one fixed
     budget at every position (fixed; None = the schedule's largest budget), same geometry and dense
     layers. A dense rollout (None) stays dense."""
