@@ -238,6 +238,12 @@ def _schedule_problems(cfg: JobConfig, schedule, p: Problems) -> None:
                 f"{cfg.monitor.bin_width} differs from the schedule's bin width {schedule.bin_width}; the "
                 "controller needs the tails binned like the schedule",
             )
+    p.need(
+        not (cfg.distill.enabled and cfg.trainer.cp > 1),
+        "trainer.cp",
+        f"is {cfg.trainer.cp}, but DistillSparse's sparse forward runs per sequence without context "
+        "parallelism; use cp=1 with distill.enabled",
+    )
     if cfg.distill.enabled and resolvable:
         p.need(
             schedule is not None,

@@ -140,6 +140,17 @@ def test_a_fixed_distill_budget_must_fit_the_schedules_pages():
         validate(apply_overrides(JobConfig(), [*base, "distill.fixed_budget=100"]))
 
 
+def test_context_parallelism_is_accepted_but_not_with_distill():
+    base = ["cluster.nodes=2", "cluster.rollout_nodes=1", "cluster.gpus_per_node=8", "trainer.tp=2"]
+    validate(apply_overrides(JobConfig(), [*base, "trainer.cp=2"]))
+    with pytest.raises(UserError, match="field 'trainer.cp': is 2, but DistillSparse"):
+        validate(
+            apply_overrides(
+                JobConfig(), [*base, "trainer.cp=2", "distill.enabled=true", "rollout.schedule=qwen3-8b-0.86"]
+            )
+        )
+
+
 def test_a_kl_penalty_is_refused_until_a_reference_policy_exists():
     cfg = apply_overrides(JobConfig(), ["grpo.kl_coef=0.001"])
     with pytest.raises(

@@ -65,14 +65,6 @@ class TrainerConfig:
         p.at_least(1, tp=self.tp, pp=self.pp, micro_batch_tokens=self.micro_batch_tokens)
         p.at_least(1, cp=self.cp, recompute_num_layers=self.recompute_num_layers)
         p.at_least(1, logprob_chunk_tokens=self.logprob_chunk_tokens)
-        # Refused here rather than when the Policy is built: the process groups exist, but the trainer
-        # does not yet split each sequence over the CP ranks, so a job with cp > 1 could not train.
-        p.need(
-            self.cp <= 1,
-            "cp",
-            f"context parallelism is not implemented yet (the per-sequence CP data split), got {self.cp}; "
-            "use recompute='full' with sequence parallelism, which holds 40K tokens per GPU",
-        )
         p.need(
             not (self.sequence_parallel and self.tp == 1),
             "sequence_parallel",
