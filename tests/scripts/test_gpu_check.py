@@ -1,5 +1,5 @@
-"""scripts/gpu_check.sh's CPU side: the self-test runs the decode harness and the DistillSparse update bench
-at toy size and checks them."""
+"""scripts/gpu_check.sh's CPU side: the self-test runs the decode harness, the DistillSparse update bench and
+the trainer step at toy size and checks them."""
 
 from __future__ import annotations
 
@@ -26,6 +26,8 @@ def test_self_test_runs_the_harness_and_writes_the_summary(tmp_path):
     assert "self-test ok" in summary
     assert "## DistillSparse update self-test (CPU, Triton interpreter): ok" in summary
     assert "distill self-test ok" in summary
+    assert "## trainer step self-test (CPU, tiny shape): ok" in summary
+    assert "trainer step self-test ok" in summary
 
 
 def test_harness_refuses_to_time_without_a_gpu():
