@@ -9,6 +9,10 @@ sparse forward that scores the old log-probs (no grad), then forward + backward 
 (input gradients only; the LoRA adapter's own matmuls, rank 16, are left out), attention by
 `sparrow_kernels.block_sparse_attention` under the schedule's per-position budgets (page selection
 included). Target: DistillSparse adds <= 60% to the dense update's time (the paper reports +55%).
+Also reported against the dense update plus its scoring forward (the dense old log-probs). By matmul
+count alone the DistillSparse side does about as much as the dense side (two forwards and an input-only
+backward against a forward and a full backward), so the target rests on the sparse attention being
+much cheaper than dense attention at 32K.
 Reported for a layer the schedule keeps sparse; its dense layers cost what a dense forward costs.
 Timings are medians of triton.testing.do_bench. Needs a CUDA GPU except with --self-test.
 """
@@ -103,6 +107,10 @@ def run(args) -> dict:
         layer(xi, dense_attention).backward(grad)
         layer.zero_grad(set_to_none=True)
 
+    def dense_score():  # the dense old log-probs the GRPO phase computes before its update
+        with torch.no_grad():
+            layer(x, dense_attention)
+
     def distill_update():
         with torch.no_grad():  # the old log-probs of the sparse + adapter policy
             layer(x, sparse)
@@ -144,6 +152,7 @@ def run(args) -> dict:
 
         err = None
     times = {"dense_update_ms": bench(dense_update), "distill_update_ms": bench(distill_update)}
+    times["dense_score_ms"] = bench(dense_score)
     if not args.self_test:  # the interpreter's times mean nothing: the self-test only runs each path once
         times["dense_attention_fwd_bwd_ms"] = bench(attention_only(dense_attention))
         times["sparse_attention_fwd_bwd_ms"] = bench(attention_only(sparse))
@@ -156,6 +165,10 @@ def run(args) -> dict:
         "schedule": schedule.name,
         **{k: round(v, 3) for k, v in times.items()},
         "distill_over_dense": round(ratio, 3),
+        # against the dense phase with its scoring forward (what "the update phase" may include)
+        "distill_over_dense_score_and_update": round(
+            times["distill_update_ms"] / (times["dense_update_ms"] + times["dense_score_ms"]), 3
+        ),
         "target": TARGET,
         "meets_target": ratio <= TARGET,
         "self_test_max_err": err,
@@ -168,10 +181,12 @@ def markdown(r: dict) -> str:
         f"DistillSparse vs dense update, one Qwen3 layer {r['layer']}, {r['tokens']} tokens "
         f"(prompt {r['prompt']}), schedule {r['schedule']}, {r['device']}",
         "",
-        "| dense update ms | DistillSparse update ms | ratio | target | attention fwd+bwd dense / sparse ms |",
-        "|---|---|---|---|---|",
+        "| dense update ms | DistillSparse update ms | ratio | target | ratio incl. dense scoring | "
+        "attention fwd+bwd dense / sparse ms |",
+        "|---|---|---|---|---|---|",
         f"| {r['dense_update_ms']} | {r['distill_update_ms']} | {r['distill_over_dense']} | <= {r['target']} "
-        f"({verdict}) | {r.get('dense_attention_fwd_bwd_ms')} / {r.get('sparse_attention_fwd_bwd_ms')} |",
+        f"({verdict}) | {r['distill_over_dense_score_and_update']} "
+        f"| {r.get('dense_attention_fwd_bwd_ms')} / {r.get('sparse_attention_fwd_bwd_ms')} |",
         "",
     ])  # fmt: skip
 
