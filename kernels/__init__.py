@@ -8,12 +8,12 @@ from sparrow_kernels.decode_attention import paged_decode_attention
 from sparrow_kernels.landmarks import landmark_buffer, update_landmarks
 from sparrow_kernels.page_selection import BatchPlan, plan_batch, score_pages, select_pages, top_k_pages
 from sparrow_kernels.sparse_decode import sparse_paged_decode
-from sparrow_kernels.training_attention import block_sparse_attention, select_rows
+from sparrow_kernels.training_attention import block_sparse_attention, select_blocks
 
 __all__ = [
     "BatchPlan",
     "block_sparse_attention",
-    "select_rows",
+    "select_blocks",
     "landmark_buffer",
     "paged_decode_attention",
     "plan_batch",

@@ -9,8 +9,15 @@
 #   2. the decode-attention benchmark (bench/decode_attention.py) at batch 32, 8K-32K;
 #   3. the engine-free decode harness (bench/decode_harness.py): the sparrow backend's plan + landmark +
 #      attention code on a Qwen3-8B-shaped stack (36 layers, batch 32, 8K-32K), dense vs qwen3-8b-0.86,
-#      with and without CUDA graph capture.
-# Other issues add their sections below, each appending to the same summary.
+#      with and without CUDA graph capture;
+#   4. DistillSparse's update vs the dense update (bench/distill_update.py): one Qwen3-8B layer at 32K tokens
+#      under qwen3-8b-0.86, target: DistillSparse adds <= 60% to the dense update's time;
+#   5. one trainer step of a Qwen3-1.7B-shaped policy (bench/trainer_step.py: random init, megatron-core
+#      without Transformer Engine, full recompute) at 1024 + 32768 tokens: peak memory vs `sparrow plan`
+#      (target within 15%) and tokens/s.
+# Other issues add their sections below, each appending to the same summary. The whole script stays
+# under 8 minutes: each section's limit is cut to what is left of TOTAL_S, and a section that would get
+# under 20 s is skipped (reported).
 set -uo pipefail
 REPO="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$REPO"
@@ -41,9 +48,16 @@ SUMMARY="$OUT/summary.md"
   echo
 } >"$SUMMARY"
 
+TOTAL_S=470
 section() {  # section TITLE TIMEOUT_S CMD... : run, append status + output tail to the summary
   local title="$1" limit="$2"
   shift 2
+  local left=$((TOTAL_S - SECONDS))
+  [ "$limit" -gt "$left" ] && limit=$left
+  if [ "$limit" -lt 20 ] && [ "$SELF_TEST" = 0 ]; then
+    printf '## %s: SKIPPED (the 8-minute budget is spent)\n\n' "$title" >>"$SUMMARY"
+    return 0
+  fi
   local log="$OUT/$(echo "$title" | tr -c 'a-zA-Z0-9\n' '_').log"
   local start=$SECONDS
   timeout "$limit" "$@" >"$log" 2>&1
@@ -64,10 +78,17 @@ section() {  # section TITLE TIMEOUT_S CMD... : run, append status + output tail
 
 if [ "$SELF_TEST" = 1 ]; then
   export TRITON_INTERPRET=1
+  TOTAL_S=100000  # the CPU self-test is not held to the GPU budget
   section "decode harness self-test (CPU, Triton interpreter)" 600 \
     "$PY" bench/decode_harness.py --self-test --out "$OUT/decode_harness"
+  section "DistillSparse update self-test (CPU, Triton interpreter)" 600 \
+    "$PY" bench/distill_update.py --self-test --out "$OUT/distill_update"
+  section "trainer step self-test (CPU, tiny shape)" 600 \
+    "$PY" bench/trainer_step.py --self-test --out "$OUT/trainer_step"
   cat "$SUMMARY"
-  grep -q "self-test ok" "$OUT"/decode_harness_self_test*.log
+  grep -q "self-test ok" "$OUT"/decode_harness_self_test*.log &&
+    grep -q "distill self-test ok" "$OUT"/DistillSparse_update_self_test*.log &&
+    grep -q "trainer step self-test ok" "$OUT"/trainer_step_self_test*.log
   exit $?
 fi
 
@@ -85,4 +106,10 @@ section "decode-attention benchmark" 100 "$PY" bench/decode_attention.py --batch
 section "decode harness (Qwen3-8B stack, batch 32)" 240 "$PY" bench/decode_harness.py --steps 10 \
   --out "$OUT/decode_harness"
 [ -f "$OUT/decode_harness.md" ] && cat "$OUT/decode_harness.md" >>"$SUMMARY"
+section "DistillSparse update vs dense update (Qwen3-8B layer, 32K)" 90 "$PY" bench/distill_update.py \
+  --tokens 32768 --schedule qwen3-8b-0.86 --out "$OUT/distill_update"
+[ -f "$OUT/distill_update.md" ] && cat "$OUT/distill_update.md" >>"$SUMMARY"
+section "trainer step (Qwen3-1.7B shape, 32K response, full recompute)" 150 "$PY" bench/trainer_step.py \
+  --model qwen3-1.7b --prompt 1024 --response 32768 --out "$OUT/trainer_step"
+[ -f "$OUT/trainer_step.md" ] && cat "$OUT/trainer_step.md" >>"$SUMMARY"
 cat "$SUMMARY"

@@ -238,11 +238,26 @@ def _schedule_problems(cfg: JobConfig, schedule, p: Problems) -> None:
                 f"{cfg.monitor.bin_width} differs from the schedule's bin width {schedule.bin_width}; the "
                 "controller needs the tails binned like the schedule",
             )
+    p.need(
+        not (cfg.distill.enabled and cfg.trainer.cp > 1),
+        "trainer.cp",
+        f"is {cfg.trainer.cp}, but DistillSparse's sparse forward runs per sequence without context "
+        "parallelism; use cp=1 with distill.enabled",
+    )
     if cfg.distill.enabled and resolvable:
         p.need(
             schedule is not None,
             "distill.enabled",
             "DistillSparse trains the sparse rollout's adapter, but rollout.schedule is dense",
+        )
+    fixed = cfg.distill.fixed_budget
+    if cfg.distill.budget_mode == "fixed" and fixed is not None and fixed > 0 and schedule is not None:
+        geo = schedule.geometry
+        p.need(
+            fixed % geo.page_size == 0 and fixed >= geo.min_budget,
+            "distill.fixed_budget",
+            f"{fixed} must be a multiple of the schedule's page size {geo.page_size} and at least "
+            f"{geo.min_budget} (its sink + local pages)",
         )
 
 

@@ -110,6 +110,9 @@ def test_bad_overrides_name_the_field(override, needle):
         ("grpo.dual_clip=0.5", "grpo.dual_clip"),
         ("grpo.tis_cap=0.5", "grpo.tis_cap"),
         ("distill.tis_cap=0.5", "distill.tis_cap"),
+        ("distill.fixed_budget=1024", "distill.fixed_budget"),  # read only when budget_mode=fixed
+        ("distill.budget_mode=fixed", None),
+        ("distill.fixed_budget=-16", "distill.fixed_budget"),
         ("loop.steps=0", "loop.steps"),
         ("rollout.schedule=no-such-preset", "rollout.schedule"),
         ("rollout.schedule=/nonexistent/s.json", "rollout.schedule"),
@@ -122,9 +125,30 @@ def test_bad_overrides_name_the_field(override, needle):
 )
 def test_validation_names_the_field(override, field):
     cfg = apply_overrides(JobConfig(), [override])
+    if field is None:  # accepted as it is
+        validate(cfg)
+        return
     with pytest.raises(UserError) as err:
         validate(cfg)
     assert f"field '{field}'" in str(err.value)
+
+
+def test_a_fixed_distill_budget_must_fit_the_schedules_pages():
+    base = ["distill.budget_mode=fixed", "rollout.schedule=qwen3-8b-0.86"]
+    validate(apply_overrides(JobConfig(), [*base, "distill.fixed_budget=2048"]))
+    with pytest.raises(UserError, match="field 'distill.fixed_budget': 100 must be a multiple"):
+        validate(apply_overrides(JobConfig(), [*base, "distill.fixed_budget=100"]))
+
+
+def test_context_parallelism_is_accepted_but_not_with_distill():
+    base = ["cluster.nodes=2", "cluster.rollout_nodes=1", "cluster.gpus_per_node=8", "trainer.tp=2"]
+    validate(apply_overrides(JobConfig(), [*base, "trainer.cp=2"]))
+    with pytest.raises(UserError, match="field 'trainer.cp': is 2, but DistillSparse"):
+        validate(
+            apply_overrides(
+                JobConfig(), [*base, "trainer.cp=2", "distill.enabled=true", "rollout.schedule=qwen3-8b-0.86"]
+            )
+        )
 
 
 def test_a_kl_penalty_is_refused_until_a_reference_policy_exists():

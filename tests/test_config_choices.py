@@ -128,6 +128,15 @@ def _reach_recompute_method(cfg, value, tmp_path):
     assert (config.recompute_granularity, config.recompute_method) == ("full", value)
 
 
+def _reach_budget_mode(cfg, value, tmp_path):
+    from sparrow_megatron.sparsity.schedule import Schedule
+    from sparrow_megatron.trainer.distill import training_schedule
+
+    growing = Schedule(budgets=(None, 1024, 2048), bin_width=4096)
+    got = training_schedule(growing, cfg.distill.budget_mode, cfg.distill.fixed_budget)
+    assert got.budgets == {"replay": (None, 1024, 2048), "fixed": (2048,)}[value]
+
+
 def _reach_isolation(cfg, value, tmp_path):
     from sparrow_megatron.reward.code_reward import CodeRewardConfig, code_reward, parse_tests
     from sparrow_megatron.reward.sandbox import isolation_available
@@ -159,6 +168,7 @@ REACH = {
     "trainer.dtype": _reach_dtype,
     "trainer.recompute": _reach_recompute,
     "trainer.recompute_method": _reach_recompute_method,
+    "distill.budget_mode": _reach_budget_mode,
     "cluster.executor": _reach_executor,
 }
 CASES = [(name, value) for name, values in _literal_fields(JobConfig) for value in values]

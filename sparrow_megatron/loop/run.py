@@ -322,7 +322,8 @@ def _make_distiller(cfg: JobConfig, policy):
     from sparrow_megatron.trainer.lora import lora_spec_from
 
     d = cfg.distill
-    return SparseDistiller(policy, lora_spec_from(d, seed=cfg.loop.seed), d.kl_lambda, d.lr, d.tis_cap)
+    spec = lora_spec_from(d, seed=cfg.loop.seed)
+    return SparseDistiller(policy, spec, d.kl_lambda, d.lr, d.tis_cap, d.budget_mode, d.fixed_budget)
 
 
 class _Distill:

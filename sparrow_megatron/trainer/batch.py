@@ -157,6 +157,12 @@ class MicroBatch:
     rows: list[int] = field(default_factory=list)  # per sample: its row
     cu_seqlens: torch.Tensor | None = None  # packed only
     max_seqlen: int = 0  # packed only
+    # packed with per-sample padding (context parallelism): samples start at these bounds, while
+    # cu_seqlens holds the true lengths' cumulative sums (Transformer Engine's THD convention)
+    cu_seqlens_padded: torch.Tensor | None = None
+    # a CP rank's view (`context_parallel.local_micro_batch`): per sample, the indices of its response
+    # tokens scored on this rank (target_positions / targets hold those only); None = all of them
+    target_subset: list[torch.Tensor] | None = None
 
     @property
     def seq_len(self) -> int:
@@ -182,9 +188,17 @@ def _targets(batch: RolloutBatch, i: int, offset: int) -> tuple[torch.Tensor, to
 
 
 def build_micro_batch(
-    batch: RolloutBatch, sample_ids: list[int], pad_id: int = 0, pad_to: int = 1, packed: bool = False
+    batch: RolloutBatch,
+    sample_ids: list[int],
+    pad_id: int = 0,
+    pad_to: int = 1,
+    packed: bool = False,
+    seq_multiple: int = 1,
 ) -> MicroBatch:
-    """pad_to: the sequence length (packed: the total) is rounded up to a multiple (SP needs TP)."""
+    """pad_to: the sequence length (packed: the total) is rounded up to a multiple (SP needs TP).
+    seq_multiple > 1 (packed only): each sample padded to a multiple of it (context parallelism)."""
+    if packed and seq_multiple > 1:
+        return _padded_packed_micro_batch(batch, sample_ids, pad_id, seq_multiple)
     if packed:
         return _packed_micro_batch(batch, sample_ids, pad_id, pad_to)
     seqs = [list(batch.prompt_ids[i]) + list(batch.response_ids[i]) for i in sample_ids]
@@ -225,4 +239,27 @@ def _packed_micro_batch(batch: RolloutBatch, sample_ids: list[int], pad_id: int,
     return MicroBatch(
         sample_ids, tokens, position_ids.unsqueeze(0), positions, targets, rows=[0] * len(sample_ids),
         cu_seqlens=torch.tensor(bounds, dtype=torch.int32), max_seqlen=max(segment),
+    )  # fmt: skip
+
+
+def _padded_packed_micro_batch(
+    batch: RolloutBatch, sample_ids: list[int], pad_id: int, multiple: int
+) -> MicroBatch:
+    """Packed, each sample padded to a multiple of `multiple` (its pad tokens follow it: causal)."""
+    seqs = [list(batch.prompt_ids[i]) + list(batch.response_ids[i]) for i in sample_ids] or [[pad_id]]
+    lengths = [len(x) for x in seqs]
+    padded = [int(math.ceil(n / multiple) * multiple) for n in lengths]
+    bounds = [0, *itertools.accumulate(padded)]
+    tokens = torch.full((1, bounds[-1]), pad_id, dtype=torch.long)
+    position_ids = torch.cat([torch.arange(n) for n in padded]).unsqueeze(0)
+    positions, targets = [], []
+    for i, seq, offset in zip(sample_ids, seqs, bounds, strict=False):
+        tokens[0, offset : offset + len(seq)] = torch.tensor(seq, dtype=torch.long)
+        pos, tgt = _targets(batch, i, offset)
+        positions.append(pos)
+        targets.append(tgt)
+    return MicroBatch(
+        sample_ids, tokens, position_ids, positions, targets, rows=[0] * len(sample_ids),
+        cu_seqlens=torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32), max_seqlen=max(padded),
+        cu_seqlens_padded=torch.tensor(bounds, dtype=torch.int32),
     )  # fmt: skip

@@ -23,6 +23,10 @@ Recompute = Literal["none", "selective", "full"]
 # only the first recompute_num_layers layers of each pipeline stage.
 RecomputeMethod = Literal["uniform", "block"]
 GroupStd = Literal["unbiased", "biased"]
+# DistillSparse's sparse forward in training: replay = every position attends under the budget its
+# rollout decode step had (the schedule's, exact); fixed = one budget at every response position (the
+# paper's appendix training mode), the prompt dense as in the prefill.
+BudgetMode = Literal["replay", "fixed"]
 # Every linear layer of a Qwen3 decoder layer ("all-linear" in PEFT and the reference's
 # sparse_target_modules): the adapter default. ["q_proj", "k_proj", "v_proj", "o_proj"] is attention only.
 ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -61,14 +65,6 @@ class TrainerConfig:
         p.at_least(1, tp=self.tp, pp=self.pp, micro_batch_tokens=self.micro_batch_tokens)
         p.at_least(1, cp=self.cp, recompute_num_layers=self.recompute_num_layers)
         p.at_least(1, logprob_chunk_tokens=self.logprob_chunk_tokens)
-        # Refused here rather than when the Policy is built: the process groups exist, but the trainer
-        # does not yet split each sequence over the CP ranks, so a job with cp > 1 could not train.
-        p.need(
-            self.cp <= 1,
-            "cp",
-            f"context parallelism is not implemented yet (the per-sequence CP data split), got {self.cp}; "
-            "use recompute='full' with sequence parallelism, which holds 40K tokens per GPU",
-        )
         p.need(
             not (self.sequence_parallel and self.tp == 1),
             "sequence_parallel",
@@ -135,6 +131,10 @@ class DistillConfig:
     # TIS cap of the DistillSparse phase, separate from grpo.tis_cap as the reference's
     # sparse_tis_imp_ratio_cap; null (its default, -1 there) trains the adapter without TIS.
     tis_cap: float | None = None
+    budget_mode: BudgetMode = "replay"
+    # tokens, for budget_mode=fixed; null = the schedule's largest budget. Checked against the schedule's
+    # page geometry where the schedule is resolved (the job config's cross-section checks).
+    fixed_budget: int | None = None
 
     def problems(self, prefix: str = "distill.") -> list[str]:
         p = Problems(prefix)
@@ -148,5 +148,15 @@ class DistillConfig:
         )
         p.need(
             bool(self.target_modules) or not self.enabled, "target_modules", "is empty while distill.enabled"
+        )
+        p.need(
+            self.fixed_budget is None or self.fixed_budget > 0,
+            "fixed_budget",
+            f"must be a positive number of tokens or null, got {self.fixed_budget}",
+        )
+        p.need(
+            self.fixed_budget is None or self.budget_mode == "fixed",
+            "fixed_budget",
+            f"is set but distill.budget_mode is '{self.budget_mode}' (it is read only when 'fixed')",
         )
         return p

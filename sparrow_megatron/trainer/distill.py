@@ -34,11 +34,39 @@ STATE_FILE = "adapter_state.pt"
 MOMENTS = ("exp_avg", "exp_avg_sq")
 
 
+def training_schedule(
+    schedule: Schedule | None, budget_mode: str = "replay", fixed_budget: int | None = None
+):
+    """The schedule the adapter trains under: the rollout's (replay, exact per position) or one fixed
+    budget at every position (fixed; None = the schedule's largest budget), same geometry and dense
+    layers. A dense rollout (None) stays dense."""
+    if schedule is None or budget_mode == "replay":
+        return schedule
+    if budget_mode != "fixed":
+        raise UserError(f"distill.budget_mode must be 'replay' or 'fixed', got {budget_mode!r}")
+    if fixed_budget is None:
+        fixed_budget = max((b for b in schedule.budgets if b is not None), default=None)
+    return Schedule.fixed(
+        fixed_budget,
+        bin_width=schedule.bin_width,
+        geometry=schedule.geometry,
+        dense_layers=schedule.dense_layers,
+        name=f"{schedule.name}/fixed-{fixed_budget}",
+    )
+
+
 class SparseDistiller:
     """The adapter, its optimizer and the distill step, on top of a `Policy` (collective like it)."""
 
     def __init__(
-        self, policy, spec: LoraSpec, kl_lambda: float = 1e-3, lr: float = 1e-4, tis_cap: float | None = None
+        self,
+        policy,
+        spec: LoraSpec,
+        kl_lambda: float = 1e-3,
+        lr: float = 1e-4,
+        tis_cap: float | None = None,
+        budget_mode: str = "replay",
+        fixed_budget: int | None = None,
     ):
         if kl_lambda < 0:
             raise UserError(f"distill.kl_lambda must be >= 0, got {kl_lambda}")
@@ -49,6 +77,8 @@ class SparseDistiller:
         self.lr = lr
         # The phase's own TIS cap (None: off), not grpo.tis_cap: the reference keeps the two apart.
         self.tis_cap = tis_cap
+        self.budget_mode, self.fixed_budget = budget_mode, fixed_budget
+        training_schedule(None, budget_mode)  # refuse an unknown mode here, not at the first step
         self.adapter = LoraAdapter(policy.model, policy.arch, spec, policy.config)
         self.optimizer = torch.optim.AdamW(self.adapter.parameters(), lr=lr, weight_decay=0.0)
         self.step_count = 0
@@ -89,6 +119,8 @@ class SparseDistiller:
                 raise UserError(
                     f"distill: sample {i} has {len(r)} response tokens but {len(lp)} dense log-probs"
                 )
+        # The PPO ratio's old log-probs come from the same sparse forward the adapter trains under.
+        schedules = [training_schedule(s, self.budget_mode, self.fixed_budget) for s in schedules]
         old = self.score(batch, schedules).logprobs
         work = dataclasses.replace(
             batch, old_logprobs=old, ref_logprobs=[torch.as_tensor(x) for x in dense_logprobs]

@@ -155,9 +155,9 @@ def transformer_config(
         long_context = LongContext(sequence_parallel=bool(long_context))
     if long_context.cp > 1 and not has_transformer_engine():
         raise UserError(
-            f"field 'trainer.cp' = {long_context.cp} needs Transformer Engine's attention (context "
-            "parallelism is implemented there only), which this machine does not have; use cp=1 with "
-            "recompute='full' and sequence parallelism"
+            f"field 'trainer.cp' = {long_context.cp}: trainer.cp > 1 needs Transformer Engine's attention "
+            "(the GPU image; Megatron's local attention has no context parallelism), which this machine "
+            "does not have; use cp=1 with recompute='full' and sequence parallelism"
         )
 
     fields = dict(

@@ -30,6 +30,7 @@ from sparrow_megatron.trainer.batch import (
 )
 from sparrow_megatron.trainer.checkpoint import load_checkpoint, save_checkpoint
 from sparrow_megatron.trainer.config import GRPOConfig, TrainerConfig
+from sparrow_megatron.trainer.context_parallel import local_micro_batch, merge_token_parts, sequence_multiple
 from sparrow_megatron.trainer.grpo import GRPOCoefs, grpo_token_loss, token_weights
 from sparrow_megatron.trainer.logprobs import token_stats
 from sparrow_megatron.trainer.model import (
@@ -151,11 +152,6 @@ class Policy:
         dtype = torch.bfloat16 if cfg.dtype == "bf16" else torch.float32
         # Built first: its checks (CP needs TE, recompute layers per stage) fail before any group is set up.
         self.config = transformer_config(self.arch, cfg.tp, cfg.pp, LongContext.of(cfg), dtype)
-        if cfg.cp > 1:
-            raise UserError(
-                "field 'trainer.cp' > 1: the trainer's context-parallel data split is not built "
-                "yet; use cp=1 with recompute='full' and sequence parallelism"
-            )
         init_distributed(cfg.tp, cfg.pp, cfg.cp)
         torch.manual_seed(seed)
         if compat.HAS_CUDA:
@@ -191,6 +187,12 @@ class Policy:
         self.dp_size = parallel_state.get_data_parallel_world_size()
         # SP splits the sequence (packed: the whole pack) over the TP ranks.
         self.pad_to = cfg.tp if self.config.sequence_parallel else 1
+        # CP splits each packed sequence into 2 * cp chunks (context_parallel.py).
+        self.cp = cfg.cp
+        self.cp_rank = parallel_state.get_context_parallel_rank()
+        self.seq_multiple = (
+            sequence_multiple(cfg.cp, cfg.tp, self.config.sequence_parallel) if cfg.cp > 1 else 1
+        )
 
     # ------------------------------------------------------------------ plumbing
 
@@ -213,10 +215,15 @@ class Policy:
 
     def _build_micro_batches(self, batch: RolloutBatch, sparse: bool) -> list[MicroBatch]:
         """This DP rank's micro-batches; a sparse forward attends per row, so it gets padded rows."""
-        packed = self.pack_sequences and not sparse
+        if sparse and self.cp > 1:
+            raise UserError(
+                "DistillSparse's sparse forward runs without context parallelism: set trainer.cp=1"
+            )
+        packed = (self.pack_sequences or self.cp > 1) and not sparse  # CP splits THD packs only
         _, packs = self._micro_batches(batch, packed)
         return [
-            build_micro_batch(batch, ids, pad_to=self.pad_to, packed=packed) for ids in packs[self.dp_rank]
+            build_micro_batch(batch, ids, pad_to=self.pad_to, packed=packed, seq_multiple=self.seq_multiple)
+            for ids in packs[self.dp_rank]
         ]
 
     def _run(self, micro_batches: list[MicroBatch], loss_fn, forward_only: bool, rows_of=None) -> list[dict]:
@@ -230,10 +237,16 @@ class Policy:
             packed = None
             if mb.packed:
                 cu = mb.cu_seqlens.to(dev)
+                padded = {}
+                if mb.cu_seqlens_padded is not None:  # global bounds; TE splits them per CP rank itself
+                    cu_pad = mb.cu_seqlens_padded.to(dev)
+                    padded = dict(cu_seqlens_q_padded=cu_pad, cu_seqlens_kv_padded=cu_pad)
                 packed = PackedSeqParams(
                     qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
-                    max_seqlen_q=mb.max_seqlen, max_seqlen_kv=mb.max_seqlen,
+                    max_seqlen_q=mb.max_seqlen, max_seqlen_kv=mb.max_seqlen, **padded,
                 )  # fmt: skip
+                if self.cp > 1:  # this CP rank's chunks; the loss sees its tokens only
+                    mb = local_micro_batch(mb, self.cp, self.cp_rank)
             with sparse_rows(rows_of(mb) if rows_of is not None else None):
                 # attention_mask=None: causal mask type, no [s, s] tensor (TE, SDPA and the sparse path).
                 output = model(mb.tokens.to(dev), mb.position_ids.to(dev), None, packed_seq_params=packed)
@@ -273,12 +286,15 @@ class Policy:
         return box[0]
 
     def _dp_gather(self, obj) -> list:
+        """From every data-parallel rank, and every CP rank (each scored a share of the tokens)."""
         from megatron.core import parallel_state
 
-        if self.dp_size == 1:
+        size = self.dp_size * self.cp
+        if size == 1:
             return [obj]
-        out = [None] * self.dp_size
-        torch.distributed.all_gather_object(out, obj, group=parallel_state.get_data_parallel_group())
+        out = [None] * size
+        group = parallel_state.get_data_parallel_group(with_context_parallel=self.cp > 1)
+        torch.distributed.all_gather_object(out, obj, group=group)
         return out
 
     # ------------------------------------------------------------------ scoring
@@ -314,6 +330,7 @@ class Policy:
             stats, sizes = self._token_stats(mb, logits, top_k=k)
             out = {
                 "ids": mb.sample_ids,
+                "sub": mb.target_subset,  # None: every token of each sample
                 "lp": stats.logprobs.cpu().split(sizes),
                 "ent": stats.entropy.cpu().split(sizes),
             }
@@ -325,15 +342,21 @@ class Policy:
         results = self._run(mbs, loss_fn, forward_only=True, rows_of=self.sparse_rows_of(batch, schedules))
         results = self._pp_broadcast(results)
         merged: dict[int, tuple] = {}
+        fields = ("lp", "ent", "topk_ids", "topk_lp") if k > 0 else ("lp", "ent")
+        pieces: dict[str, list] = {f: [] for f in fields}
         for part in self._dp_gather(results):
             for out in part:
                 for j, sid in enumerate(out["ids"]):
-                    merged[sid] = (
-                        out["lp"][j],
-                        out["ent"][j],
-                        out["topk_ids"][j] if k > 0 else None,
-                        out["topk_lp"][j] if k > 0 else None,
-                    )
+                    index = out["sub"][j] if out["sub"] is not None else slice(None)
+                    for f in fields:
+                        pieces[f].append((sid, index, out[f][j]))
+        lengths = {i: len(r) for i, r in enumerate(batch.response_ids)}
+        # CP ranks each hold some tokens of a sample; without CP a sample comes back whole.
+        by_field = {f: merge_token_parts(lengths, pieces[f]) for f in fields}
+        for sid in by_field["lp"]:
+            merged[sid] = tuple(
+                by_field[f][sid] if f in by_field else None for f in ("lp", "ent", "topk_ids", "topk_lp")
+            )
         n = len(batch)
         return ScoreResult(
             logprobs=[merged[i][0] for i in range(n)],
@@ -398,6 +421,11 @@ class Policy:
                 if not rows:
                     return torch.zeros(0, dtype=dtype, device=dev)
                 return torch.cat([torch.as_tensor(r, dtype=dtype) for r in rows]).to(dev)
+
+            def cat(rows, dtype=torch.float32, cat=cat):  # a CP rank keeps its own tokens of each sample
+                if mb.target_subset is not None:
+                    rows = [torch.as_tensor(r)[sub] for r, sub in zip(rows, mb.target_subset, strict=True)]
+                return cat(rows, dtype)
 
             old = cat([batch.old_logprobs[i] for i in ids])
             roll = cat([batch.rollout_logprobs[i] for i in ids])

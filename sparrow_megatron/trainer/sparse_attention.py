@@ -46,8 +46,24 @@ class SparseRow:
             dense_layers=tuple(schedule.dense_layers),
         )
 
+    @functools.cached_property
+    def all_dense(self) -> bool:
+        return all(b is None for b in self.budgets)
+
+    @functools.cached_property
+    def _budget_cpu(self) -> torch.Tensor:
+        return torch.tensor([-1 if b is None else b for b in self.budgets], dtype=torch.int64)
+
+    def budget_tensor(self, seq_len: int, device: torch.device) -> torch.Tensor:
+        """The per-position budgets as int64 [seq_len] on `device`, -1 = dense; converted once per row,
+        not once per layer (each layer's forward and its recompute read it)."""
+        b = self._budget_cpu[:seq_len]
+        if len(b) < seq_len:
+            b = torch.cat([b, b.new_full((seq_len - len(b),), -1)])
+        return b.to(device, non_blocking=True)
+
     def is_dense_in(self, layer_id: int) -> bool:
-        return layer_id in self.dense_layers or all(b is None for b in self.budgets)
+        return layer_id in self.dense_layers or self.all_dense
 
 
 _ACTIVE: list[Sequence[SparseRow]] = []
@@ -79,10 +95,10 @@ def sequence_sparse_attention(
 ) -> torch.Tensor:
     """One sequence, q [T, Hq, D], k/v [T, Hkv, D] post-RoPE -> [T, Hq, D]."""
     seq_len = q.shape[0]
-    budgets = list(row.budgets[:seq_len]) + [None] * max(0, seq_len - len(row.budgets))
     kernel = _kernel() if q.is_cuda else None
     if kernel is not None:
-        return kernel(q, k, v, budgets, geometry=row.geometry, scale=scale)
+        return kernel(q, k, v, row.budget_tensor(seq_len, q.device), geometry=row.geometry, scale=scale)
+    budgets = list(row.budgets[:seq_len]) + [None] * max(0, seq_len - len(row.budgets))
     out, _ = sparse_causal_attention_reference(q, k, v, budgets, geometry=row.geometry, scale=scale)
     return out
 

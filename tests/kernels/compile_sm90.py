@@ -36,7 +36,7 @@ def _compile(fn, pointers: dict[str, str], constexprs: dict) -> None:
 
 
 def main(groups=(2, 4, 5, 8)) -> None:
-    i32, i64, bf16, f32 = "*i32", "*i64", "*bf16", "*fp32"
+    i32, i64, bf16, f32, u8 = "*i32", "*i64", "*bf16", "*fp32", "*u8"
     for head_dim in (64, 128):
         dims = dict(HEAD_DIM=head_dim, BLOCK_D=head_dim)
         _compile(
@@ -66,16 +66,24 @@ def main(groups=(2, 4, 5, 8)) -> None:
                          NumSelected=i32, MidO=f32, MidLse=f32),
                     dict(gdims, PAGE_SIZE=16, PAGES_PER_BLOCK=4, DENSE=dense, FP32_DOT=False),
                 )  # fmt: skip
-            meta = dict(gdims, PAGE_SIZE=16, PAGES_PER_BLOCK=4, FP32_DOT=False)
+            rows = training_attention.rows_per_block(group)
+            meta = dict(gdims, BLOCK_G=triton.next_power_of_2(group), ROWS=rows, PAGE_SIZE=16, PAGES_PER_BLOCK=4,
+                        FP32_DOT=False)  # fmt: skip
             _compile(
                 training_attention._fwd_kernel,
-                dict(Q=bf16, K=bf16, V=bf16, RowOf=i32, PageTable=i32, NumSelected=i32, Out=bf16, Lse=f32),
+                dict(Q=bf16, K=bf16, V=bf16, RowBits=u8, QPages=i32, QCount=i32, Out=bf16, Lse=f32),
                 meta,
             )
             _compile(
-                training_attention._bwd_kernel,
-                dict(Q=bf16, K=bf16, V=bf16, DO=bf16, Lse=f32, Delta=f32, RowOf=i32, PageTable=i32,
-                     NumSelected=i32, DQ=f32, DK=f32, DV=f32),
+                training_attention._bwd_dq_kernel,
+                dict(Q=bf16, K=bf16, V=bf16, DO=bf16, Lse=f32, Delta=f32, RowBits=u8, QPages=i32, QCount=i32,
+                     DQ=f32),
+                meta,
+            )  # fmt: skip
+            _compile(
+                training_attention._bwd_dkdv_kernel,
+                dict(Q=bf16, K=bf16, V=bf16, DO=bf16, Lse=f32, Delta=f32, RowBits=u8, KvQBlocks=i32, KvCount=i32,
+                     DK=f32, DV=f32),
                 meta,
             )  # fmt: skip
         _compile(decode_attention._merge_kernel, dict(MidO=f32, MidLse=f32, Out=bf16), dict(dims, BLOCK_S=8))

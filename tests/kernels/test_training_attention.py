@@ -1,10 +1,16 @@
 import pytest
 import torch
-from sparrow_kernels.training_attention import block_sparse_attention, select_rows
+from sparrow_kernels.training_attention import (
+    block_sparse_attention,
+    budget_tensor,
+    fixed_budgets,
+    plan_rows,
+    select_blocks,
+)
 
 from sparrow_megatron.sparsity.reference import position_budgets, sparse_causal_attention_reference
 from sparrow_megatron.sparsity.schedule import Schedule
-from sparrow_megatron.sparsity.selection import pages_to_token_mask
+from sparrow_megatron.sparsity.selection import DEFAULT_GEOMETRY, plan_pages
 from tests.kernels.pool import DEVICE
 
 BF16_TOL = dict(atol=3e-2, rtol=3e-2)
@@ -26,22 +32,53 @@ def _schedule():
     return Schedule(budgets=(48, 80), bin_width=80)
 
 
-@pytest.mark.parametrize(("num_kv_heads", "group", "head_dim"), [(2, 2, 64), (1, 5, 128)])
-def test_selection_equals_reference_mask(num_kv_heads, group, head_dim):
+def test_device_plan_equals_the_rule():
+    seq_len = 200
+    budgets = position_budgets(_schedule(), 30, seq_len)
+    plan = plan_rows(budget_tensor(budgets, seq_len), 0, seq_len, DEFAULT_GEOMETRY)
+    for t in range(seq_len):
+        want = plan_pages(t + 1, budgets[t])
+        got = (int(plan.num_pages[t]), int(plan.num_selected[t]), int(plan.top_k[t]))
+        assert got == (want.num_pages, want.num_selected, -1 if want.dense else want.top_k), t
+        if not want.dense:
+            assert (int(plan.cand_start[t]), int(plan.cand_end[t])) == (
+                want.candidate_start,
+                want.candidate_end,
+            )
+    assert plan.max_selected >= int(plan.num_selected.max())
+
+
+@pytest.mark.parametrize(("num_kv_heads", "group", "head_dim", "rows"), [(2, 2, 64, 16), (1, 5, 128, 32)])
+def test_selection_equals_reference_mask(num_kv_heads, group, head_dim, rows):
     seq_len, prompt = 110, 20
     q, k, _ = _inputs(seq_len, num_kv_heads, group, head_dim, seed=group)
     budgets = position_budgets(_schedule(), prompt, seq_len)
-    _, want_mask = sparse_causal_attention_reference(q, k, k, budgets)
-    row_of, table, count = select_rows(q.to(DEVICE), k.to(DEVICE), budgets)
-    row_of, table, count = row_of.cpu(), table.cpu(), count.cpu()
-    for t in range(seq_len):
-        r = int(row_of[t])
-        if r < 0:
-            assert want_mask[:, t, : t + 1].all(), f"query {t} is dense in the kernel only"
-            continue
-        got = pages_to_token_mask(table[r, :, : int(count[r])].long(), t + 1)
-        assert torch.equal(got, want_mask[:, t, : t + 1]), f"query {t}"
-    assert (row_of >= 0).sum() > 50 and (count.max() > 3).item()  # most decode positions are sparse
+    _, want_mask = sparse_causal_attention_reference(q, k, k, budgets)  # [Hkv, T, T]
+    sel = select_blocks(
+        q.to(DEVICE), k.to(DEVICE), budget_tensor(budgets, seq_len, DEVICE), rows_per_block=rows
+    )
+    bits = sel.row_bits.cpu().long()  # [T, Hkv, bytes]
+    pages = torch.arange(bits.shape[2] * 8)
+    page_sel = (bits[..., pages // 8] >> (pages % 8)) & 1  # [T, Hkv, pages]
+    token_sel = page_sel.bool().repeat_interleave(16, -1)[..., :seq_len]
+    causal = torch.ones(seq_len, seq_len, dtype=torch.bool).tril()
+    assert torch.equal(token_sel & causal[:, None], want_mask.transpose(0, 1))
+    # the block unions hold every page a row of the block selected, and nothing else
+    for b in range(sel.q_pages.shape[0]):
+        for h in range(num_kv_heads):
+            union = page_sel[b * rows : (b + 1) * rows, h].any(0).nonzero().flatten()
+            got = sel.q_pages[b, h, : int(sel.q_count[b, h])].cpu().long()
+            assert torch.equal(got, union), (b, h)
+    # the inverted index: KV block j lists the query blocks whose union meets its pages
+    for j in range(sel.kv_q_blocks.shape[0]):
+        for h in range(num_kv_heads):
+            want = [
+                b
+                for b in range(sel.q_pages.shape[0])
+                if ((sel.q_pages[b, h, : int(sel.q_count[b, h])].cpu() // 4) == j).any()
+            ]
+            assert sel.kv_q_blocks[j, h, : int(sel.kv_count[j, h])].cpu().tolist() == want, (j, h)
+    assert (page_sel.sum(-1) < (torch.arange(seq_len) // 16 + 1)[:, None]).sum() > 50  # sparse rows
 
 
 @pytest.mark.parametrize(("num_kv_heads", "group", "head_dim"), [(1, 4, 64), (1, 8, 128)])
@@ -67,6 +104,22 @@ def test_forward_and_backward_match_reference_autograd(num_kv_heads, group, head
         torch.testing.assert_close(
             a.grad.cpu().float(), b.grad.float(), **BF16_TOL, msg=lambda m, n=name: f"d{n}: {m}"
         )
+
+
+def test_fixed_budget_mode_equals_reference_with_one_budget():
+    seq_len, prompt, budget = 72, 20, 48
+    q, k, v = _inputs(seq_len, 1, 2, 32, seed=11, dtype=torch.float32)
+    budgets = fixed_budgets(prompt, seq_len, budget)
+    assert budgets.tolist() == [-1] * prompt + [budget] * (seq_len - prompt)
+    want, _ = sparse_causal_attention_reference(q, k, v, [None] * prompt + [budget] * (seq_len - prompt))
+    got = block_sparse_attention(q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), budgets.to(DEVICE))
+    torch.testing.assert_close(got.cpu(), want, atol=1e-4, rtol=1e-4)
+
+
+def test_bad_budget_is_refused():
+    q, k, v = _inputs(64, 1, 2, 64, seed=1, dtype=torch.float32)
+    with pytest.raises(ValueError, match="multiple of page_size"):
+        block_sparse_attention(q, k, v, [None] * 40 + [40] * 24)
 
 
 def test_dense_budget_is_causal_attention():

@@ -1,4 +1,5 @@
-"""scripts/gpu_check.sh's CPU side: the self-test runs the decode harness at toy size and checks it."""
+"""scripts/gpu_check.sh's CPU side: the self-test runs the decode harness, the DistillSparse update bench and
+the trainer step at toy size and checks them."""
 
 from __future__ import annotations
 
@@ -23,6 +24,10 @@ def test_self_test_runs_the_harness_and_writes_the_summary(tmp_path):
     assert "## decode harness self-test (CPU, Triton interpreter): ok" in summary
     assert "| 200 | eager |" in summary and "| 200 | graph |" in summary
     assert "self-test ok" in summary
+    assert "## DistillSparse update self-test (CPU, Triton interpreter): ok" in summary
+    assert "distill self-test ok" in summary
+    assert "## trainer step self-test (CPU, tiny shape): ok" in summary
+    assert "trainer step self-test ok" in summary
 
 
 def test_harness_refuses_to_time_without_a_gpu():

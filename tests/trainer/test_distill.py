@@ -13,7 +13,7 @@ from sparrow_megatron.errors import UserError
 from sparrow_megatron.sparsity.schedule import Schedule
 from sparrow_megatron.sparsity.selection import PageGeometry
 from sparrow_megatron.trainer import RolloutBatch
-from sparrow_megatron.trainer.distill import SparseDistiller
+from sparrow_megatron.trainer.distill import SparseDistiller, training_schedule
 from sparrow_megatron.trainer.lora import LoraSpec
 from tests.trainer.policy_args import make_policy
 
@@ -100,6 +100,42 @@ def test_distill_uses_its_own_tis_cap(setup, cap, weight):
         metrics = distiller.step(batch, dense, schedules)
         assert metrics["tis_weight_mean"] == pytest.approx(weight, rel=1e-4)
         assert math.isfinite(metrics["loss"])
+    finally:
+        distiller.adapter.remove()
+
+
+def test_training_schedule_replays_or_fixes_the_budget():
+    growing = Schedule(budgets=(None, 8, 12), bin_width=16, geometry=SCHEDULE.geometry, dense_layers=(0,))
+    assert training_schedule(growing, "replay", None) is growing
+    assert training_schedule(None, "fixed", 8) is None  # a dense rollout stays dense
+    fixed = training_schedule(growing, "fixed", 8)
+    assert [fixed.budget_at(n) for n in (5, 20, 40, 1000)] == [8] * 4
+    assert (fixed.geometry, fixed.dense_layers) == (growing.geometry, growing.dense_layers)
+    assert training_schedule(growing, "fixed", None).budgets == (12,)  # null: the largest budget
+    with pytest.raises(UserError, match="budget_mode"):
+        training_schedule(growing, "bogus", None)
+
+
+@pytest.mark.parametrize("mode", ["replay", "fixed"])
+def test_distill_trains_under_the_budget_mode(setup, mode):
+    # Rollout log-probs = the sparse+adapter policy's own under one fixed budget of 8: the TIS weight
+    # exp(old - rollout) is exactly 1 when the step's forward uses that fixed budget, not when it
+    # replays the growing schedule.
+    policy, prompts, responses = setup
+    growing = Schedule(budgets=(None, 8, 12), bin_width=16, geometry=SCHEDULE.geometry, dense_layers=(0,))
+    distiller = SparseDistiller(
+        policy, LoraSpec(rank=2, alpha=4.0), tis_cap=100.0, budget_mode=mode, fixed_budget=8
+    )
+    try:
+        fixed = [training_schedule(growing, "fixed", 8)] * len(prompts)
+        own = distiller.score(RolloutBatch(prompts, responses), fixed).logprobs
+        dense = policy.score(RolloutBatch(prompts, responses), top_k=0).logprobs
+        batch = RolloutBatch(prompts, responses, [x.tolist() for x in own], [1.0] * len(prompts))
+        metrics = distiller.step(batch, dense, [growing] * len(prompts))
+        if mode == "fixed":
+            assert metrics["tis_weight_mean"] == pytest.approx(1.0, abs=1e-6)
+        else:
+            assert abs(metrics["tis_weight_mean"] - 1.0) > 1e-4
     finally:
         distiller.adapter.remove()
 

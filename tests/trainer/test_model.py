@@ -114,11 +114,6 @@ def test_long_context_settings_map_onto_megatron_fields(tiny_tied):
         LongContext(recompute="full", recompute_num_layers=3).config_fields(arch, tp=1, pp=2)
 
 
-def test_context_parallel_is_refused_at_validation_until_its_data_split_exists(tiny_tied):
-    with pytest.raises(UserError, match="'trainer.cp': context parallelism is not implemented yet"):
-        make_policy(str(tiny_tied), cp=2)
-
-
 @pytest.mark.skipif(has_transformer_engine(), reason="checks the machine without Transformer Engine")
 def test_context_parallel_without_transformer_engine_is_a_clear_error(tiny_tied):
     import torch
@@ -126,8 +121,12 @@ def test_context_parallel_without_transformer_engine_is_a_clear_error(tiny_tied)
     from sparrow_megatron.trainer.model import transformer_config
 
     arch = read_qwen3_config(tiny_tied)
-    with pytest.raises(UserError, match="'trainer.cp' = 2 needs Transformer Engine"):
+    want = r"'trainer.cp' = 2: trainer.cp > 1 needs Transformer Engine's attention \(the GPU image"
+    with pytest.raises(UserError, match=want):
         transformer_config(arch, 1, 1, LongContext(cp=2), torch.float32)
+    # where the model is built: before any process group exists
+    with pytest.raises(UserError, match=want):
+        make_policy(str(tiny_tied), cp=2)
 
 
 def test_job_config_long_context_fields_reach_the_trainer(tiny_tied):
