@@ -9,6 +9,7 @@ fleet of SGLang engines it launches or attaches to.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -170,7 +171,7 @@ class Loop:
         fleet = RolloutFleet(attached_rollout(cfg), fleet_options(cfg, self.model_dir, self.run))
         tracker = MlflowTracker.from_config(cfg)
         progress = LoopProgress(cfg.loop.steps, resume.step, cfg.monitor.tau)
-        with tracker, fleet, progress:
+        with tracker, fleet, progress, contextlib.closing(task):  # the task's judge pools stop with the loop
             resumed = resume.checkpoint is not None
             tags = context_tags(cfg.name)
             if cfg.data.kind == "code":  # only a code task runs generated programs: its isolation is a tag

@@ -5,6 +5,7 @@ A task is a pure function of (split, index), so a resumed run samples exactly th
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -23,6 +24,11 @@ class Task(Protocol):
     def prompts(self, split: str, start: int, count: int) -> list[Prompt]: ...
 
     def reward(self, prompt: Prompt, response: str) -> float: ...
+
+    def close(self) -> None: ...
+
+    # Optional: `submit_reward(prompt, response) -> Future[Judgement]`, judging in the task's own pools
+    # (see loop/judging.py); without it the loop calls reward() inline.
 
 
 class RecallTaskAdapter:
@@ -51,6 +57,9 @@ class RecallTaskAdapter:
 
         return recall_reward(response, prompt.example).reward
 
+    def close(self) -> None:
+        pass  # judged inline: a string comparison per sample
+
 
 class DatasetTask:
     """Math or code examples from the user's files; the eval split reads data.eval_path."""
@@ -71,14 +80,25 @@ class DatasetTask:
             if not examples:
                 raise UserError(f"{path}: no usable rows ({report.summary()})")
             self.splits[split] = examples
+        workers = cfg.reward.workers or max(1, (os.cpu_count() or 2) // 2)
         if self.kind == "code":
             from sparrow_megatron.reward.code_reward import CodeRewardConfig
-            from sparrow_megatron.reward.sandbox import SandboxPool, ensure_isolation
+            from sparrow_megatron.reward.judge_pool import ThreadJudgePool
+            from sparrow_megatron.reward.sandbox import IsolationUnavailable, SandboxPool, ensure_isolation
 
             self.code = CodeRewardConfig.from_section(cfg.reward)
             # Refuse here, before the fleet starts, if the machine cannot isolate the programs.
             ensure_isolation(self.code.sandbox)
-            self.pool = SandboxPool(self.code.sandbox, workers=cfg.reward.workers or None)
+            self.pool = SandboxPool(self.code.sandbox, workers=workers)
+            # A thread per response waits on its cases; the sandbox pool bounds the programs running
+            # (all-or-nothing runs a response's cases one after another in its thread: as many threads).
+            self.judges = ThreadJudgePool(workers if self.code.all_or_nothing else 4 * workers,
+                                          fatal=(IsolationUnavailable,))  # fmt: skip
+        else:
+            from sparrow_megatron.reward.judge_pool import ProcessJudgePool
+
+            self.judges = ProcessJudgePool(workers, cfg.reward.judge_timeout_s,
+                                           preload=("sparrow_megatron.reward.math_reward", "math_verify"))  # fmt: skip
 
     def prompts(self, split: str, start: int, count: int) -> list[Prompt]:
         examples = self.splits.get(split)
@@ -107,6 +127,33 @@ class DatasetTask:
         from sparrow_megatron.reward.code_reward import code_reward
 
         return float(code_reward(response, prompt.example.tests, self.code, self.pool).reward)
+
+    def submit_reward(self, prompt: Prompt, response: str):
+        """The reward as a Future[Judgement] from the task's judge pool (kept across steps)."""
+        if self.kind == "math":
+            from sparrow_megatron.reward.math_reward import math_reward_value
+
+            return self.judges.submit(math_reward_value, response, str(prompt.example.answer))
+        return self.judges.submit(_judged_code, response, prompt.example.tests, self.code, self.pool)
+
+    def close(self) -> None:
+        """Stop the judge pools (the loop's end)."""
+        self.judges.close()
+        if self.kind == "code":
+            self.pool.close()
+
+
+class JudgeFailed(RuntimeError):
+    """A code judgement in which the judge itself failed on a case: the response scores 0."""
+
+
+def _judged_code(response: str, tests, config, pool) -> float:
+    from sparrow_megatron.reward.code_reward import code_reward
+
+    score = code_reward(response, tests, config, pool)
+    if score.reason == "judge_error":
+        raise JudgeFailed(next(c.detail for c in score.cases if c.status == "judge_error"))
+    return score.reward
 
 
 def make_task(cfg: JobConfig, tokenizer) -> Task:
