@@ -21,7 +21,9 @@ class Prompt:
 
 
 class Task(Protocol):
-    def prompts(self, split: str, start: int, count: int) -> list[Prompt]: ...
+    def prompts(self, split: str, start: int, count: int) -> list[Prompt]: ...  # "train" or an eval set
+
+    def eval_sets(self) -> dict[str, int | None]: ...  # eval set name -> prompts (None: generated)
 
     def reward(self, prompt: Prompt, response: str) -> float: ...
 
@@ -41,7 +43,14 @@ class RecallTaskAdapter:
         self.tokenizer = tokenizer
         self.train_size = train_size
 
+    EVAL_SET = "recall"  # the task's own eval split, the embedded default's one evaluation set
+
+    def eval_sets(self) -> dict[str, int | None]:
+        return {self.EVAL_SET: None}
+
     def prompts(self, split: str, start: int, count: int) -> list[Prompt]:
+        split = "eval" if split == self.EVAL_SET else split
+
         def example(i: int):
             cycle = self.train_size if split == "train" else 0
             return self.task.example(split, i % cycle if cycle else i)
@@ -62,7 +71,7 @@ class RecallTaskAdapter:
 
 
 class DatasetTask:
-    """Math or code examples from the user's files; the eval split reads data.eval_path."""
+    """Math or code examples from the user's files: the "train" split, and one split per eval set."""
 
     def __init__(self, cfg: JobConfig, tokenizer):
         from sparrow_megatron.data.datasets import DatasetConfig, load_code_dataset, load_math_dataset
@@ -73,7 +82,8 @@ class DatasetTask:
         self._orders: dict[int, list[int]] = {}
         load = load_math_dataset if self.kind == "math" else load_code_dataset
         self.splits: dict[str, list] = {}
-        for split, path in (("train", cfg.data.train_path), ("eval", cfg.data.eval_path)):
+        self.paths = {"train": cfg.data.train_path, **cfg.data.eval_sets()}
+        for split, path in self.paths.items():
             if not path:
                 continue
             examples, report = load(DatasetConfig(path=path, **cfg.data.column_keys()))
@@ -100,10 +110,14 @@ class DatasetTask:
             self.judges = ProcessJudgePool(workers, cfg.reward.judge_timeout_s,
                                            preload=("sparrow_megatron.reward.math_reward", "math_verify"))  # fmt: skip
 
+    def eval_sets(self) -> dict[str, int | None]:
+        return {name: len(examples) for name, examples in self.splits.items() if name != "train"}
+
     def prompts(self, split: str, start: int, count: int) -> list[Prompt]:
         examples = self.splits.get(split)
         if not examples:
-            raise UserError(f"data: no {split} examples (set data.{split}_path)")
+            where = "data.train_path" if split == "train" else f"data.eval (sets: {sorted(self.eval_sets())})"
+            raise UserError(f"data: no {split!r} examples (set {where})")
         picked = [(i, examples[self._row(split, i, len(examples))]) for i in range(start, start + count)]
         return [Prompt(i, ex.prompt_text(self.tokenizer), ex) for i, ex in picked]
 
