@@ -38,7 +38,10 @@ class Collected:
             "reward/mean": float(np.mean(rewards)) if rewards else 0.0,
             # Judgements that failed on this step (each scored 0): timeouts, crashed or dead judges.
             "reward/judge_errors": float(self.judge_errors),
-            **{f"reward/judge_errors/{r}": float(self.judge_error_reasons.get(r, 0)) for r in JUDGE_ERROR_REASONS},
+            **{
+                f"reward/judge_errors/{r}": float(self.judge_error_reasons.get(r, 0))
+                for r in JUDGE_ERROR_REASONS
+            },
             "time/reward_s": self.reward_wait_s,
             "rollout/response_len": float(np.mean([s.response_len for s in samples])) if samples else 0.0,
             "rollout/tokens_per_s": self.tokens_per_s,
@@ -76,4 +79,3 @@ def collect(step: int, cfg, task, tokenizer, fleet, sampling: SamplingParams, sc
 def seeded(sampling: SamplingParams, seed: int, step: int) -> SamplingParams:
     """Per-step sampling seed: a resumed run draws the same tokens as an uninterrupted one."""
     return replace(sampling, seed=seed * 1_000_003 + step * 7919)
-

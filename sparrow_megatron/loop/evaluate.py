@@ -98,4 +98,6 @@ def evaluate(
 def eval_sampling(sampling: SamplingParams, seed: int, max_new_tokens: int = 0) -> SamplingParams:
     """The same draws at every evaluation, so changes between evaluations are the policy's; its own
     generation cutoff when `max_new_tokens` is set (loop.eval_max_response_tokens)."""
-    return replace(sampling, seed=seed * 1_000_003 + 104_729, max_new_tokens=max_new_tokens or sampling.max_new_tokens)
+    return replace(
+        sampling, seed=seed * 1_000_003 + 104_729, max_new_tokens=max_new_tokens or sampling.max_new_tokens
+    )

@@ -53,7 +53,9 @@ class RewardCollector:
     def on_sample(self, sample: Sample) -> None:
         if not (self.judge_all or is_usable(sample)):
             return
-        future = submit(self.task, self.prompts[sample.prompt_index], self.tokenizer.decode(sample.output_ids))
+        future = submit(
+            self.task, self.prompts[sample.prompt_index], self.tokenizer.decode(sample.output_ids)
+        )
         with self._lock:
             self._futures[(sample.prompt_index, sample.sample_index)] = future
 

@@ -142,7 +142,11 @@ class StepRecorder:
             )
         evals = [r for r in rows if "eval/n" in r]
         if evals:
-            keys = [k for k in eval_headline_keys(evals[-1]) if all(isinstance(r.get(k), int | float) for r in evals)]
+            keys = [
+                k
+                for k in eval_headline_keys(evals[-1])
+                if all(isinstance(r.get(k), int | float) for r in evals)
+            ]
             out.append(
                 plot_rewards(
                     folder / "eval.png",

@@ -5,7 +5,14 @@ from dataclasses import dataclass
 
 import pytest
 
-from sparrow_megatron.loop.evaluate import EvalSpec, eval_sampling, evaluate, pass_at_k, reported_ks, set_metrics
+from sparrow_megatron.loop.evaluate import (
+    EvalSpec,
+    eval_sampling,
+    evaluate,
+    pass_at_k,
+    reported_ks,
+    set_metrics,
+)
 from sparrow_megatron.loop.tasks import Prompt
 from sparrow_megatron.rollout.types import GenerationResult, Sample, SamplingParams
 from sparrow_megatron.sparsity.schedule import Schedule
@@ -88,7 +95,12 @@ def test_evaluate_scores_every_set_dense_and_sparse():
     sampling = eval_sampling(SamplingParams(max_new_tokens=256), seed=0, max_new_tokens=1024)
     out = evaluate(fleet, _Task(), _Tokenizer(), EvalSpec(prompts=0, n=2), sampling, schedule)
     # The whole of each set (prompts=0), dense then sparse, under evaluation's own cutoff.
-    assert fleet.calls == [(2, 2, None, 1024), (2, 2, schedule, 1024), (3, 2, None, 1024), (3, 2, schedule, 1024)]
+    assert fleet.calls == [
+        (2, 2, None, 1024),
+        (2, 2, schedule, 1024),
+        (3, 2, None, 1024),
+        (3, 2, schedule, 1024),
+    ]
     assert out["eval/n"] == 2 and out["eval/aime/prompts"] == 2 and out["eval/math/prompts"] == 3
     for name, prompts in (("aime", 2), ("math", 3)):
         assert out[f"eval/{name}/dense/mean_at_2"] == 1.0 and out[f"eval/{name}/dense/pass_at_2"] == 1.0
@@ -110,5 +122,7 @@ def test_a_crashing_judge_scores_0_and_is_counted():
                 raise ZeroDivisionError("adversarial output")
             return super().reward(prompt, response)
 
-    out = evaluate(_Fleet([]), Crashy(), _Tokenizer(), EvalSpec(2, 2), SamplingParams(), None, sets={"aime": 2})
+    out = evaluate(
+        _Fleet([]), Crashy(), _Tokenizer(), EvalSpec(2, 2), SamplingParams(), None, sets={"aime": 2}
+    )
     assert out["eval/aime/dense/judge_errors"] == 2 and out["eval/aime/dense/mean_at_2"] == 0.5

@@ -27,7 +27,9 @@ class _MathTask:
 
     def __init__(self):
         # Preloaded as the task's pool does: an import inside a judgement would count against its time.
-        self.pool = ProcessJudgePool(2, timeout_s=5.0, preload=("sparrow_megatron.reward.math_reward", "math_verify"))
+        self.pool = ProcessJudgePool(
+            2, timeout_s=5.0, preload=("sparrow_megatron.reward.math_reward", "math_verify")
+        )
         self.done = 0
         self.lock = threading.Lock()
 
@@ -60,7 +62,9 @@ class _Fleet:
             group = []
             for j in range(n):
                 out = [ord(c) for c in self.responses[i * n + j]]
-                s = Sample(i, j, list(prompts[i]), out, [0.0] * len(out), [], [], "stop", 0, 0, None, None, 0.0)
+                s = Sample(
+                    i, j, list(prompts[i]), out, [0.0] * len(out), [], [], "stop", 0, 0, None, None, 0.0
+                )
                 on_sample(s)
                 group.append(s)
             groups.append(group)

@@ -54,7 +54,7 @@ DETERMINISTIC = (
     "train/entropy",
     "rollout/response_len",
 )
-WALL_CLOCK = ("tokens_per_s",)  # eval/<set>/<path>/tokens_per_s is a timing inside the deterministic eval/ rows
+WALL_CLOCK = ("tokens_per_s",)  # eval/<set>/<path>/tokens_per_s: a timing inside the eval/ rows
 
 
 def _env() -> dict[str, str]:

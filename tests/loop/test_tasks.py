@@ -107,7 +107,9 @@ def test_math_task_reads_every_named_eval_set(tmp_path):
     sets = {}
     for name, n in (("aime24", 2), ("math500", 3)):
         path = tmp_path / f"{name}.jsonl"
-        path.write_text("".join(json.dumps({"problem": f"{name} {i}?", "answer": str(i)}) + "\n" for i in range(n)))
+        path.write_text(
+            "".join(json.dumps({"problem": f"{name} {i}?", "answer": str(i)}) + "\n" for i in range(n))
+        )
         sets[name] = str(path)
     legacy = tmp_path / "amc.jsonl"
     legacy.write_text(json.dumps({"problem": "amc?", "answer": "7"}) + "\n")
