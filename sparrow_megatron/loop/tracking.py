@@ -135,7 +135,7 @@ class DatasetRef:
     """A dataset the run reads, as logged to MLflow's inputs: where, which content, how many rows."""
 
     name: str
-    context: str  # "train" or "eval"
+    context: str  # "train", or "eval/<set>" for each evaluation set
     source: str  # a path, or a description of a generated task
     digest: str
     rows: int
