@@ -115,3 +115,20 @@ def test_evaluations_are_their_own_rows_and_plot(tmp_path):
         )
     assert [r["step"] for r in run.read_metrics()] == [1, 0, 1]
     assert {p.name for p in recorder.plots()} == {"reward.png", "eval.png"}
+
+
+def test_console_prints_one_line_per_eval_set():
+    from sparrow_megatron.loop.recorder import eval_lines
+
+    metrics = {"eval/n": 4.0, "eval/aime/prompts": 30.0, "eval/math500/prompts": 500.0}
+    for name, value in (("aime", 0.25), ("math500", 0.5)):
+        for path in ("dense", "sparse"):
+            metrics |= {f"eval/{name}/{path}/mean_at_4": value, f"eval/{name}/{path}/pass_at_1": value,
+                        f"eval/{name}/{path}/pass_at_2": 0.7, f"eval/{name}/{path}/pass_at_4": 0.9}  # fmt: skip
+    lines = eval_lines(8, metrics)
+    assert lines == [
+        "[cyan]eval[/] aime after step 8 (30 prompts x 4): dense mean@4 0.250 pass@1 0.250 pass@4 0.900, "
+        "sparse mean@4 0.250 pass@1 0.250 pass@4 0.900",
+        "[cyan]eval[/] math500 after step 8 (500 prompts x 4): dense mean@4 0.500 pass@1 0.500 pass@4 0.900, "
+        "sparse mean@4 0.500 pass@1 0.500 pass@4 0.900",
+    ]
