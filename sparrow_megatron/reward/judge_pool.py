@@ -30,6 +30,10 @@ JUDGE_ERROR_REASONS = (TIMEOUT, CRASHED, DIED)
 START_TIMEOUT_S = 300.0  # a worker process importing sympy on a loaded node; not part of any judgement
 
 
+class JudgeUnavailable(RuntimeError):
+    """A judge process cannot start (its imports fail): the step stops instead of scoring 0s."""
+
+
 @dataclass(frozen=True)
 class Judgement:
     reward: float
@@ -73,8 +77,12 @@ def _serve(conn, preload: tuple[str, ...]) -> None:
     import importlib
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle; it stops us
-    for name in preload:
-        importlib.import_module(name)
+    try:
+        for name in preload:
+            importlib.import_module(name)
+    except BaseException as err:  # noqa: BLE001 - told to the parent, which refuses to judge
+        conn.send(f"{type(err).__name__}: {err}")
+        return
     conn.send("ready")
     while True:
         try:
@@ -109,9 +117,17 @@ class _Worker:
         child.close()
         self.conn = parent
         # Ready before the clock of any judgement starts: imports are not the judged output's fault.
-        if not parent.poll(START_TIMEOUT_S) or parent.recv() != "ready":
+        try:
+            answer = (
+                parent.recv() if parent.poll(START_TIMEOUT_S) else f"no answer in {START_TIMEOUT_S:.0f} s"
+            )
+        except EOFError:
+            answer = "it exited"
+        if answer != "ready":
             self.stop()
-            raise RuntimeError(f"a judge process did not start within {START_TIMEOUT_S:.0f} s")
+            raise JudgeUnavailable(
+                f"a judge process could not start ({answer}); preloading {list(self.preload)}"
+            )
 
     def call(self, fn, args, timeout_s: float) -> Judgement:
         self._ensure()
@@ -167,7 +183,9 @@ class ProcessJudgePool:
         worker = self._idle.get()
         try:
             return worker.call(fn, args, self.timeout_s)
-        except Exception as err:  # noqa: BLE001 - a process that cannot start, a pickling error
+        except JudgeUnavailable:
+            raise  # no judge at all: scoring every sample 0 would train on nothing, silently
+        except Exception as err:  # noqa: BLE001 - a pickling error
             return _crash(err)
         finally:
             self._idle.put(worker)

@@ -65,3 +65,14 @@ def test_thread_pool_crash_is_a_counted_zero_and_fatal_errors_go_up():
             pool.submit(refuse, "").result()
     finally:
         pool.close()
+
+
+def test_a_judge_that_cannot_start_stops_the_step_instead_of_scoring_0():
+    from sparrow_megatron.reward.judge_pool import JudgeUnavailable
+
+    broken = ProcessJudgePool(workers=1, timeout_s=10.0, preload=("no_such_module_for_judging",))
+    try:
+        with pytest.raises(JudgeUnavailable, match="ModuleNotFoundError.*no_such_module_for_judging"):
+            broken.submit(judges.pid, "").result()
+    finally:
+        broken.close()
