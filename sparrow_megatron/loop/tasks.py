@@ -82,8 +82,7 @@ class DatasetTask:
         self._orders: dict[int, list[int]] = {}
         load = load_math_dataset if self.kind == "math" else load_code_dataset
         self.splits: dict[str, list] = {}
-        self.paths = {"train": cfg.data.train_path, **cfg.data.eval_sets()}
-        for split, path in self.paths.items():
+        for split, path in {"train": cfg.data.train_path, **cfg.data.eval_sets()}.items():
             if not path:
                 continue
             examples, report = load(DatasetConfig(path=path, **cfg.data.column_keys()))
