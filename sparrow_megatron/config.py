@@ -215,9 +215,10 @@ def problems(cfg: JobConfig, check_paths: bool = True) -> list[str]:
     _placement_problems(cfg, p)
     _model_problems(cfg, p)
     p.need(
-        cfg.loop.eval_every == 0 or bool(cfg.data.eval_path) or cfg.data.kind == "synthetic",
+        cfg.loop.eval_every == 0 or bool(cfg.data.eval_sets()) or cfg.data.kind == "synthetic",
         "loop.eval_every",
-        f"periodic evaluation of data.kind={cfg.data.kind!r} needs held-out prompts in data.eval_path",
+        f"periodic evaluation of data.kind={cfg.data.kind!r} needs held-out prompts: "
+        "data.eval={name: path, ...} (or data.eval_path)",
     )
     return found + p
 

@@ -121,6 +121,9 @@ def test_bad_overrides_name_the_field(override, needle):
         ("data.train_path=/nonexistent/train.jsonl", "data.train_path"),
         ("model.hf_dir=/nonexistent/model", "model.hf_dir"),
         ("tracking.copy_weights=-1", "tracking.copy_weights"),
+        ("loop.eval_max_response_tokens=-1", "loop.eval_max_response_tokens"),
+        ("reward.judge_timeout_s=0", "reward.judge_timeout_s"),
+        ("data.eval={aime24: /nonexistent/aime24.jsonl}", "data.eval.aime24"),
     ],
 )
 def test_validation_names_the_field(override, field):
@@ -176,6 +179,25 @@ def test_math_needs_a_train_path(tmp_path):
     train = tmp_path / "train.jsonl"
     train.write_text("{}\n")
     validate(apply_overrides(cfg, [f"data.train_path={train}"]))
+
+
+def test_named_eval_sets_and_eval_path_as_a_set_named_after_its_file(tmp_path):
+    train, aime, math500 = (tmp_path / f"{n}.jsonl" for n in ("train", "aime24", "math500"))
+    for f in (train, aime, math500):
+        f.write_text("{}\n")
+    base = apply_overrides(JobConfig(), ["data.kind=math", f"data.train_path={train}", "loop.eval_every=2"])
+    with pytest.raises(UserError, match=r"field 'loop.eval_every'.*data.eval=\{name: path"):
+        validate(base)  # evaluation without eval sets
+    cfg = apply_overrides(base, [f"data.eval={{aime: {aime}}}", f"data.eval_path={math500}"])
+    validate(cfg)
+    assert cfg.data.eval_sets() == {"aime": str(aime), "math500": str(math500)}
+    clash = apply_overrides(base, [f"data.eval={{math500: {aime}}}", f"data.eval_path={math500}"])
+    with pytest.raises(UserError, match="field 'data.eval_path': its set name 'math500'"):
+        validate(clash)
+    with pytest.raises(UserError, match="field 'data.eval': set name 'train'"):
+        validate(apply_overrides(base, [f"data.eval={{train: {aime}}}"]))
+    with pytest.raises(UserError, match="field 'data.eval': the synthetic task evaluates on its own"):
+        validate(apply_overrides(JobConfig(), [f"data.eval={{aime: {aime}}}"]))
 
 
 def test_tp_checked_against_the_model_config(tmp_path):

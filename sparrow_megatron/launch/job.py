@@ -5,6 +5,7 @@ those engines through the env contract (`rollout.urls=env`)."""
 from __future__ import annotations
 
 import importlib.util
+import json
 import shlex
 from pathlib import Path
 
@@ -87,6 +88,9 @@ def launch_spec(cfg: JobConfig, recipe: str, overrides: list[str]) -> LaunchSpec
     paths = {"model.hf_dir": cfg.model.hf_dir, "data.train_path": cfg.data.train_path,
              "data.eval_path": cfg.data.eval_path}  # fmt: skip
     absolute = [f"{key}={Path(value).expanduser().absolute()}" for key, value in paths.items() if value]
+    if cfg.data.eval:  # JSON is a YAML flow mapping: the override parser reads it back as the dict
+        sets = {name: str(Path(path).expanduser().absolute()) for name, path in cfg.data.eval.items()}
+        absolute.append(f"data.eval={json.dumps(sets)}")
     trainer_cmd = [
         *cli, "train", str(Path(recipe).absolute()), *overrides, *absolute,
         *attach, f"loop.run_dir={run_dir}",

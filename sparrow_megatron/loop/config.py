@@ -88,12 +88,14 @@ class MonitorConfig:
 class LoopConfig:
     steps: int = 20
     prompts_per_step: int = 8
-    # Periodic evaluation (dense and sparse, mean@k / pass@k on held-out prompts): before the first step
-    # and after every eval_every-th and the last. 0 = none.
+    # Periodic evaluation of every eval set (data.eval; the synthetic task's own eval split), dense and
+    # sparse: mean@n and unbiased pass@k, before the first step and after every eval_every-th and the last.
+    # 0 = none.
     eval_every: int = 0
-    eval_prompts: int = 0  # the first N of the eval split; 0 = prompts_per_step
-    eval_samples: int = 4  # k
+    eval_prompts: int = 0  # the first N of each set; 0 = the whole set (synthetic: prompts_per_step)
+    eval_samples: int = 4  # n samples per prompt: pass@k for k = 1, 2, 4, ... up to n, and n
     eval_pass_reward: float = 1.0  # a sample passes (for pass@k) when its reward reaches this
+    eval_max_response_tokens: int = 0  # evaluation's generation cutoff; 0 = data.max_response_tokens
     checkpoint_every: int = 10  # 0 = only the final checkpoint
     seed: int = 0
     run_dir: str = "runs/sparrow"
@@ -104,7 +106,8 @@ class LoopConfig:
             1, steps=self.steps, prompts_per_step=self.prompts_per_step, eval_samples=self.eval_samples
         )
         p.at_least(0, eval_every=self.eval_every, eval_prompts=self.eval_prompts,
-                   checkpoint_every=self.checkpoint_every)  # fmt: skip
+                   checkpoint_every=self.checkpoint_every,
+                   eval_max_response_tokens=self.eval_max_response_tokens)  # fmt: skip
         p.non_empty(run_dir=self.run_dir)
         return p
 

@@ -27,10 +27,21 @@ from sparrow_megatron.sparsity.schedule import Schedule
 
 log = logging.getLogger(__name__)
 
-# Per-run constants that some rows carry: params in MLflow, not metrics.
-PARAM_KEYS = ("eval/k", "eval/prompts")
+# Per-run constants that some rows carry: params in MLflow, not metrics (eval/n, eval/<set>/prompts).
+PARAM_KEYS = re.compile(r"^eval/(n|[^/]+/prompts)$")
 _BIN_COUNT = re.compile(r"^tail_bin_(\d+)/count$")
-EVAL_KEYS = tuple(f"eval/{path}/{m}" for path in ("dense", "sparse") for m in ("mean_at_k", "pass_at_k"))
+_EVAL_SCORE = re.compile(r"^eval/([^/]+)/(dense|sparse)/(mean|pass)_at_(\d+)$")
+
+
+def eval_headline_keys(row: Mapping[str, Any]) -> list[str]:
+    """The eval keys a chart or a summary shows: mean@n, pass@1 and pass@n of each set and path."""
+    n = int(row.get("eval/n", 0))
+    keep = []
+    for key in row:
+        m = _EVAL_SCORE.match(key)
+        if m and (m.group(3) == "mean" or int(m.group(4)) in (1, n)):
+            keep.append(key)
+    return keep
 
 
 class StepRecorder:
@@ -68,20 +79,14 @@ class StepRecorder:
         """An evaluation of the weights after `step` updates (0: the initial policy); its own row."""
         self._store(step, metrics, what=f"eval after step {step}")
         if self.progress is not None:
-            parts = [
-                f"{path} mean@k {metrics[f'eval/{path}/mean_at_k']:.3f} pass@k {metrics[f'eval/{path}/pass_at_k']:.3f}"
-                for path in ("dense", "sparse")
-                if f"eval/{path}/mean_at_k" in metrics
-            ]
-            self.progress.print(
-                f"[cyan]eval[/] after step {step} (k={int(metrics['eval/k'])}): " + ", ".join(parts)
-            )
+            for line in eval_lines(step, metrics):
+                self.progress.print(line)
 
     def _store(self, step: int, metrics: Mapping[str, Any], what: str) -> None:
         self.run_dir.append_metrics(step, metrics)  # first: the durable record survives an MLflow outage
         if self.tracker is not None:
             try:
-                constants = {k: _param_value(metrics[k]) for k in PARAM_KEYS if k in metrics}
+                constants = {k: _param_value(v) for k, v in metrics.items() if PARAM_KEYS.match(k)}
                 if constants:
                     self.tracker.log_params(constants)
                 skip = self.constant_keys.union(constants)
@@ -135,9 +140,13 @@ class StepRecorder:
                     smooth=5 if len(steps) >= 10 else 0,
                 )
             )
-        evals = [r for r in rows if isinstance(r.get(EVAL_KEYS[0]), int | float)]
+        evals = [r for r in rows if "eval/n" in r]
         if evals:
-            keys = [k for k in EVAL_KEYS if all(isinstance(r.get(k), int | float) for r in evals)]
+            keys = [
+                k
+                for k in eval_headline_keys(evals[-1])
+                if all(isinstance(r.get(k), int | float) for r in evals)
+            ]
             out.append(
                 plot_rewards(
                     folder / "eval.png",
@@ -171,6 +180,25 @@ class StepRecorder:
                 self.tracker.log_artifact(path)
 
 
+def eval_lines(step: int, metrics: Mapping[str, Any]) -> list[str]:
+    """The console's lines for an evaluation: one per set, its paths' mean@n, pass@1 and pass@n."""
+    n = int(metrics.get("eval/n", 0))
+    sets = dict.fromkeys(m.group(1) for m in map(_EVAL_SCORE.match, metrics) if m)
+    lines = []
+    for name in sets:
+        parts = []
+        for path in ("dense", "sparse"):
+            key = f"eval/{name}/{path}"
+            if f"{key}/mean_at_{n}" not in metrics:
+                continue
+            ks = sorted({1, n})
+            scores = " ".join(f"pass@{k} {metrics[f'{key}/pass_at_{k}']:.3f}" for k in ks)
+            parts.append(f"{path} mean@{n} {metrics[f'{key}/mean_at_{n}']:.3f} {scores}")
+        prompts = int(metrics.get(f"eval/{name}/prompts", 0))
+        lines.append(f"[cyan]eval[/] {name} after step {step} ({prompts} prompts x {n}): " + ", ".join(parts))
+    return lines
+
+
 def _param_value(value: Any) -> Any:
     """4.0 -> 4: counts read as counts on the run page."""
     return int(value) if isinstance(value, float) and value.is_integer() else value
@@ -191,8 +219,8 @@ def summary_rows(summary: Any, tau: float) -> list[tuple[str, str]]:
             rows.append((f"p5 acceptance, bin from {start}", f"{last[key]:.3f} (tau {tau})"))
     if len(summary.evals) >= 2:
         (s0, e0), (s1, e1) = summary.evals[0], summary.evals[-1]
-        for key in (k for k in e1 if k.endswith(("mean_at_k", "pass_at_k")) and k in e0):
-            name = key.removeprefix("eval/").replace("/", " ").replace("_at_k", "@k")
+        for key in (k for k in eval_headline_keys(e1) if k in e0):
+            name = key.removeprefix("eval/").replace("/", " ").replace("_at_", "@")
             rows.append((f"eval {name} (step {s0} -> {s1})", f"{e0[key]:.3f} -> {e1[key]:.3f}"))
     for key, value in summary.throughput.items():
         rows.append((key.replace("_", " "), f"{value:.3f}" if "reward" in key else f"{value:.1f}"))

@@ -9,6 +9,7 @@ fleet of SGLang engines it launches or attaches to.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -170,7 +171,7 @@ class Loop:
         fleet = RolloutFleet(attached_rollout(cfg), fleet_options(cfg, self.model_dir, self.run))
         tracker = MlflowTracker.from_config(cfg)
         progress = LoopProgress(cfg.loop.steps, resume.step, cfg.monitor.tau)
-        with tracker, fleet, progress:
+        with tracker, fleet, progress, contextlib.closing(task):  # the task's judge pools stop with the loop
             resumed = resume.checkpoint is not None
             tags = context_tags(cfg.name)
             if cfg.data.kind == "code":  # only a code task runs generated programs: its isolation is a tag
@@ -197,7 +198,7 @@ class Loop:
                 recorder.schedule_changed(1, schedule)
             run_eval = self._evaluator(fleet, task, tokenizer, sampling, recorder, summary)
             # The initial policy: the baseline every later evaluation is read against (once per run).
-            if run_eval and not any(r["step"] == 0 and "eval/k" in r for r in self.run.read_metrics()):
+            if run_eval and not any(r["step"] == 0 and "eval/n" in r for r in self.run.read_metrics()):
                 run_eval(0, schedule)
             for step in range(resume.next_step, cfg.loop.steps + 1):
                 metrics = self._step(step, task, tokenizer, fleet, policy, monitor, schedule, sampling)
@@ -230,8 +231,10 @@ class Loop:
         loop = self.cfg.loop
         if not loop.eval_every:
             return None
-        spec = EvalSpec(loop.eval_prompts or loop.prompts_per_step, loop.eval_samples, loop.eval_pass_reward)
-        seeded = eval_sampling(sampling, loop.seed)
+        # A file set is evaluated whole by default; the synthetic task's generated split has no end.
+        prompts = loop.eval_prompts or (loop.prompts_per_step if self.cfg.data.kind == "synthetic" else 0)
+        spec = EvalSpec(prompts, loop.eval_samples, loop.eval_pass_reward)
+        seeded = eval_sampling(sampling, loop.seed, loop.eval_max_response_tokens)
 
         def run_eval(step: int, schedule: Schedule | None) -> None:
             metrics = evaluate(fleet, task, tokenizer, spec, seeded, schedule)
@@ -395,13 +398,16 @@ class _PhaseTimer:
 
 
 def _measure_throughput(fleet, task, tokenizer, cfg: JobConfig, schedule) -> dict[str, float]:
-    """Rollout tokens/s (and greedy reward) of the same eval prompts, dense and with the schedule."""
-    spec = EvalSpec(max(cfg.loop.prompts_per_step, 1), cfg.rollout.n_samples)
+    """Rollout tokens/s (and greedy reward) of the same prompts (the first eval set's, else the train
+    split's), dense and with the schedule."""
+    n = cfg.rollout.n_samples
+    spec = EvalSpec(max(cfg.loop.prompts_per_step, 1), n)
     greedy = SamplingParams(temperature=0.0, max_new_tokens=cfg.data.max_response_tokens)
-    out = evaluate(fleet, task, tokenizer, spec, greedy, schedule)
+    name, size = next(iter(task.eval_sets().items()), ("train", None))
+    out = evaluate(fleet, task, tokenizer, spec, greedy, schedule, sets={name: size})
     result = {}
     for path in ("dense", "sparse"):
-        if f"eval/{path}/tokens_per_s" in out:
-            result[f"{path}_tokens_per_s"] = out[f"eval/{path}/tokens_per_s"]
-            result[f"{path}_greedy_reward"] = out[f"eval/{path}/mean_at_k"]
+        if f"eval/{name}/{path}/tokens_per_s" in out:
+            result[f"{path}_tokens_per_s"] = out[f"eval/{name}/{path}/tokens_per_s"]
+            result[f"{path}_greedy_reward"] = out[f"eval/{name}/{path}/mean_at_{n}"]
     return result

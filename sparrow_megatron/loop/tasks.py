@@ -5,6 +5,7 @@ A task is a pure function of (split, index), so a resumed run samples exactly th
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -20,9 +21,16 @@ class Prompt:
 
 
 class Task(Protocol):
-    def prompts(self, split: str, start: int, count: int) -> list[Prompt]: ...
+    def prompts(self, split: str, start: int, count: int) -> list[Prompt]: ...  # "train" or an eval set
+
+    def eval_sets(self) -> dict[str, int | None]: ...  # eval set name -> prompts (None: generated)
 
     def reward(self, prompt: Prompt, response: str) -> float: ...
+
+    def close(self) -> None: ...
+
+    # Optional: `submit_reward(prompt, response) -> Future[Judgement]`, judging in the task's own pools
+    # (see loop/judging.py); without it the loop calls reward() inline.
 
 
 class RecallTaskAdapter:
@@ -35,7 +43,14 @@ class RecallTaskAdapter:
         self.tokenizer = tokenizer
         self.train_size = train_size
 
+    EVAL_SET = "recall"  # the task's own eval split, the embedded default's one evaluation set
+
+    def eval_sets(self) -> dict[str, int | None]:
+        return {self.EVAL_SET: None}
+
     def prompts(self, split: str, start: int, count: int) -> list[Prompt]:
+        split = "eval" if split == self.EVAL_SET else split
+
         def example(i: int):
             cycle = self.train_size if split == "train" else 0
             return self.task.example(split, i % cycle if cycle else i)
@@ -51,9 +66,12 @@ class RecallTaskAdapter:
 
         return recall_reward(response, prompt.example).reward
 
+    def close(self) -> None:
+        pass  # judged inline: a string comparison per sample
+
 
 class DatasetTask:
-    """Math or code examples from the user's files; the eval split reads data.eval_path."""
+    """Math or code examples from the user's files: the "train" split, and one split per eval set."""
 
     def __init__(self, cfg: JobConfig, tokenizer):
         from sparrow_megatron.data.datasets import DatasetConfig, load_code_dataset, load_math_dataset
@@ -64,26 +82,41 @@ class DatasetTask:
         self._orders: dict[int, list[int]] = {}
         load = load_math_dataset if self.kind == "math" else load_code_dataset
         self.splits: dict[str, list] = {}
-        for split, path in (("train", cfg.data.train_path), ("eval", cfg.data.eval_path)):
+        for split, path in {"train": cfg.data.train_path, **cfg.data.eval_sets()}.items():
             if not path:
                 continue
             examples, report = load(DatasetConfig(path=path, **cfg.data.column_keys()))
             if not examples:
                 raise UserError(f"{path}: no usable rows ({report.summary()})")
             self.splits[split] = examples
+        workers = cfg.reward.workers or max(1, (os.cpu_count() or 2) // 2)
         if self.kind == "code":
             from sparrow_megatron.reward.code_reward import CodeRewardConfig
-            from sparrow_megatron.reward.sandbox import SandboxPool, ensure_isolation
+            from sparrow_megatron.reward.judge_pool import ThreadJudgePool
+            from sparrow_megatron.reward.sandbox import IsolationUnavailable, SandboxPool, ensure_isolation
 
             self.code = CodeRewardConfig.from_section(cfg.reward)
             # Refuse here, before the fleet starts, if the machine cannot isolate the programs.
             ensure_isolation(self.code.sandbox)
-            self.pool = SandboxPool(self.code.sandbox, workers=cfg.reward.workers or None)
+            self.pool = SandboxPool(self.code.sandbox, workers=workers)
+            # A thread per response waits on its cases; the sandbox pool bounds the programs running
+            # (all-or-nothing runs a response's cases one after another in its thread: as many threads).
+            self.judges = ThreadJudgePool(workers if self.code.all_or_nothing else 4 * workers,
+                                          fatal=(IsolationUnavailable,))  # fmt: skip
+        else:
+            from sparrow_megatron.reward.judge_pool import ProcessJudgePool
+
+            self.judges = ProcessJudgePool(workers, cfg.reward.judge_timeout_s,
+                                           preload=("sparrow_megatron.reward.math_reward", "math_verify"))  # fmt: skip
+
+    def eval_sets(self) -> dict[str, int | None]:
+        return {name: len(examples) for name, examples in self.splits.items() if name != "train"}
 
     def prompts(self, split: str, start: int, count: int) -> list[Prompt]:
         examples = self.splits.get(split)
         if not examples:
-            raise UserError(f"data: no {split} examples (set data.{split}_path)")
+            where = "data.train_path" if split == "train" else f"data.eval (sets: {sorted(self.eval_sets())})"
+            raise UserError(f"data: no {split!r} examples (set {where})")
         picked = [(i, examples[self._row(split, i, len(examples))]) for i in range(start, start + count)]
         return [Prompt(i, ex.prompt_text(self.tokenizer), ex) for i, ex in picked]
 
@@ -107,6 +140,33 @@ class DatasetTask:
         from sparrow_megatron.reward.code_reward import code_reward
 
         return float(code_reward(response, prompt.example.tests, self.code, self.pool).reward)
+
+    def submit_reward(self, prompt: Prompt, response: str):
+        """The reward as a Future[Judgement] from the task's judge pool (kept across steps)."""
+        if self.kind == "math":
+            from sparrow_megatron.reward.math_reward import math_reward_value
+
+            return self.judges.submit(math_reward_value, response, str(prompt.example.answer))
+        return self.judges.submit(_judged_code, response, prompt.example.tests, self.code, self.pool)
+
+    def close(self) -> None:
+        """Stop the judge pools (the loop's end)."""
+        self.judges.close()
+        if self.kind == "code":
+            self.pool.close()
+
+
+class JudgeFailed(RuntimeError):
+    """A code judgement in which the judge itself failed on a case: the response scores 0."""
+
+
+def _judged_code(response: str, tests, config, pool) -> float:
+    from sparrow_megatron.reward.code_reward import code_reward
+
+    score = code_reward(response, tests, config, pool)
+    if score.reason == "judge_error":
+        raise JudgeFailed(next(c.detail for c in score.cases if c.status == "judge_error"))
+    return score.reward
 
 
 def make_task(cfg: JobConfig, tokenizer) -> Task:

@@ -135,7 +135,7 @@ class DatasetRef:
     """A dataset the run reads, as logged to MLflow's inputs: where, which content, how many rows."""
 
     name: str
-    context: str  # "train" or "eval"
+    context: str  # "train", or "eval/<set>" for each evaluation set
     source: str  # a path, or a description of a generated task
     digest: str
     rows: int
@@ -150,23 +150,27 @@ def dataset_refs(cfg: Any, task: Any) -> list[DatasetRef]:
     """The train and eval data of a job (a JobConfig and its loop task), for MLflow's inputs."""
     if cfg.data.kind != "synthetic":
         splits = getattr(task, "splits", {})
+        # Context "train", or "eval/<set>" for each evaluation set.
+        files = [("train", cfg.data.train_path)]
+        files += [(f"eval/{name}", path) for name, path in cfg.data.eval_sets().items()]
         return [
-            DatasetRef.from_file(path, split, len(splits.get(split, ())))
-            for split, path in (("train", cfg.data.train_path), ("eval", cfg.data.eval_path))
+            DatasetRef.from_file(path, context, len(splits.get(context.removeprefix("eval/"), ())))
+            for context, path in files
             if path
         ]
     # A generated task has no file: its digest is that of the prompts the run reads.
     loop = cfg.loop
-    sizes = {"train": cfg.data.train_size or loop.steps * loop.prompts_per_step}
+    sizes = {"train": ("train", cfg.data.train_size or loop.steps * loop.prompts_per_step)}
     if loop.eval_every:
-        sizes["eval"] = loop.eval_prompts or loop.prompts_per_step
+        for name in task.eval_sets():
+            sizes[f"eval/{name}"] = (name, loop.eval_prompts or loop.prompts_per_step)
     refs = []
-    for split, rows in sizes.items():
+    for context, (split, rows) in sizes.items():
         digest = hashlib.sha256()
         for prompt in task.prompts(split, 0, rows):
             digest.update(prompt.text.encode() + b"\0")
         source = f"synthetic {cfg.data.kind} task, seed {loop.seed}"
-        refs.append(DatasetRef(f"{cfg.data.kind}-recall", split, source, digest.hexdigest(), rows))
+        refs.append(DatasetRef(f"{cfg.data.kind}-recall", context, source, digest.hexdigest(), rows))
     return refs
 
 

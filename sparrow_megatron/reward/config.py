@@ -1,4 +1,4 @@
-"""The job config's `reward` section: how code rewards judge generated programs.
+"""The job config's `reward` section: how code rewards judge generated programs, how many judges run.
 
 Kept free of the sandbox's imports so the job config loads (and validates) without them; the sandbox
 takes its settings through `CodeRewardConfig.from_section`. `isolation` is "bwrap" (isolated; code
@@ -29,7 +29,11 @@ class RewardConfig:
     tmpfs_mb: int = 32  # the program's private /tmp
     max_output_mb: int = 1  # stdout and stderr each; past it the run is killed
     cgroup_parent: str = ""  # a delegated cgroup v2 directory for per-run limits; "" = find one
-    workers: int = 0  # sandboxes at once (the cases of one response); 0 = half the cores
+    # Judges at once: sandboxes for code (cases of all responses), processes for math; 0 = half the cores.
+    workers: int = 0
+    # Math: wall clock of one response's judgement; past it its process is killed and the response
+    # scores 0 (counted as reward/judge_errors/timeout). math-verify's own timeouts cover most hangs.
+    judge_timeout_s: float = 30.0
     all_or_nothing: bool = False  # reward 1 only if every case passes (else the fraction passed)
     max_cases: int = 0  # 0 = every case of a problem
     float_tolerance: float = 1e-6  # only where the expected value is a float; integers are exact
@@ -37,7 +41,7 @@ class RewardConfig:
     def problems(self, prefix: str = "reward.") -> list[str]:
         """Bounds of the fields; `isolation`'s values are checked from its type when the config loads."""
         p = Problems(prefix)
-        p.positive(timeout_s=self.timeout_s)
+        p.positive(timeout_s=self.timeout_s, judge_timeout_s=self.judge_timeout_s)
         p.at_least(1, memory_mb=self.memory_mb, max_processes=self.max_processes, tmpfs_mb=self.tmpfs_mb,
                    max_output_mb=self.max_output_mb)  # fmt: skip
         p.at_least(0, workers=self.workers, max_cases=self.max_cases)

@@ -4,8 +4,9 @@ Equality is symbolic, decided by the `math-verify` library (sympy under the hood
 `0.5` and `1/2` agree; string match would not. Thinking-mode responses are graded on the final answer
 part only (after `</think>`); a response still inside its thinking has no answer. Every 0 has a reason.
 
-math-verify times out with SIGALRM, which only works in the main thread: elsewhere the timeout is off
-(run rewards in worker processes, not threads, if a pathological expression could hang them).
+math-verify times out with SIGALRM, which only works in the main thread: elsewhere the timeout is off.
+The training loop judges in worker processes (`reward/judge_pool.py`), where it is on, and kills a
+judgement that hangs past it anyway (C code inside sympy never sees the signal).
 """
 
 from __future__ import annotations
@@ -104,3 +105,8 @@ def math_reward(response: str, answer: str, config: MathRewardConfig = MathRewar
         return MathScore(0.0, UNPARSABLE_ANSWER, boxed)
     ok = verify(gold, predicted, float_rounding=config.float_rounding, timeout_seconds=_timeout(config))
     return MathScore(1.0 if ok else 0.0, CORRECT if ok else WRONG, boxed)
+
+
+def math_reward_value(response: str, answer: str) -> float:
+    """The reward alone: what a judge process sends back (module-level, so it pickles by name)."""
+    return math_reward(response, answer).reward

@@ -12,7 +12,7 @@ import logging
 import tempfile
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
@@ -381,10 +381,15 @@ class RolloutFleet:
         adapter: str | None = ACTIVE,
         top_logprobs: int | None = None,
         progress: bool = False,
+        on_sample: Callable[[Sample], None] | None = None,
     ) -> GenerationResult:
         """n samples of each prompt (token ids). schedule None/"dense" is the dense path; otherwise a
         preset name, schedule file or Schedule sent with every request. Raises RolloutError listing
-        every request that failed on all its attempts (after the rest of the batch finished)."""
+        every request that failed on all its attempts (after the rest of the batch finished).
+
+        on_sample(sample) is called as each sample completes, in the thread that requested it (so it
+        must be quick: hand the sample on, e.g. to a reward judge), so work on finished samples
+        overlaps the generation of the rest; an exception it raises ends generate() after the batch."""
         if n < 1:
             raise UserError(f"generate: n must be >= 1, got {n}")
         for i, p in enumerate(prompts):
@@ -435,7 +440,9 @@ class RolloutFleet:
                     times["start"] if st.first_start is None else min(st.first_start, times["start"])
                 )
                 st.last_end = end if st.last_end is None else max(st.last_end, end)
-            results[job] = engine.to_sample(parsed, latency, prompt, i, j, schedule, lora, attempts)
+            results[job] = sample = engine.to_sample(parsed, latency, prompt, i, j, schedule, lora, attempts)
+            if on_sample is not None:
+                on_sample(sample)
 
         workers = max(1, min(len(jobs), len(self.engines) * self.rollout.max_inflight_per_engine))
         t0 = time.perf_counter()

@@ -95,14 +95,14 @@ def test_constants_are_params_and_every_bin_has_its_budget_from_step_1(tmp_path,
         recorder = StepRecorder(run, tracker, constant_keys=("train/lr",))
         tails = {"tail_bin_01024/count": 40.0, "tail_bin_01024/p5": 0.8, "reward/mean": 0.5, "train/lr": 1e-6}
         recorder.record(1, tails, schedule)
-        recorder.record_eval(1, {"eval/k": 4.0, "eval/prompts": 8.0, "eval/dense/mean_at_k": 0.5})
+        recorder.record_eval(1, {"eval/n": 4.0, "eval/aime/prompts": 8.0, "eval/aime/dense/mean_at_4": 0.5})
     got = MlflowClient(tracker.uri).get_run(tracker.run_id).data
     assert got.metrics["tail_bin_01024/budget"] == 256.0 == got.metrics["tail_bin_00000/budget"]
-    assert got.params["eval/k"] == "4" and got.params["eval/prompts"] == "8"
-    assert "eval/k" not in got.metrics and got.metrics["eval/dense/mean_at_k"] == 0.5
+    assert got.params["eval/n"] == "4" and got.params["eval/aime/prompts"] == "8"
+    assert "eval/n" not in got.metrics and got.metrics["eval/aime/dense/mean_at_4"] == 0.5
     assert "train/lr" not in got.metrics
     rows = run.read_metrics()  # the durable record keeps whole rows
-    assert rows[0]["train/lr"] == 1e-6 and rows[1]["eval/k"] == 4.0
+    assert rows[0]["train/lr"] == 1e-6 and rows[1]["eval/n"] == 4.0
 
 
 def test_evaluations_are_their_own_rows_and_plot(tmp_path):
@@ -111,7 +111,24 @@ def test_evaluations_are_their_own_rows_and_plot(tmp_path):
     recorder.record(1, {"reward/mean": 0.5})
     for step, value in ((0, 0.25), (1, 0.5)):
         recorder.record_eval(
-            step, {"eval/k": 4.0, "eval/dense/mean_at_k": value, "eval/dense/pass_at_k": 1.0}
+            step, {"eval/n": 4.0, "eval/aime/dense/mean_at_4": value, "eval/aime/dense/pass_at_4": 1.0}
         )
     assert [r["step"] for r in run.read_metrics()] == [1, 0, 1]
     assert {p.name for p in recorder.plots()} == {"reward.png", "eval.png"}
+
+
+def test_console_prints_one_line_per_eval_set():
+    from sparrow_megatron.loop.recorder import eval_lines
+
+    metrics = {"eval/n": 4.0, "eval/aime/prompts": 30.0, "eval/math500/prompts": 500.0}
+    for name, value in (("aime", 0.25), ("math500", 0.5)):
+        for path in ("dense", "sparse"):
+            metrics |= {f"eval/{name}/{path}/mean_at_4": value, f"eval/{name}/{path}/pass_at_1": value,
+                        f"eval/{name}/{path}/pass_at_2": 0.7, f"eval/{name}/{path}/pass_at_4": 0.9}  # fmt: skip
+    lines = eval_lines(8, metrics)
+    assert lines == [
+        "[cyan]eval[/] aime after step 8 (30 prompts x 4): dense mean@4 0.250 pass@1 0.250 pass@4 0.900, "
+        "sparse mean@4 0.250 pass@1 0.250 pass@4 0.900",
+        "[cyan]eval[/] math500 after step 8 (500 prompts x 4): dense mean@4 0.500 pass@1 0.500 pass@4 0.900, "
+        "sparse mean@4 0.500 pass@1 0.500 pass@4 0.900",
+    ]

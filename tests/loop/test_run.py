@@ -54,7 +54,7 @@ DETERMINISTIC = (
     "train/entropy",
     "rollout/response_len",
 )
-WALL_CLOCK = ("tokens_per_s",)  # eval/{path}/tokens_per_s is a timing inside the deterministic eval/ rows
+WALL_CLOCK = ("tokens_per_s",)  # eval/<set>/<path>/tokens_per_s: a timing inside the eval/ rows
 
 
 def _env() -> dict[str, str]:
@@ -73,7 +73,7 @@ def _rows(run_dir: Path) -> list[dict]:
 
 def _metrics(run_dir: Path) -> list[dict]:
     """The steps' rows."""
-    return [r for r in _rows(run_dir) if "eval/k" not in r]
+    return [r for r in _rows(run_dir) if "eval/n" not in r]
 
 
 def _deterministic(row: dict) -> dict:
@@ -106,14 +106,18 @@ def test_steps_compute_rewards_tails_and_sync_weights(reference_run):
         budgets = [v for k, v in r.items() if k.startswith("tail_bin_") and k.endswith("/budget")]
         assert r["schedule/dense"] == 0 and budgets and min(budgets) >= 128
     assert any(r["reward/signal_frac"] > 0 for r in rows), "no group with differing rewards: no update"
-    evals = [r for r in _rows(reference_run) if "eval/k" in r]
+    evals = [r for r in _rows(reference_run) if "eval/n" in r]
     assert [r["step"] for r in evals] == [0, 2, 3]
     for r in evals:
+        assert r["eval/recall/prompts"] == 2  # the synthetic task's eval split is its one eval set
         for path in ("dense", "sparse"):
-            # 2 prompts x 2 samples x 3 recall queries: mean@k is a multiple of 1/12, pass@k of 1/2.
-            assert r[f"eval/{path}/mean_at_k"] * 12 == pytest.approx(round(r[f"eval/{path}/mean_at_k"] * 12))
-            assert r[f"eval/{path}/pass_at_k"] in (0.0, 0.5, 1.0)
-            assert r[f"eval/{path}/pass_at_k"] <= 1.0 and r[f"eval/{path}/response_len"] > 0
+            key = f"eval/recall/{path}"
+            # 2 prompts x 2 samples x 3 recall queries: mean@2 is a multiple of 1/12; unbiased pass@1
+            # of a prompt is 0, 1/2 or 1, pass@2 0 or 1: averaged over 2 prompts, multiples of 1/4, 1/2.
+            assert r[f"{key}/mean_at_2"] * 12 == pytest.approx(round(r[f"{key}/mean_at_2"] * 12))
+            assert r[f"{key}/pass_at_1"] in (0.0, 0.25, 0.5, 0.75, 1.0)
+            assert r[f"{key}/pass_at_2"] in (0.0, 0.5, 1.0) and r[f"{key}/pass_at_2"] >= r[f"{key}/pass_at_1"]
+            assert r[f"{key}/response_len"] > 0 and r[f"{key}/judge_errors"] == 0
     exported = load_file(reference_run / "final_hf" / "model.safetensors")
     base = load_file(TINY_RECALL_DIR / "model.safetensors")
     assert exported.keys() == base.keys()
@@ -135,14 +139,14 @@ def _assert_tracked(run_dir: Path) -> None:
     tags, params = run.data.tags, run.data.params
     assert len(tags["mlflow.source.git.commit"]) == 40 and tags["sparrow.recipe"] == "tiny-cpu"
     assert "reward (first -> last step)" in tags["mlflow.note.content"]  # the end-of-run summary
-    assert params["loop.steps"] == "3" and params["eval/k"] == "2" and "eval/k" not in run.data.metrics
+    assert params["loop.steps"] == "3" and params["eval/n"] == "2" and "eval/n" not in run.data.metrics
     rows = _metrics(run_dir)
     # The constant learning rate is a param (a flat chart otherwise); metrics.jsonl keeps it per step.
     assert "train/lr" not in run.data.metrics and float(params["trainer.lr"]) == rows[0]["train/lr"]
     for key in ("reward/mean", "tail_bin_01024/p5", "tail_bin_01024/budget", "train/grad_norm"):
         logged = {m.step: m.value for m in client.get_metric_history(run.info.run_id, key)}
         assert logged == {r["step"]: pytest.approx(r[key]) for r in rows}, key
-    assert {d.tags[0].value for d in run.inputs.dataset_inputs} == {"train", "eval"}
+    assert {d.tags[0].value for d in run.inputs.dataset_inputs} == {"train", "eval/recall"}
     assert tags["sparrow.final_hf.copied"] == "True"  # the tiny model is below tracking.copy_weights
     root = run_dir.parent / "mlartifacts" / "tiny-cpu" / run.info.run_id / "artifacts"
     assert {p.name for p in root.iterdir()} >= {

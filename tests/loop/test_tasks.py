@@ -99,3 +99,30 @@ def test_code_task_refuses_before_training_where_programs_cannot_be_isolated(tmp
         _task_through_sparrow_train(tmp_path, "qwen3_1p7b_code.py", rows)
     # Set explicitly, unsafe runs (with its warning); nothing falls back to it on its own.
     assert _task_through_sparrow_train(tmp_path, "qwen3_1p7b_code.py", rows, ["reward.isolation=unsafe"])
+
+
+def test_math_task_reads_every_named_eval_set(tmp_path):
+    import json
+
+    sets = {}
+    for name, n in (("aime24", 2), ("math500", 3)):
+        path = tmp_path / f"{name}.jsonl"
+        path.write_text(
+            "".join(json.dumps({"problem": f"{name} {i}?", "answer": str(i)}) + "\n" for i in range(n))
+        )
+        sets[name] = str(path)
+    legacy = tmp_path / "amc.jsonl"
+    legacy.write_text(json.dumps({"problem": "amc?", "answer": "7"}) + "\n")
+    rows = [{"problem": "What is 1 + 1?", "answer": "2"}]
+    task = _task_through_sparrow_train(
+        tmp_path, "qwen3_1p7b_math.py", rows, [f"data.eval={json.dumps(sets)}", f"data.eval_path={legacy}"]
+    )
+    assert task.eval_sets() == {"aime24": 2, "math500": 3, "amc": 1}
+    assert [p.example.answer for p in task.prompts("math500", 0, 3)] == ["0", "1", "2"]
+    assert "aime24 1?" in task.prompts("aime24", 1, 1)[0].text
+    try:
+        (prompt,) = task.prompts("amc", 0, 1)
+        judged = [task.submit_reward(prompt, r).result() for r in ("\\boxed{7}", "\\boxed{8}", "no box")]
+        assert [(j.reward, j.error) for j in judged] == [(1.0, ""), (0.0, ""), (0.0, "")]
+    finally:
+        task.close()

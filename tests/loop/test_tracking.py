@@ -170,7 +170,7 @@ def test_context_datasets_description_weights_and_system_metrics(cfg, tmp_path, 
     )
     task = make_task(job, load_tokenizer(TINY_RECALL_DIR))
     refs = dataset_refs(job, task)
-    assert [(r.context, r.rows) for r in refs] == [("train", 16), ("eval", 8)]
+    assert [(r.context, r.rows) for r in refs] == [("train", 16), ("eval/recall", 8)]
     assert refs == dataset_refs(job, task)  # the digest is the prompts' content: stable
     weights = tmp_path / "final_hf"
     weights.mkdir()

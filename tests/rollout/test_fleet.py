@@ -32,8 +32,11 @@ TINY_BUDGET = Schedule.fixed(48, dense_layers=(0,), name="tiny-48")
 
 
 def test_topk_logprobs_per_token_consistent_with_sampled_logprob(fleet):
-    batch = fleet.generate(PROMPTS, SamplingParams(temperature=1.0, max_new_tokens=10, ignore_eos=True), n=2)
+    completed = []  # on_sample: each sample handed on as it completes (the loop judges it meanwhile)
+    batch = fleet.generate(PROMPTS, SamplingParams(temperature=1.0, max_new_tokens=10, ignore_eos=True), n=2,
+                           on_sample=completed.append)  # fmt: skip
     assert [len(g) for g in batch.samples] == [2, 2, 2]
+    assert sorted(map(id, completed)) == sorted(map(id, batch.flat()))
     for s in batch.flat():
         assert s.prompt_ids == PROMPTS[s.prompt_index]
         assert len(s.output_ids) == len(s.logprobs) == len(s.top_ids) == 10
