@@ -25,6 +25,7 @@ class Collected:
     dropped: int  # samples left out (no response, non-finite log-probs)
     judge_errors: int  # code-judge failures on this batch (each scored 0)
     tokens_per_s: float  # the fleet's generation throughput on this batch
+    stale_samples: int = 0  # samples served at a weight version other than the fleet's (logged by it)
 
     def metrics(self) -> dict[str, float]:
         samples, rewards = self.samples, self.rewards
@@ -35,6 +36,7 @@ class Collected:
             "rollout/response_len": float(np.mean([s.response_len for s in samples])) if samples else 0.0,
             "rollout/tokens_per_s": self.tokens_per_s,
             "rollout/dropped_samples": float(self.dropped),
+            "rollout/stale_samples": float(self.stale_samples),
             # What the engines report having served this batch with (the previous step's sync).
             "rollout/engine_weight_version": (
                 float(min(s.weight_version for s in samples)) if samples else -1.0
@@ -61,7 +63,9 @@ def collect(step: int, cfg, task, tokenizer, fleet, sampling: SamplingParams, sc
     rewards = [task.reward(prompts[s.prompt_index], tokenizer.decode(s.output_ids)) for s in samples]
     judge_errors = _judge_errors() - judge_errors
     group_ids = [prompts[s.prompt_index].index for s in samples]
-    return Collected(samples, rewards, group_ids, dropped, judge_errors, rollout.tokens_per_s)
+    return Collected(
+        samples, rewards, group_ids, dropped, judge_errors, rollout.tokens_per_s, rollout.stale_samples
+    )
 
 
 def seeded(sampling: SamplingParams, seed: int, step: int) -> SamplingParams:
