@@ -9,7 +9,8 @@
 #   2. the decode-attention benchmark (bench/decode_attention.py) at batch 32, 8K-32K;
 #   3. the engine-free decode harness (bench/decode_harness.py): the sparrow backend's plan + landmark +
 #      attention code on a Qwen3-8B-shaped stack (36 layers, batch 32, 8K-32K), dense vs qwen3-8b-0.86,
-#      with and without CUDA graph capture.
+#      with and without CUDA graph capture;
+#   4. weight sync per rollout.weight_sync mode, trainer side (bench/weight_sync.py --gpu).
 # Other issues add their sections below, each appending to the same summary.
 set -uo pipefail
 REPO="$(cd "$(dirname "$0")/.." && pwd)"
@@ -85,4 +86,15 @@ section "decode-attention benchmark" 100 "$PY" bench/decode_attention.py --batch
 section "decode harness (Qwen3-8B stack, batch 32)" 240 "$PY" bench/decode_harness.py --steps 10 \
   --out "$OUT/decode_harness"
 [ -f "$OUT/decode_harness.md" ] && cat "$OUT/decode_harness.md" >>"$SUMMARY"
+
+# ---- weight sync (issue 18) ------------------------------------------------------------------------
+# The trainer side of each rollout.weight_sync mode on a Qwen3-1.7B-shaped random bf16 model on this
+# GPU (no engines: SGLang is not installed here): http = device->host + pickle + base64 of one copy,
+# disk = device->host + safetensors write, distributed = flattening each bucket on the GPU + a world-1
+# NCCL broadcast. Bytes per sync and seconds per mode.
+section "weight sync (Qwen3-1.7B shape, trainer side)" 180 "$PY" bench/weight_sync.py --gpu --repeats 2 \
+  --bucket-mb 512 --out "$OUT/weight_sync"
+[ -f "$OUT/weight_sync.md" ] && cat "$OUT/weight_sync.md" >>"$SUMMARY"
+# ---- end weight sync --------------------------------------------------------------------------------
+
 cat "$SUMMARY"

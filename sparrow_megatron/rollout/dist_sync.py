@@ -23,30 +23,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from sparrow_megatron.rollout.engine import Engine, EngineFailure
-from sparrow_megatron.rollout.weights import Bucket, DistributedGroupSpec, dtype_name
+from sparrow_megatron.rollout.weights import Bucket, DistributedGroupSpec, flatten_bucket
 
 if TYPE_CHECKING:
     from sparrow_megatron.rollout.fleet import RolloutFleet
 
 logger = logging.getLogger(__name__)
-
-
-def flatten_bucket(bucket: Bucket) -> tuple[torch.Tensor, dict[str, list]]:
-    """One uint8 tensor holding the bucket's tensors back to back (on their device), and the
-    names/dtypes/shapes the engine needs to cut it again (SGLang's FlattenedTensorBucket layout)."""
-    # Widest dtypes first: SGLang's receiver requires each tensor's byte offset to be a multiple of its
-    # element size, which holds when every tensor before it has an element size at least as large.
-    bucket = sorted(bucket, key=lambda nt: -nt[1].element_size())
-    device = bucket[0][1].device
-    parts = [t.detach().contiguous().reshape(-1).view(torch.uint8) for _, t in bucket]
-    if any(p.device != device for p in parts):
-        raise ValueError("flatten_bucket: a bucket's tensors must share one device")
-    meta = {
-        "names": [n for n, _ in bucket],
-        "dtypes": [dtype_name(t.dtype) for _, t in bucket],
-        "shapes": [list(t.shape) for _, t in bucket],
-    }
-    return torch.cat(parts), meta
 
 
 @dataclass

@@ -43,7 +43,7 @@ def test_every_engine_tp_rank_reads_the_single_copy(monkeypatch):
 def test_flatten_bucket_is_sglangs_flattened_layout():
     from sglang.srt.weight_sync.tensor_bucket import FlattenedTensorBucket
 
-    from sparrow_megatron.rollout.dist_sync import flatten_bucket
+    from sparrow_megatron.rollout.weights import flatten_bucket
 
     bucket = [("a", torch.randn(3, 4)), ("b", torch.randn(5).to(torch.bfloat16)), ("c", torch.arange(6.0))]
     flat, meta = flatten_bucket(bucket)
