@@ -61,6 +61,11 @@ class DistributedSync:
         members = self._members()
         if self.group is not None and self.group.members == members:
             return self.group
+        # A rendezvous with a dead engine would wait out the whole timeout: probe them first.
+        for engine in self.fleet.engines:
+            if engine.healthy:
+                self.fleet._probe(engine, "weight-sync group")
+        members = self._members()
         self.destroy()
         if not members:
             raise EngineFailure("distributed weight sync: no healthy engine to build a group with")
