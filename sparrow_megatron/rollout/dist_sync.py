@@ -18,15 +18,12 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from sparrow_megatron.rollout.engine import Engine, EngineFailure
 from sparrow_megatron.rollout.weights import Bucket, DistributedGroupSpec, flatten_bucket
-
-if TYPE_CHECKING:
-    from sparrow_megatron.rollout.fleet import RolloutFleet
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +42,8 @@ class SyncFailed(EngineFailure):
 class DistributedSync:
     """The trainer side of the broadcast group: (re)build it, broadcast buckets, count bytes."""
 
-    def __init__(self, fleet: RolloutFleet, spec: DistributedGroupSpec, timeout_s: float = 600.0):
+    def __init__(self, fleet, spec: DistributedGroupSpec, timeout_s: float = 600.0):
+        """fleet: the RolloutFleet whose engines form the group (not imported: it imports this module)."""
         self.fleet = fleet
         self.spec = spec
         self.timeout_s = timeout_s
