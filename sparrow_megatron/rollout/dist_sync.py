@@ -122,14 +122,19 @@ class DistributedSync:
     def broadcast(self, buckets: Iterable[Bucket], version: int) -> list[Engine]:
         """Send every bucket to the group's engines inside begin/end_weight_update. Returns the engines
         updated. Raises SyncFailed (engines marked dead, iterator drained) if any engine failed."""
-        group = self.ensure_group()
+        it = iter(buckets)
+        try:
+            group = self.ensure_group()
+        except EngineFailure:
+            for _ in it:  # collective on the trainer ranks (their replay walks it): walk it here too
+                pass
+            raise
         engines = {e.engine_id: e for e in self.fleet.engines}
         members = [engines[eid] for eid, _ in group.members]
         # One thread per engine: its requests must reach it in bucket order (each names the next
         # broadcast's layout), so they are never in flight together.
         pools = {e.engine_id: ThreadPoolExecutor(max_workers=1) for e in members}
         failed: dict[int, BaseException] = {}
-        it = iter(buckets)
         sent = 0
         try:
             self._all(members, pools, failed, lambda e: e.control("begin_weight_update", {}))
