@@ -103,6 +103,12 @@ def test_steps_compute_rewards_tails_and_sync_weights(reference_run):
         # One weight sync per step: the rollout of step s+1 runs on the weights of update s.
         assert r["rollout/weight_version"] == r["step"]
         assert r["rollout/engine_weight_version"] == r["step"] - 1
+        assert r["rollout/stale_samples"] == 0 and r["time/sync_s"] > 0
+        # http: one base64 pickle of the model to the one engine (4/3 of its bytes plus framing)
+        model_bytes = sum(
+            t.numel() * t.element_size() for t in load_file(TINY_RECALL_DIR / "model.safetensors").values()
+        )
+        assert model_bytes * 4 / 3 < r["sync/bytes"] < model_bytes * 4 / 3 * 1.05
         budgets = [v for k, v in r.items() if k.startswith("tail_bin_") and k.endswith("/budget")]
         assert r["schedule/dense"] == 0 and budgets and min(budgets) >= 128
     assert any(r["reward/signal_frac"] > 0 for r in rows), "no group with differing rewards: no update"
