@@ -14,7 +14,8 @@
 #      under qwen3-8b-0.86, target: DistillSparse adds <= 60% to the dense update's time;
 #   5. one trainer step of a Qwen3-1.7B-shaped policy (bench/trainer_step.py: random init, megatron-core
 #      without Transformer Engine, full recompute) at 1024 + 32768 tokens: peak memory vs `sparrow plan`
-#      (target within 15%) and tokens/s.
+#      (target within 15%) and tokens/s;
+#   6. weight sync per rollout.weight_sync mode, trainer side (bench/weight_sync.py --gpu).
 # Other issues add their sections below, each appending to the same summary. The whole script stays
 # under 8 minutes: each section's limit is cut to what is left of TOTAL_S, and a section that would get
 # under 20 s is skipped (reported).
@@ -112,4 +113,15 @@ section "DistillSparse update vs dense update (Qwen3-8B layer, 32K)" 90 "$PY" be
 section "trainer step (Qwen3-1.7B shape, 32K response, full recompute)" 150 "$PY" bench/trainer_step.py \
   --model qwen3-1.7b --prompt 1024 --response 32768 --out "$OUT/trainer_step"
 [ -f "$OUT/trainer_step.md" ] && cat "$OUT/trainer_step.md" >>"$SUMMARY"
+
+# ---- weight sync (issue 18) ------------------------------------------------------------------------
+# The trainer side of each rollout.weight_sync mode on a Qwen3-1.7B-shaped random bf16 model on this
+# GPU (no engines: SGLang is not installed here): http = device->host + pickle + base64 of one copy,
+# disk = device->host + safetensors write, distributed = flattening each bucket on the GPU + a world-1
+# NCCL broadcast. Bytes per sync and seconds per mode.
+section "weight sync (Qwen3-1.7B shape, trainer side)" 90 "$PY" bench/weight_sync.py --gpu --repeats 1 \
+  --bucket-mb 512 --out "$OUT/weight_sync"
+[ -f "$OUT/weight_sync.md" ] && cat "$OUT/weight_sync.md" >>"$SUMMARY"
+# ---- end weight sync --------------------------------------------------------------------------------
+
 cat "$SUMMARY"

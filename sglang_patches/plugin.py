@@ -11,6 +11,9 @@ HookRegistry (applied by SGLang right after the plugins run) and, without CUDA, 
 - `DefaultPoolConfigurator._compute_cell_size` (scheduler process), when the server runs the `sparrow`
   backend: each KV-pool token also pays its share of the landmark buffers (one landmark per 16-token
   page per layer), so SGLang's memory budget holds them and the backend allocates them at start-up;
+- `BaseTpWorker.deserialize_own_rank` (scheduler process): an `update_weights_from_tensor` request with
+  one serialized entry serves every TP rank, so the trainer sends one copy of the weights per engine
+  instead of one per TP rank (SGLang indexes the list by TP rank);
 - with SPARROW_SEEDED_SAMPLING=1, `SamplingBatchInfo.from_schedule_batch`: per-request seeds
   (sglang_patches/seeded_sampling.py).
 """
@@ -59,6 +62,12 @@ def register() -> None:
         HookType.AFTER,
     )
 
+    HookRegistry.register(
+        "sglang.srt.managers.tp_worker.BaseTpWorker.deserialize_own_rank",
+        _one_copy_for_all_ranks,
+        HookType.BEFORE,
+    )
+
     from sglang_patches import seeded_sampling
 
     if seeded_sampling.enabled():
@@ -77,6 +86,14 @@ def _verify_schedule(result, sampling_params, *args, **kwargs):
 
     validate_request(sampling_params.custom_params)
     return result
+
+
+def _one_copy_for_all_ranks(worker, serialized_named_tensors, *args, **kwargs):
+    if len(serialized_named_tensors) == 1:
+        from sglang.srt.runtime_context import get_parallel
+
+        serialized_named_tensors = list(serialized_named_tensors) * (get_parallel().tp_rank + 1)
+    return (worker, serialized_named_tensors, *args), kwargs
 
 
 def _attach_schedules(forward_batch, cls, batch, *args, **kwargs):

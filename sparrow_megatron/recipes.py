@@ -66,6 +66,9 @@ def qwen3_rl(size: str, task: Task) -> JobConfig:
     cfg.rollout.temperature = 1.0
     cfg.rollout.top_k_logprobs = 20
     cfg.rollout.timeout_s = 3600.0  # one 37K-token generation on a busy engine
+    # Weights travel GPU to GPU: one NCCL broadcast per bucket to every engine (docs/cluster.md);
+    # rollout.weight_sync=disk is the fallback when the nodes cannot open NCCL connections to each other.
+    cfg.rollout.weight_sync = "distributed"
 
     cfg.monitor.tau = TAU
     cfg.monitor.bin_width = 2000  # the schedules' bins

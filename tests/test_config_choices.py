@@ -48,19 +48,34 @@ def _reach_columns(cfg, value, tmp_path):
 
 
 def _reach_weight_sync(cfg, value, tmp_path):
-    from sparrow_megatron.loop.run import weight_pusher
+    from sparrow_megatron.loop.weight_sync import weight_sync
 
-    class Fleet:  # records which path the pusher took
+    class Fleet:  # records which path the sync took
+        weight_version = 0
+        last_sync_bytes = 0
+
         def sync_weights(self, buckets):
-            return "http"
+            self.took = "http"
 
         def init_distributed_sync(self, spec):
-            return spec
+            self.spec = spec
 
-        def sync_weights_distributed(self, buckets, group):
-            return "distributed"
+        def sync_weights_distributed(self, buckets):
+            self.took = "distributed"
 
-    assert weight_pusher(cfg, Fleet())([]) == value
+        def sync_weights_from_disk(self, path):
+            self.took = "disk"
+
+    class Policy:
+        def iter_hf_weights(self, **kwargs):
+            return []
+
+        def export_hf(self, out):
+            out.mkdir(parents=True)
+
+    fleet = Fleet()
+    weight_sync(cfg, fleet, tmp_path).push(Policy())
+    assert fleet.took == value
 
 
 def _reach_signal(cfg, value, tmp_path):

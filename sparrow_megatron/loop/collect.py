@@ -31,6 +31,7 @@ class Collected:
     # waiting for rewards after the last sample completed (judging overlaps generation).
     judge_error_reasons: dict[str, int] = field(default_factory=dict)
     reward_wait_s: float = 0.0
+    stale_samples: int = 0  # samples served at a weight version other than the fleet's (logged by it)
 
     def metrics(self) -> dict[str, float]:
         samples, rewards = self.samples, self.rewards
@@ -46,6 +47,7 @@ class Collected:
             "rollout/response_len": float(np.mean([s.response_len for s in samples])) if samples else 0.0,
             "rollout/tokens_per_s": self.tokens_per_s,
             "rollout/dropped_samples": float(self.dropped),
+            "rollout/stale_samples": float(self.stale_samples),
             # What the engines report having served this batch with (the previous step's sync).
             "rollout/engine_weight_version": (
                 float(min(s.weight_version for s in samples)) if samples else -1.0
@@ -73,7 +75,7 @@ def collect(step: int, cfg, task, tokenizer, fleet, sampling: SamplingParams, sc
     group_ids = [prompts[s.prompt_index].index for s in samples]
     errors = dict(judge.errors)
     return Collected(samples, rewards, group_ids, dropped, sum(errors.values()), rollout.tokens_per_s,
-                     errors, judge.wait_s)  # fmt: skip
+                     errors, judge.wait_s, rollout.stale_samples)  # fmt: skip
 
 
 def seeded(sampling: SamplingParams, seed: int, step: int) -> SamplingParams:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import shutil
 import time
 from dataclasses import dataclass, field, replace
@@ -33,6 +32,7 @@ from sparrow_megatron.loop.recorder import StepRecorder, summary_markdown
 from sparrow_megatron.loop.rundir import RunDir
 from sparrow_megatron.loop.tasks import make_task
 from sparrow_megatron.loop.tracking import MlflowTracker, context_tags, dataset_refs
+from sparrow_megatron.loop.weight_sync import weight_sync
 from sparrow_megatron.rollout.config import FleetOptions, LoraServerConfig, RolloutConfig
 from sparrow_megatron.rollout.fleet import RolloutFleet
 from sparrow_megatron.rollout.types import Sample, SamplingParams, topk_tensors
@@ -186,12 +186,12 @@ class Loop:
             if not resumed:
                 tracker.log_datasets(dataset_refs(cfg, task))
                 recorder.log_record()
-            self._push_weights = weight_pusher(cfg, fleet)
+            self._sync = weight_sync(cfg, fleet, self.run.root)
             if resume.checkpoint is not None:
                 # The engines start from the base model: push the resumed weights, under the versions
                 # the uninterrupted run would have (step s's sync made weights v(s), adapter v(s)).
                 fleet.continue_versions(resume.step - 1, resume.step - 1)
-                self._push_weights(policy.iter_hf_weights())
+                self._sync.push(policy)
                 if self.distill is not None:
                     self.distill.push(fleet, resume.step)
             elif schedule is not None:
@@ -246,6 +246,7 @@ class Loop:
     def _step(self, step, task, tokenizer, fleet, policy, monitor, schedule, sampling) -> dict[str, float]:
         """One RL step: rollout -> reward -> dense score -> tails -> GRPO update -> weight sync."""
         cfg = self.cfg
+        self._sync.catch_up(policy)  # engines that came back get the current weights before serving
         t0 = time.perf_counter()
         timer = _PhaseTimer()
         got = collect(step, cfg, task, tokenizer, fleet, sampling, schedule)
@@ -269,7 +270,7 @@ class Loop:
         timer.lap("tails")
         metrics = {f"train/{k}": v for k, v in policy.train_step(batch).items()}
         timer.lap("update")
-        self._push_weights(policy.iter_hf_weights())
+        metrics.update(self._sync.push(policy))
         timer.lap("sync")
         if self.distill is not None:  # DistillSparse: adapter update on the same rollout, then to the fleet
             metrics.update(self.distill.step(step, batch, score.logprobs, schedule, fleet))
@@ -297,23 +298,6 @@ class Loop:
             state["controller"] = controller.state_dict()
         RunDir.write_loop_state(path, state)
         self.run.commit_checkpoint(step)
-
-
-def weight_pusher(cfg: JobConfig, fleet: RolloutFleet):
-    """The function that pushes the policy's weight buckets to every engine, per rollout.weight_sync."""
-    if cfg.rollout.weight_sync == "http":
-        return fleet.sync_weights
-    from sparrow_megatron.rollout.server import free_port
-    from sparrow_megatron.rollout.weights import DistributedGroupSpec
-
-    host, _, port = os.environ.get("SPARROW_WEIGHT_SYNC_ADDR", "").rpartition(":")
-    spec = DistributedGroupSpec(
-        master_address=host or "127.0.0.1",
-        master_port=int(port) if port else free_port("127.0.0.1"),
-        backend="nccl" if torch.cuda.is_available() else "gloo",
-    )
-    group = fleet.init_distributed_sync(spec)
-    return lambda buckets: fleet.sync_weights_distributed(buckets, group)
 
 
 # ---------------------------------------------------------------- DistillSparse

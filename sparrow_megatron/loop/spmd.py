@@ -75,8 +75,8 @@ class DrivenPolicy:
     def train_step(self, batch) -> dict[str, float]:
         return self._call("train_step", batch)
 
-    def iter_hf_weights(self):
-        return self._call("iter_hf_weights")
+    def iter_hf_weights(self, **kwargs):
+        return self._call("iter_hf_weights", **kwargs)
 
     def save_checkpoint(self, path, step: int | None = None):
         return self._call("save_checkpoint", path, step=step)

@@ -23,7 +23,7 @@ CPU_SERVER_ARGS = (
     "--sleep-on-idle",
 )  # fmt: skip
 
-WeightSync = Literal["http", "distributed"]
+WeightSync = Literal["http", "distributed", "disk"]
 
 
 @dataclass
@@ -44,9 +44,14 @@ class RolloutConfig:
     # Requests in flight per engine. 1 makes CPU rollouts bit-reproducible (each request decodes alone,
     # so batch composition cannot move the float bits) at the cost of batching.
     max_inflight_per_engine: int = 64
-    # Trainer -> engines weight path: "http" (update_weights_from_tensor, works anywhere) or
-    # "distributed" (one broadcast group, NCCL on GPU / gloo on CPU; at SPARROW_WEIGHT_SYNC_ADDR on Slurm).
+    # Trainer -> engines weight path (docs/cluster.md, "Weight sync"): "http" (update_weights_from_tensor,
+    # one copy per engine through JSON; the CPU default), "distributed" (one broadcast group, NCCL on
+    # GPU / gloo on CPU, rendezvous at SPARROW_WEIGHT_SYNC_ADDR on Slurm; the GPU recipes' default) or
+    # "disk" (a safetensors snapshot under the run dir that every engine reloads: needs storage the
+    # engines share with the trainer).
     weight_sync: WeightSync = "http"
+    # Bytes per weight bucket (the unit of one HTTP request or one broadcast).
+    weight_sync_bucket_mb: int = 512
     # Attach mode: base URLs (http://host:port) of running engines instead of launching `engines`.
     # ["env"] resolves them at loop start from the Slurm job's env contract (launch/contract.py).
     urls: list[str] = field(default_factory=list)
@@ -61,7 +66,8 @@ class RolloutConfig:
         p = Problems(prefix)
         p.at_least(1, engines=self.engines, engine_tp=self.engine_tp, n_samples=self.n_samples,
                    max_inflight_per_engine=self.max_inflight_per_engine,
-                   top_k_logprobs=self.top_k_logprobs)  # fmt: skip
+                   top_k_logprobs=self.top_k_logprobs,
+                   weight_sync_bucket_mb=self.weight_sync_bucket_mb)  # fmt: skip
         p.at_least(0, kv_pool_tokens=self.kv_pool_tokens)
         p.positive(temperature=self.temperature, timeout_s=self.timeout_s)
         p.need(0 < self.top_p <= 1, "top_p", f"must be in (0, 1], got {self.top_p}")

@@ -19,15 +19,16 @@ from pathlib import Path
 
 from sparrow_megatron.errors import UserError
 from sparrow_megatron.rollout.config import FleetOptions, RolloutConfig
-from sparrow_megatron.rollout.engine import Engine, EngineFailure, RequestRejected, schedule_label
+from sparrow_megatron.rollout.engine import (
+    Engine,
+    EngineFailure,
+    RequestRejected,
+    parse_weight_version,
+    schedule_label,
+)
 from sparrow_megatron.rollout.server import EngineStartError, ServerProcess, free_port, resolve_device
 from sparrow_megatron.rollout.types import EngineStats, GenerationResult, Sample, SamplingParams, ScoredTokens
-from sparrow_megatron.rollout.weights import (
-    Bucket,
-    DistributedGroupSpec,
-    dtype_name,
-    tensor_update_payload,
-)
+from sparrow_megatron.rollout.weights import Bucket, DistributedGroupSpec, tensor_update_payload
 from sparrow_megatron.sparsity.schedule import Schedule
 
 logger = logging.getLogger(__name__)
@@ -72,6 +73,10 @@ class RolloutFleet:
         self._update_lock = threading.Lock()  # weight/adapter changes vs generation
         self._stop = threading.Event()
         self._monitor: threading.Thread | None = None
+        self._dist = None  # DistributedSync once init_distributed_sync ran
+        # Bytes the last weight sync moved: the payload sent to each engine (http), the snapshot
+        # written once (disk), or the bytes broadcast once to the group (distributed).
+        self.last_sync_bytes = 0
 
     # --- lifecycle --------------------------------------------------------------------------------
 
@@ -195,9 +200,7 @@ class RolloutFleet:
         if engine.check_health():
             engine.strikes = 0
             if not engine.healthy and engine.engine_id not in self._restarting:
-                with self._cond:
-                    engine.healthy = True  # an attached engine that answers again
-                    self._cond.notify_all()
+                self._readmit(engine)  # an attached engine that answers again
             return engine.healthy
         engine.strikes += 1
         if engine.strikes >= self.options.health_strikes or not engine.healthy:
@@ -219,6 +222,34 @@ class RolloutFleet:
                 t.start()
         if was_healthy:
             logger.warning("engine %d (%s) is dead: %s", engine.engine_id, engine.url, reason)
+
+    def _readmit(self, engine: Engine) -> None:
+        """An attached engine that answers again may have been restarted by its launcher with the base
+        weights: it is admitted at the weight version it reports, so it serves nothing until a sync
+        (or catch_up) brings it to the fleet's version, and it gets the loaded adapters back."""
+        try:
+            info = engine.client.get(f"{engine.url}/model_info", timeout=10).json()
+            reported = parse_weight_version(info.get("weight_version"))
+            for name, path in self.adapters.items():
+                if name not in _loaded_adapters(engine):
+                    engine.control(
+                        "load_lora_adapter", {"lora_name": name, "lora_path": path, "pinned": False}
+                    )
+        except Exception as err:  # not ready after all: the next probe tries again
+            logger.warning("engine %d answers /health but not its state yet: %s", engine.engine_id, err)
+            return
+        with self._cond:
+            engine.weight_version = -1 if reported is None else reported
+            engine.healthy = True
+            self._cond.notify_all()
+        if engine.weight_version != self.weight_version:
+            logger.warning("engine %d is back at weights v%d (fleet v%d): not routed until it catches up",
+                           engine.engine_id, engine.weight_version, self.weight_version)  # fmt: skip
+
+    def stale_engines(self) -> list[Engine]:
+        """Healthy engines whose weights are behind the fleet's (restarted or re-attached): they get
+        no requests until a sync or catch_up brings them to the current version."""
+        return [e for e in self.engines if e.healthy and e.weight_version != self.weight_version]
 
     def _restart(self, engine: Engine, reason: str) -> None:
         try:
@@ -465,14 +496,20 @@ class RolloutFleet:
                 f"{len(failures)} of {len(jobs)} requests failed on every engine:\n" + "\n".join(lines)
             )
         samples = [[results[(i, j)] for j in range(n)] for i in range(len(prompts))]
-        return GenerationResult(samples, stats, time.perf_counter() - t0)
+        # Routing admits only engines at the fleet's version (updates wait for the batch): a sample
+        # that reports another version was served by weights the loop did not intend.
+        stale = sum(s.weight_version != self.weight_version for g in samples for s in g)
+        if stale:
+            logger.error("%d samples report a weight version other than the fleet's v%d", stale,
+                         self.weight_version)  # fmt: skip
+        return GenerationResult(samples, stats, time.perf_counter() - t0, stale)
 
     # --- weights ----------------------------------------------------------------------------------
 
-    def _on_all(self, fn, what: str) -> list:
-        """Run fn(engine) on every routable engine in parallel; engines that fail are marked dead and left
-        behind (stale: they get no requests until a later sync); raise if none succeeded."""
-        targets = [e for e in self.engines if e.healthy]
+    def _on_all(self, fn, what: str, targets: list[Engine] | None = None) -> list:
+        """Run fn(engine) on every healthy engine (or the given ones) in parallel; engines that fail are
+        marked dead and left behind (stale: no requests until a later sync); raise if none succeeded."""
+        targets = [e for e in self.engines if e.healthy] if targets is None else targets
         if not targets:
             raise EngineFailure(f"{what}: no healthy engine")
         errors: dict[int, BaseException] = {}
@@ -495,89 +532,95 @@ class RolloutFleet:
             logger.error("%s failed on engine %d (left stale): %s", what, i, err)
         return [e for e in targets if e.engine_id not in errors]
 
-    def sync_weights(self, buckets: Iterable[Bucket]) -> int:
+    def sync_weights(self, buckets: Iterable[Bucket], catch_up: bool = False) -> int:
         """Push the trainer's weights (an iterator of [(hf_name, tensor)] buckets) to every engine over HTTP,
-        inside begin/end_weight_update. Returns the new weight version, recorded on later samples."""
+        inside begin/end_weight_update. Returns the new weight version, recorded on later samples.
+        catch_up: send the current weights, at the current version, to the stale engines only."""
         with self._update_lock:
-            version = self.weight_version + 1
+            version = self.weight_version if catch_up else self.weight_version + 1
             tp = self.rollout.engine_tp
-            live = self._on_all(lambda e: e.control("begin_weight_update", {}), "begin_weight_update")
-            count = 0
+            targets = self.stale_engines() if catch_up else None
+            live = self._on_all(
+                lambda e: e.control("begin_weight_update", {}), "begin_weight_update", targets
+            )
+            count = sent = 0
             for bucket in buckets:
                 payload = tensor_update_payload(bucket, tp, version)
                 count += len(bucket)
+                sent += (
+                    len(payload["serialized_named_tensors"][0])
+                    * len(payload["serialized_named_tensors"])
+                    * len(live)
+                )
                 live = self._on_live(live, lambda e, p=payload: e.control("update_weights_from_tensor", p),
                                      "update_weights_from_tensor")  # fmt: skip
             if count == 0:
                 raise UserError("sync_weights: the bucket iterator was empty")
             live = self._on_live(live, lambda e: e.control("end_weight_update", {}), "end_weight_update")
+            self.last_sync_bytes = sent
             self._commit_version(live, version)
             return version
 
-    def sync_weights_from_disk(self, model_path: str | Path) -> int:
-        """Fallback: every engine reloads an HF checkpoint directory; restarts load it too from now on."""
+    def sync_weights_from_disk(self, model_path: str | Path, catch_up: bool = False) -> int:
+        """Every engine reloads an HF checkpoint directory (written once, read once per engine);
+        restarts load it too from now on. catch_up: the stale engines only, at the current version."""
         path = str(Path(model_path).resolve())
         if not Path(path, "config.json").is_file():
             raise UserError(f"{path}: not an HF checkpoint directory (no config.json)")
         with self._update_lock:
-            version = self.weight_version + 1
+            version = self.weight_version if catch_up else self.weight_version + 1
+            targets = self.stale_engines() if catch_up else None
             payload = {"model_path": path, "weight_version": str(version), "flush_cache": True}
             live = self._on_all(
-                lambda e: e.control("update_weights_from_disk", payload), "update_weights_from_disk"
+                lambda e: e.control("update_weights_from_disk", payload), "update_weights_from_disk", targets
             )
             self._restart_model_path, self._restart_version = path, version
+            self.last_sync_bytes = sum(f.stat().st_size for f in Path(path).glob("*.safetensors"))
             self._commit_version(live, version)
             return version
 
-    def init_distributed_sync(self, spec: DistributedGroupSpec):
-        """NCCL fleets on GPU: build the trainer<->engines broadcast group (trainer = rank 0).
-
-        Not exercised in CI (needs CUDA + NCCL). Engines join in background requests that return once
-        the trainer joins, which is what makes the rendezvous complete."""
+    def init_distributed_sync(self, spec: DistributedGroupSpec, timeout_s: float | None = None):
+        """Build the trainer<->engines broadcast group (trainer = rank 0; NCCL on GPU, gloo on CPU).
+        Later syncs rebuild it by themselves when the healthy engines change."""
         if spec.backend == "nccl" and not _cuda():
             raise UserError(
-                "init_distributed_sync: backend 'nccl' needs CUDA; use sync_weights (HTTP) on CPU"
+                "init_distributed_sync: backend 'nccl' needs CUDA; use backend 'gloo' or HTTP on CPU"
             )
-        from sparrow_megatron.rollout.weights import init_trainer_group
+        from sparrow_megatron.rollout.dist_sync import DistributedSync
 
-        tp = self.rollout.engine_tp
-        world = 1 + tp * len(self.engines)
-        with ThreadPoolExecutor(max_workers=len(self.engines)) as pool:
-            futs = [pool.submit(e.control, "init_weights_update_group", {
-                "master_address": spec.master_address, "master_port": spec.master_port,
-                "rank_offset": 1 + k * tp, "world_size": world, "group_name": spec.group_name,
-                "backend": spec.backend}) for k, e in enumerate(self.engines)]  # fmt: skip
-            group = init_trainer_group(spec, world)
-            for f in futs:
-                f.result()
-        self._dist_spec = spec
-        return group
-
-    def sync_weights_distributed(self, buckets: Iterable[Bucket], group) -> int:
-        """Broadcast each bucket from the trainer (rank 0) while every engine receives it through
-        /update_weights_from_distributed (inside begin/end). Needs init_distributed_sync first."""
-        import torch.distributed as dist
-
-        spec = getattr(self, "_dist_spec", None)
-        if spec is None:
-            raise UserError("sync_weights_distributed: call init_distributed_sync first")
+        if self._dist is not None:
+            self._dist.destroy()
+        self._dist = DistributedSync(self, spec, timeout_s or self.rollout.timeout_s)
         with self._update_lock:
-            version = self.weight_version + 1
-            live = self._on_all(lambda e: e.control("begin_weight_update", {}), "begin_weight_update")
-            if len(live) != len(self.engines):
-                raise EngineFailure("sync_weights_distributed: every engine of the group must take part")
-            for bucket in buckets:
-                meta = {"names": [n for n, _ in bucket], "dtypes": [dtype_name(t.dtype) for _, t in bucket],
-                        "shapes": [list(t.shape) for _, t in bucket], "group_name": spec.group_name,
-                        "weight_version": str(version), "flush_cache": True}  # fmt: skip
-                with ThreadPoolExecutor(max_workers=len(live)) as pool:
-                    futs = [pool.submit(e.control, "update_weights_from_distributed", meta) for e in live]
-                    for _, tensor in bucket:
-                        dist.broadcast(tensor.contiguous(), src=0, group=group)
-                    for f in futs:
-                        f.result()
-            for e in live:
-                e.control("end_weight_update", {})
+            self._dist.ensure_group()
+        return self._dist
+
+    def sync_weights_distributed(
+        self, buckets: Iterable[Bucket] | Callable[[], Iterable[Bucket]], catch_up: bool = False
+    ) -> int:
+        """Broadcast each bucket from the trainer while every healthy engine receives it through
+        /update_weights_from_distributed (inside begin/end). Needs init_distributed_sync first.
+
+        buckets may be a callable making a fresh iterator: then a sync that loses engines (they are
+        marked dead, restarted if launched, and rejoin at a later sync) runs once more with the rest.
+        catch_up: the current weights at the current version (the group now includes engines that
+        came back); the engines already current receive them again."""
+        from sparrow_megatron.rollout.dist_sync import SyncFailed
+
+        if self._dist is None:
+            raise UserError("sync_weights_distributed: call init_distributed_sync first")
+        tries = 2 if callable(buckets) else 1
+        with self._update_lock:
+            version = self.weight_version if catch_up else self.weight_version + 1
+            for attempt in range(tries):
+                try:
+                    live = self._dist.broadcast(buckets() if callable(buckets) else buckets, version)
+                    break
+                except SyncFailed as err:
+                    if attempt + 1 == tries:
+                        raise
+                    logger.error("%s; retrying with the engines left", err)
+            self.last_sync_bytes = self._dist.last_bytes
             self._commit_version(live, version)
             return version
 
@@ -640,6 +683,12 @@ class RolloutFleet:
             del self.adapters[name]
             if self.active_adapter == name:
                 self.active_adapter = None
+
+
+def _loaded_adapters(engine: Engine) -> set[str]:
+    """LoRA names an engine has loaded (SGLang's /v1/models lists them next to the base model)."""
+    body = engine.client.get(f"{engine.url}/v1/models", timeout=10).json()
+    return {m.get("id") for m in body.get("data", [])}
 
 
 def _port_free(host: str, port: int) -> bool:

@@ -95,6 +95,8 @@ class GenerationResult:
     samples: list[list[Sample]]
     engine_stats: dict[int, EngineStats] = field(default_factory=dict)
     wall_s: float = 0.0
+    # Samples whose engine reported a weight version other than the fleet's (should stay 0).
+    stale_samples: int = 0
 
     def flat(self) -> list[Sample]:
         return [s for group in self.samples for s in group]

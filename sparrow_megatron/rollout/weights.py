@@ -2,8 +2,9 @@
 
 Over HTTP, SGLang's default tensor serializer (ForkingPickler: shared-memory handles) kills the server
 (it cannot open another process's shared memory); a plain pickle of the named CPU tensors, base64-encoded, is what its SafeUnpickler accepts
-and what JSON can carry. The HTTP path copies every byte, so it is the CPU/test path and the fallback;
-GPU fleets use `update_weights_from_distributed` (an NCCL broadcast from the trainer).
+and what JSON can carry. The HTTP path copies every byte, so it is the CPU/test path; GPU fleets use
+`update_weights_from_distributed` (an NCCL broadcast from the trainer: rollout/dist_sync.py) or a
+safetensors snapshot the engines reload (`disk`).
 """
 
 from __future__ import annotations
@@ -27,11 +28,14 @@ def encode_named_tensors(named_tensors: Iterable[tuple[str, torch.Tensor]]) -> s
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-def tensor_update_payload(bucket: Bucket, tp_size: int, weight_version: int | None) -> dict:
+def tensor_update_payload(
+    bucket: Bucket, tp_size: int, weight_version: int | None, single_copy: bool = True
+) -> dict:
     encoded = encode_named_tensors(bucket)
     payload: dict = {
-        # One copy per TP rank: each rank deserializes its own entry and shards it.
-        "serialized_named_tensors": [encoded] * tp_size,
+        # One copy per engine, not one per TP rank: the engines' plugin (sglang_patches/plugin.py)
+        # lets every TP rank read the single entry. tp_size is kept for engines without the plugin.
+        "serialized_named_tensors": [encoded] if single_copy else [encoded] * tp_size,
         "flush_cache": True,
     }
     if weight_version is not None:
@@ -58,6 +62,24 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+def flatten_bucket(bucket: Bucket) -> tuple[torch.Tensor, dict[str, list]]:
+    """One uint8 tensor holding the bucket's tensors back to back (on their device), and the
+    names/dtypes/shapes the engine needs to cut it again (SGLang's FlattenedTensorBucket layout)."""
+    # Widest dtypes first: SGLang's receiver requires each tensor's byte offset to be a multiple of its
+    # element size, which holds when every tensor before it has an element size at least as large.
+    bucket = sorted(bucket, key=lambda nt: -nt[1].element_size())
+    device = bucket[0][1].device
+    parts = [t.detach().contiguous().reshape(-1).view(torch.uint8) for _, t in bucket]
+    if any(p.device != device for p in parts):
+        raise ValueError("flatten_bucket: a bucket's tensors must share one device")
+    meta = {
+        "names": [n for n, _ in bucket],
+        "dtypes": [dtype_name(t.dtype) for _, t in bucket],
+        "shapes": [list(t.shape) for _, t in bucket],
+    }
+    return torch.cat(parts), meta
+
+
 @dataclass
 class DistributedGroupSpec:
     """The trainer-side rendezvous of `init_weights_update_group`: rank 0 is the trainer."""
@@ -68,14 +90,17 @@ class DistributedGroupSpec:
     backend: str = "nccl"
 
 
-def init_trainer_group(spec: DistributedGroupSpec, world_size: int):
+def init_trainer_group(spec: DistributedGroupSpec, world_size: int, timeout=None):
     """Join the weight-update group as rank 0 (the engines join as ranks 1..; SGLang's own helper
-    builds a group outside the default one so the trainer's Megatron groups are untouched)."""
+    builds a group outside the default one so the trainer's Megatron groups are untouched).
+    timeout (a timedelta) bounds the rendezvous and each collective: a dead engine fails the sync
+    instead of hanging it."""
     from sglang.srt.utils.common import init_custom_process_group
 
     return init_custom_process_group(
         backend=spec.backend,
         init_method=f"tcp://{spec.master_address}:{spec.master_port}",
+        timeout=timeout,
         world_size=world_size,
         rank=0,
         group_name=spec.group_name,

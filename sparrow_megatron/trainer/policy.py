@@ -468,9 +468,10 @@ class Policy:
 
     # ------------------------------------------------------------------ weights and checkpoints
 
-    def iter_hf_weights(self, bucket_bytes: int = 512 << 20):
-        """Collective generator of lists of (hf_name, full tensor) for weight sync to the rollout."""
-        return iter_hf_weights(self.model, self.arch, bucket_bytes)
+    def iter_hf_weights(self, bucket_bytes: int = 512 << 20, to_host: bool = True):
+        """Collective generator of lists of (hf_name, full tensor) for weight sync to the rollout;
+        to_host=False keeps the tensors on the GPU (the distributed broadcast)."""
+        return iter_hf_weights(self.model, self.arch, bucket_bytes, to_host=to_host)
 
     def hf_grads(self) -> dict[str, torch.Tensor]:
         """The last step's accumulated gradients, full and under HF names (collective; for checks)."""

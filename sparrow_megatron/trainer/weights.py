@@ -246,10 +246,12 @@ def _local_hf_tensors(model, arch: Qwen3Arch, grads: bool = False) -> Iterator[t
 
 @torch.no_grad()
 def iter_hf_weights(
-    model, arch: Qwen3Arch, bucket_bytes: int = 512 << 20, grads: bool = False
+    model, arch: Qwen3Arch, bucket_bytes: int = 512 << 20, grads: bool = False, to_host: bool = True
 ) -> Iterator[list]:
     """Yield the whole model as lists of (hf_name, tensor) of about bucket_bytes each, on every rank.
     grads=True yields the accumulated main_grad in the same layout (for parity checks and debugging).
+    to_host=False leaves each tensor on the device it was gathered on (the NCCL weight broadcast
+    sends GPU tensors; a host copy would cost a device->host transfer per byte and fail NCCL).
 
     Collective: every rank must drain the iterator. Stages are walked in order; each tensor is
     TP-gathered on its stage and broadcast to the other stages over the pipeline group.
@@ -279,7 +281,7 @@ def iter_hf_weights(
                 tensor = torch.empty(shape, dtype=dtype, device=_param_device(model))
             if pp > 1:
                 torch.distributed.broadcast(tensor, src=stage_ranks[stage], group=pp_group)
-            bucket.append((hf_name, tensor.cpu()))
+            bucket.append((hf_name, tensor.cpu() if to_host else tensor))
             size += tensor.numel() * tensor.element_size()
             if size >= bucket_bytes:
                 yield bucket

@@ -103,6 +103,12 @@ def test_steps_compute_rewards_tails_and_sync_weights(reference_run):
         # One weight sync per step: the rollout of step s+1 runs on the weights of update s.
         assert r["rollout/weight_version"] == r["step"]
         assert r["rollout/engine_weight_version"] == r["step"] - 1
+        assert r["rollout/stale_samples"] == 0 and r["time/sync_s"] > 0
+        # http: one base64 pickle of the model to the one engine (4/3 of its bytes plus framing)
+        model_bytes = sum(
+            t.numel() * t.element_size() for t in load_file(TINY_RECALL_DIR / "model.safetensors").values()
+        )
+        assert model_bytes * 4 / 3 < r["sync/bytes"] < model_bytes * 4 / 3 * 1.05
         budgets = [v for k, v in r.items() if k.startswith("tail_bin_") and k.endswith("/budget")]
         assert r["schedule/dense"] == 0 and budgets and min(budgets) >= 128
     assert any(r["reward/signal_frac"] > 0 for r in rows), "no group with differing rewards: no update"
@@ -192,7 +198,9 @@ def test_resume_after_a_kill_reproduces_the_uninterrupted_run(reference_run, tmp
         # landed (tokens, rewards and losses equal): compared to 1e-4 until that is explained; every
         # other number exactly.
         tails = [k for k in want if k.startswith(("tail/", "tail_bin_"))]
-        assert {k: got.pop(k) for k in tails} == pytest.approx({k: want.pop(k) for k in tails}, abs=1e-4), step
+        assert {k: got.pop(k) for k in tails} == pytest.approx({k: want.pop(k) for k in tails}, abs=1e-4), (
+            step
+        )
         assert got == pytest.approx(want, rel=1e-6, abs=1e-9), step
     # The resumed run continued its MLflow run (one run, every step's numbers in it).
     _assert_tracked(run_dir)
@@ -238,6 +246,12 @@ def test_distributed_weight_sync_reaches_the_engines(reference_run, tmp_path):
     # The engines report serving step 2 with the weights broadcast after step 1.
     assert [r["rollout/engine_weight_version"] for r in rows] == [0, 1]
     assert [r["rollout/weight_version"] for r in rows] == [1, 2]
+    # One broadcast of the model per step (the trainer's weights: those of its HF export), no stale sample.
+    model_bytes = sum(
+        t.numel() * t.element_size() for t in load_file(run_dir / "final_hf" / "model.safetensors").values()
+    )
+    assert [r["sync/bytes"] for r in rows] == [model_bytes, model_bytes]
+    assert all(r["time/sync_s"] > 0 and r["rollout/stale_samples"] == 0 for r in rows)
     # Same prompts and seeds: the same rewards. (Joining the gloo group moves the engine's float bits
     # slightly, so the log-prob statistics are close to the reference's, not bit-equal.)
     for got, want in zip(rows, _metrics(reference_run)[:2], strict=True):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 import signal
 import threading
 import time
@@ -215,18 +216,103 @@ def test_a_request_that_fails_everywhere_raises_with_the_reason(fleet):
     assert fleet.generate([[1, 2, 3]], GREEDY).flat()[0].response_len == 12
 
 
-def test_weight_update_over_a_process_group(fleet, tiny_model, tiny_model_b):
-    """The update_weights_from_distributed path. GPU fleets use NCCL (not testable here); on CPU the
-    same code runs over gloo: the engines join the trainer's group and receive each bucket by broadcast."""
+class _Policy:
+    """The trainer side of a sync, isolated: a checkpoint's buckets and its HF export."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def iter_hf_weights(self, bucket_bytes: int, to_host: bool = True):
+        return state_buckets(self.path, bucket_size=7)
+
+    def export_hf(self, out):
+        shutil.copytree(self.path, out)
+
+
+def test_loop_weight_sync_http_sends_one_copy_per_engine_and_disk_writes_one_snapshot(
+    fleet, tiny_model, tiny_model_b, tmp_path
+):
+    from sparrow_megatron.loop.weight_sync import WeightSync
+
+    want_a = [hf_greedy(load_hf(tiny_model), p, GREEDY.max_new_tokens) for p in PROMPTS]
+    want_b = [hf_greedy(load_hf(tiny_model_b), p, GREEDY.max_new_tokens) for p in PROMPTS]
+    raw = _nbytes(state_buckets(tiny_model_b))
+    metrics = WeightSync("http", fleet, tmp_path).push(_Policy(tiny_model_b))
+    # base64 of a pickle: the raw bytes x 4/3 plus framing, once per engine (2 engines)
+    assert 2 * raw * 4 / 3 <= metrics["sync/bytes"] < 2 * raw * 4 / 3 * 1.05
+    for s in fleet.generate(PROMPTS, GREEDY, n=2).flat():
+        assert s.weight_version == fleet.weight_version and s.output_ids == want_b[s.prompt_index]
+
+    disk = WeightSync("disk", fleet, tmp_path)
+    for _ in range(2):
+        metrics = disk.push(_Policy(tiny_model))
+    snapshot = tmp_path / "weight_sync" / f"v{fleet.weight_version:06d}"
+    assert [p.name for p in snapshot.parent.iterdir()] == [snapshot.name]  # the older one is gone
+    assert metrics["sync/bytes"] == (snapshot / "model.safetensors").stat().st_size  # written once
+    batch = fleet.generate(PROMPTS, GREEDY, n=2)
+    assert {s.engine_id for s in batch.flat()} == {0, 1}
+    for s in batch.flat():
+        assert s.weight_version == fleet.weight_version and s.output_ids == want_a[s.prompt_index]
+
+
+def _nbytes(buckets) -> int:
+    return sum(t.numel() * t.element_size() for b in buckets for _, t in b)
+
+
+def test_weight_update_over_a_process_group_survives_a_lost_engine(fleet, tiny_model, tiny_model_b):
+    """The update_weights_from_distributed path. GPU fleets use NCCL; on CPU the same code runs over
+    gloo: the engines join the trainer's group and receive each bucket as one flat broadcast.
+
+    An engine killed in the middle of a sync is dropped from it (the sync runs again on a rebuilt group
+    with the survivor); once restarted it is stale (base weights), gets no requests, and catch_up
+    rebuilds the group with it and brings it to the current version before it serves."""
     from sparrow_megatron.rollout import DistributedGroupSpec
     from sparrow_megatron.rollout.server import free_port
 
+    want_a = [hf_greedy(load_hf(tiny_model), p, GREEDY.max_new_tokens) for p in PROMPTS]
     want_b = [hf_greedy(load_hf(tiny_model_b), p, GREEDY.max_new_tokens) for p in PROMPTS]
     spec = DistributedGroupSpec("127.0.0.1", free_port(), group_name="sparrow_test_sync", backend="gloo")
-    group = fleet.init_distributed_sync(spec)
-    version = fleet.sync_weights_distributed(state_buckets(tiny_model_b, bucket_size=7), group)
+    sync = fleet.init_distributed_sync(spec, timeout_s=120)
+    assert sync.builds == 1
+    version = fleet.sync_weights_distributed(lambda: state_buckets(tiny_model_b, bucket_size=7))
+    # One broadcast of the weights, whatever the number of engines.
+    assert fleet.last_sync_bytes == _nbytes(state_buckets(tiny_model_b)) > 0
     batch = fleet.generate(PROMPTS, GREEDY, n=2)
     assert {s.engine_id for s in batch.flat()} == {0, 1}
     for s in batch.flat():
         assert s.weight_version == version
         assert s.output_ids == want_b[s.prompt_index]
+
+    victim, survivor = fleet.engines[1], fleet.engines[0]
+    old_pid = victim.server.pid
+    calls = []
+
+    def buckets_killing_the_victim():
+        calls.append(1)
+        for k, bucket in enumerate(state_buckets(tiny_model, bucket_size=7)):
+            if k == 2 and len(calls) == 1:  # mid-sync, on the first try only
+                os.killpg(old_pid, signal.SIGKILL)
+                victim.server.process.wait(timeout=30)
+            yield bucket
+
+    version = fleet.sync_weights_distributed(buckets_killing_the_victim)
+    assert len(calls) == 2  # the failed try and the retry with the survivor
+    assert sync.builds == 2 and sync.group.members == ((0, survivor.url),)
+    assert survivor.weight_version == version and victim.weight_version != version
+    batch = fleet.generate(PROMPTS, GREEDY, n=2)
+    assert batch.stale_samples == 0
+    for s in batch.flat():
+        assert s.engine_id == 0 and s.weight_version == version
+        assert s.output_ids == want_a[s.prompt_index]
+
+    fleet.wait_restarts(timeout_s=600)
+    assert victim.server.pid != old_pid and victim.healthy
+    assert fleet.stale_engines() == [victim]  # restarted from the base model: not routed
+    assert {s.engine_id for s in fleet.generate(PROMPTS, GREEDY, n=2).flat()} == {0}
+    assert fleet.sync_weights_distributed(lambda: state_buckets(tiny_model), catch_up=True) == version
+    assert sync.builds == 3 and fleet.stale_engines() == []
+    batch = fleet.generate(PROMPTS, GREEDY, n=2)
+    assert {s.engine_id for s in batch.flat()} == {0, 1} and batch.stale_samples == 0
+    for s in batch.flat():
+        assert s.weight_version == version
+        assert s.output_ids == want_a[s.prompt_index]

@@ -109,3 +109,54 @@ def test_engines_of_a_node_take_disjoint_gpus():
     assert [args[args.index("--base-gpu-id") + 1] for args in gpus] == ["0", "2", "4", "6"]
     cpu = RolloutFleet(RolloutConfig(engines=2), FleetOptions(model_path="m", device="cpu"))
     assert "--base-gpu-id" not in cpu._engine_options(1).extra_server_args
+
+
+class _Answer:
+    def __init__(self, body):
+        self.body = body
+
+    def json(self):
+        return self.body
+
+
+class ReattachedEngine(Engine):
+    """An attached engine whose launcher restarted it: healthy again, reporting its own weight version."""
+
+    def __init__(self, engine_id, url, reported: str, loras=()):
+        super().__init__(engine_id, url)
+        self.reported, self.loras, self.loaded = reported, list(loras), []
+        self.client = self  # /model_info and /v1/models answered here
+
+    def get(self, url, timeout=None):
+        if url.endswith("/model_info"):
+            return _Answer({"weight_version": self.reported})
+        return _Answer({"data": [{"id": "base"}, *({"id": n} for n in self.loras)]})
+
+    def check_health(self, timeout_s: float = 10.0) -> bool:
+        return True
+
+    def control(self, endpoint, payload=None, timeout_s=None):
+        self.loaded.append((endpoint, payload["lora_name"]))
+
+
+def test_a_reattached_engine_is_admitted_at_the_version_it_reports_and_gets_the_adapters_back():
+    fleet = fleet_of(2)
+    fleet.weight_version = 3
+    fleet.engines[0].healthy = False  # engine 0 is down for the whole test
+    fleet.adapters = {"distill-v3": "/a/v3"}
+    back = ReattachedEngine(1, fleet.rollout.urls[1], reported="0")
+    fleet.engines[1] = back
+    back.healthy, back.weight_version = False, 3  # it was serving v3 when it went away
+    assert fleet._probe(back, "test")
+    assert back.healthy and back.weight_version == 0  # base weights: not routable
+    assert fleet.stale_engines() == [back]
+    assert back.loaded == [("load_lora_adapter", "distill-v3")]
+    with pytest.raises(NoEngineAvailable, match="engine 1 healthy=True weights=v0"):
+        fleet._acquire(set())  # engine 0 is down, engine 1 is stale: nobody serves v3
+
+    current = ReattachedEngine(1, fleet.rollout.urls[1], reported="3", loras=["distill-v3"])
+    fleet.engines[1] = current
+    current.healthy = False
+    fleet._probe(current, "test")
+    assert current.weight_version == 3 and fleet.stale_engines() == [] and current.loaded == []
+    assert fleet._acquire(set()) is current
