@@ -102,6 +102,7 @@ def to_trainer_batch(
         response_ids=[s.output_ids for s in samples],
         rollout_logprobs=[s.logprobs for s in samples],
         advantages=advantages.tolist(),
+        group_ids=list(group_ids),
     )
 
 
