@@ -118,6 +118,10 @@ def test_bad_overrides_name_the_field(override, needle):
         ("data.train_path=/nonexistent/train.jsonl", "data.train_path"),
         ("model.hf_dir=/nonexistent/model", "model.hf_dir"),
         ("tracking.copy_weights=-1", "tracking.copy_weights"),
+        ("grpo.mini_batches=0", "grpo.mini_batches"),
+        ("grpo.max_sampling_rounds=0", "grpo.max_sampling_rounds"),
+        ("grpo.overlong_buffer=-1", "grpo.overlong_buffer"),
+        ("grpo.overlong_penalty=-1", "grpo.overlong_penalty"),
     ],
 )
 def test_validation_names_the_field(override, field):
@@ -135,6 +139,13 @@ def test_a_kl_penalty_is_refused_until_a_reference_policy_exists():
         validate(cfg)
     # TIS can be switched off in either phase.
     validate(apply_overrides(JobConfig(), ["grpo.tis_cap=null", "distill.tis_cap=2.0"]))
+
+
+def test_the_overlong_buffer_must_leave_room_below_the_cutoff():
+    cfg = apply_overrides(JobConfig(), ["grpo.overlong=penalty", "grpo.overlong_buffer=256"])
+    with pytest.raises(UserError, match=r"field 'grpo.overlong_buffer': 256 must be below data.max_resp"):
+        validate(cfg)
+    validate(apply_overrides(JobConfig(), ["grpo.overlong=penalty", "grpo.overlong_buffer=64"]))
 
 
 def test_all_problems_are_reported_at_once():

@@ -22,7 +22,7 @@ import torch
 
 from sparrow_megatron.config import JobConfig, validate
 from sparrow_megatron.errors import UserError
-from sparrow_megatron.loop import spmd
+from sparrow_megatron.loop import overlong, spmd
 from sparrow_megatron.loop.collect import collect
 from sparrow_megatron.loop.console import LoopProgress
 from sparrow_megatron.loop.controller import BudgetController
@@ -249,7 +249,9 @@ class Loop:
         got = collect(step, cfg, task, tokenizer, fleet, sampling, schedule)
         samples = got.samples
         timer.lap("rollout")
-        batch = to_trainer_batch(samples, got.rewards, got.group_ids, cfg.grpo.adv_eps, std=cfg.grpo.std)
+        rewards = overlong.shaped_rewards(cfg.grpo, cfg.data.max_response_tokens, samples, got.rewards)
+        batch = to_trainer_batch(samples, rewards, got.group_ids, cfg.grpo.adv_eps, std=cfg.grpo.std)
+        batch.response_masks = overlong.loss_masks(cfg.grpo, samples)
         score = policy.score(batch)
         timer.lap("score")
         batch.old_logprobs = score.logprobs
@@ -275,6 +277,7 @@ class Loop:
         metrics.update(timer.metrics())
         metrics.update(tails.metrics())
         metrics.update(got.metrics())
+        metrics.update(overlong.metrics(samples, got.rewards, rewards))
         metrics.update({
             # Groups whose samples all score the same carry no GRPO signal: the share that does.
             "reward/signal_frac": float(np.mean(np.abs(batch.advantages) > 0)) if samples else 0.0,

@@ -108,7 +108,9 @@ class GRPOConfig:
     # adapter update takes the same mini-batches, one adapter step each.
     mini_batches: int = 1
     overlong: Overlong = "none"
-    overlong_buffer: int = 0  # penalty: tokens before data.max_response_tokens over which it ramps to -1
+    # penalty: the last tokens before data.max_response_tokens over which it ramps from 0 to -1 (DAPO:
+    # 4096 of 20480); 0 = -1 only for a response that reaches the cutoff.
+    overlong_buffer: int = 0
     overlong_penalty: float = 1.0  # penalty: its weight (DAPO's penalty_factor)
     # DAPO dynamic sampling: groups whose rewards are all equal are dropped and further prompts sampled
     # until loop.prompts_per_step groups carry signal, at most max_sampling_rounds rollouts per step.
@@ -121,11 +123,6 @@ class GRPOConfig:
         p.at_least(1, mini_batches=self.mini_batches, max_sampling_rounds=self.max_sampling_rounds)
         p.at_least(0, overlong_buffer=self.overlong_buffer)
         p.non_negative(overlong_penalty=self.overlong_penalty)
-        p.need(
-            self.overlong != "penalty" or self.overlong_buffer >= 1,
-            "overlong_buffer",
-            "must be >= 1 with grpo.overlong='penalty' (the tokens over which the penalty ramps up)",
-        )
         p.need(0 <= self.eps_low < 1, "eps_low", f"must be in [0, 1), got {self.eps_low}")
         p.need(
             self.dual_clip > 1, "dual_clip", f"must be > 1 (it bounds rho*A from below), got {self.dual_clip}"
