@@ -23,9 +23,9 @@ import torch
 from sparrow_megatron.config import JobConfig, validate
 from sparrow_megatron.errors import UserError
 from sparrow_megatron.loop import overlong, spmd
-from sparrow_megatron.loop.collect import collect
 from sparrow_megatron.loop.console import LoopProgress
 from sparrow_megatron.loop.controller import BudgetController
+from sparrow_megatron.loop.dynamic_sampling import collect_filled
 from sparrow_megatron.loop.evaluate import EvalSpec, eval_sampling, evaluate
 from sparrow_megatron.loop.monitor import TailMonitor
 from sparrow_megatron.loop.recorder import StepRecorder, summary_markdown
@@ -246,7 +246,7 @@ class Loop:
         cfg = self.cfg
         t0 = time.perf_counter()
         timer = _PhaseTimer()
-        got = collect(step, cfg, task, tokenizer, fleet, sampling, schedule)
+        got = collect_filled(step, cfg, task, tokenizer, fleet, sampling, schedule)
         samples = got.samples
         timer.lap("rollout")
         rewards = overlong.shaped_rewards(cfg.grpo, cfg.data.max_response_tokens, samples, got.rewards)
