@@ -46,7 +46,7 @@ from sparrow_megatron.sparsity.solver import TailTable
 
 log = logging.getLogger(__name__)
 
-# The embedded default (tiny recall model, ~1.1K-token prompts, a few answer tokens): sized for 2 CPU cores.
+# The embedded default (tiny recall model, ~0.54K-1.56K-token prompts, a few answer tokens): sized for 2 CPU cores.
 TINY_DEFAULTS = {"num_prompts": 4, "samples": 2, "max_new_tokens": 8, "bin_width": 256}
 MODEL_DEFAULTS = {"num_prompts": 64, "samples": 4, "max_new_tokens": 4096, "bin_width": DEFAULT_BIN_WIDTH}
 # A vocabulary this small fits in the top-K lists whole: the acceptance is then exact, not bracketed.
@@ -166,9 +166,11 @@ def load_prompt_texts(path: str | Path, tokenizer: Any, limit: int) -> list[str]
 
 def recall_prompt_texts(tokenizer: Any, count: int, seed: int = 0) -> list[str]:
     """The embedded task's eval prompts (what the tiny default's rollouts look like)."""
-    from sparrow_megatron.data.recall import RecallTask, RecallTaskConfig
+    from sparrow_megatron.data.recall import EMBEDDED_HAYSTACK, RecallTask, RecallTaskConfig
 
-    return [text for text, _ in RecallTask(RecallTaskConfig(seed=seed)).prompts(tokenizer, "eval", count)]
+    lo, hi = EMBEDDED_HAYSTACK  # the embedded default's lengths: its schedule covers every bin they reach
+    task = RecallTask(RecallTaskConfig(haystack_len=hi, min_haystack_len=lo, seed=seed))
+    return [text for text, _ in task.prompts(tokenizer, "eval", count)]
 
 
 # --- the run --------------------------------------------------------------------------------------

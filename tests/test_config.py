@@ -119,6 +119,8 @@ def test_bad_overrides_name_the_field(override, needle):
         ("model.hf_dir=/nonexistent/model", "model.hf_dir"),
         ("tracking.copy_weights=-1", "tracking.copy_weights"),
         ("grpo.mini_batches=0", "grpo.mini_batches"),
+        ("data.haystack=[600,500]", "data.haystack"),
+        ("data.haystack=[2]", "data.haystack"),
         ("grpo.max_sampling_rounds=0", "grpo.max_sampling_rounds"),
         ("grpo.overlong_buffer=-1", "grpo.overlong_buffer"),
         ("grpo.overlong_penalty=-1", "grpo.overlong_penalty"),
