@@ -39,7 +39,7 @@ class TrainerConfig:
     lr: float = 1e-6
     warmup_steps: int = 0
     lr_schedule: LrSchedule = "constant"  # after warmup; cosine and linear decay to min_lr at loop.steps
-    weight_decay: float = 0.0
+    weight_decay: float = 0.01  # the reference's AdamW (verl's actor optimizer default)
     grad_clip: float = 1.0
     micro_batch_tokens: int = 16384  # token budget per micro-batch (packed tokens; padded: rows x longest)
     dtype: TrainDtype = "bf16"
