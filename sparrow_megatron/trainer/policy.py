@@ -187,6 +187,7 @@ class Policy:
             else CpuAdamW(self.model, cfg)
         )
         self.step = 0
+        self.mini_batch_metrics: list[dict[str, float]] = []  # the last update's, one dict per mini-batch
         self.device = compat.device()
         self.dp_rank = parallel_state.get_data_parallel_rank()
         self.dp_size = parallel_state.get_data_parallel_world_size()
