@@ -30,7 +30,7 @@ def tiny_cpu() -> JobConfig:
     # (a near-uniform guess over 26 letters puts a quarter of its mass outside a top-20 list).
     cfg.rollout.top_k_logprobs = 128
     cfg.rollout.schedule = TINY_SCHEDULE
-    cfg.rollout.kv_pool_tokens = 32768  # the step's 8 distinct prompts (<= 1.56K) stay cached, dense and sparse
+    cfg.rollout.kv_pool_tokens = 32768  # the step's 8 distinct <= 1.56K prompts stay cached, dense + sparse
     cfg.monitor.bin_width = 256
     cfg.monitor.min_bin_tokens = 20
     # The tail controller on: 256 tokens leaves the p5 below tau on this task, so the run shows it
