@@ -30,7 +30,7 @@ SPLITS = (TRAIN, EVAL)
 QUERY_MARK = "?"
 # The tiny Qwen3 pretrained on this task (scripts/pretrain_tiny.py), installed with the package.
 TINY_RECALL_DIR = Path(__file__).resolve().parents[1] / "assets" / "tiny_recall"
-# The embedded default's haystack range: prompts of ~0.54K-1.56K tokens put the decode positions in 5
+# The embedded default's haystack range: prompts of ~0.54K-1.56K tokens put the decode positions in 4-5
 # position bins of 256, so the tails and the controller's budgets vary by position. The tiny model,
 # pretrained on haystacks up to 512 and evaluated at 1100, recalls ~0.9 of needles at 512 and ~0.75 at
 # 1100, ~0.25 at 1600-2048 (greedy, 12 prompts each): 2K would leave the longest bins near zero.

@@ -10,7 +10,7 @@ from sparrow_megatron.config import JobConfig
 from sparrow_megatron.data.recall import EMBEDDED_HAYSTACK
 
 # The recall prompts are ~0.54K-1.56K tokens (data.haystack) and the answers a few tokens, so decode
-# positions fall in 5 bins of 256; a 256-token budget keeps 16 of the ~34-98 pages, a smaller share the
+# positions fall in 4-5 bins of 256; a 256-token budget keeps 16 of the ~34-98 pages, a smaller share the
 # longer the prompt: the tail p5 falls with position and the controller raises each bin on its own.
 TINY_SCHEDULE = "tiny-recall-256"
 
