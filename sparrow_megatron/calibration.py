@@ -46,8 +46,10 @@ from sparrow_megatron.sparsity.solver import TailTable
 
 log = logging.getLogger(__name__)
 
-# The embedded default (tiny recall model, ~1.1K-token prompts, a few answer tokens): sized for 2 CPU cores.
-TINY_DEFAULTS = {"num_prompts": 4, "samples": 2, "max_new_tokens": 8, "bin_width": 256}
+# The embedded default (tiny recall model, ~0.54K-1.56K-token prompts, a few answer tokens): sized for 2 CPU
+# cores. 16 prompts: spread over 5 position bins, each bin still gets ~3 prompts x 2 samples x 8 tokens,
+# above min_bin_tokens (20).
+TINY_DEFAULTS = {"num_prompts": 16, "samples": 2, "max_new_tokens": 8, "bin_width": 256}
 MODEL_DEFAULTS = {"num_prompts": 64, "samples": 4, "max_new_tokens": 4096, "bin_width": DEFAULT_BIN_WIDTH}
 # A vocabulary this small fits in the top-K lists whole: the acceptance is then exact, not bracketed.
 EXACT_VOCAB_MAX = 256
@@ -164,11 +166,14 @@ def load_prompt_texts(path: str | Path, tokenizer: Any, limit: int) -> list[str]
     return texts
 
 
-def recall_prompt_texts(tokenizer: Any, count: int, seed: int = 0) -> list[str]:
-    """The embedded task's eval prompts (what the tiny default's rollouts look like)."""
-    from sparrow_megatron.data.recall import RecallTask, RecallTaskConfig
+def recall_prompt_texts(tokenizer: Any, count: int, seed: int = 0, haystack: tuple[int, int] | None = None):
+    """The embedded task's eval prompts (what the tiny default's rollouts look like). haystack: its
+    [min, max] length; default the embedded default's, so the schedule covers every bin they reach."""
+    from sparrow_megatron.data.recall import EMBEDDED_HAYSTACK, RecallTask, RecallTaskConfig
 
-    return [text for text, _ in RecallTask(RecallTaskConfig(seed=seed)).prompts(tokenizer, "eval", count)]
+    lo, hi = haystack or EMBEDDED_HAYSTACK
+    task = RecallTask(RecallTaskConfig(haystack_len=hi, min_haystack_len=lo if lo < hi else 0, seed=seed))
+    return [text for text, _ in task.prompts(tokenizer, "eval", count)]
 
 
 # --- the run --------------------------------------------------------------------------------------

@@ -220,6 +220,11 @@ def problems(cfg: JobConfig, check_paths: bool = True) -> list[str]:
         f"periodic evaluation of data.kind={cfg.data.kind!r} needs held-out prompts: "
         "data.eval={name: path, ...} (or data.eval_path)",
     )
+    p.need(
+        cfg.grpo.overlong != "penalty" or cfg.grpo.overlong_buffer < cfg.data.max_response_tokens,
+        "grpo.overlong_buffer",
+        f"{cfg.grpo.overlong_buffer} must be below data.max_response_tokens {cfg.data.max_response_tokens}",
+    )
     return found + p
 
 

@@ -124,6 +124,12 @@ def test_bad_overrides_name_the_field(override, needle):
         ("loop.eval_max_response_tokens=-1", "loop.eval_max_response_tokens"),
         ("reward.judge_timeout_s=0", "reward.judge_timeout_s"),
         ("data.eval={aime24: /nonexistent/aime24.jsonl}", "data.eval.aime24"),
+        ("grpo.mini_batches=0", "grpo.mini_batches"),
+        ("data.haystack=[600,500]", "data.haystack"),
+        ("data.haystack=[2]", "data.haystack"),
+        ("grpo.max_sampling_rounds=0", "grpo.max_sampling_rounds"),
+        ("grpo.overlong_buffer=-1", "grpo.overlong_buffer"),
+        ("grpo.overlong_penalty=-1", "grpo.overlong_penalty"),
     ],
 )
 def test_validation_names_the_field(override, field):
@@ -162,6 +168,13 @@ def test_a_kl_penalty_is_refused_until_a_reference_policy_exists():
         validate(cfg)
     # TIS can be switched off in either phase.
     validate(apply_overrides(JobConfig(), ["grpo.tis_cap=null", "distill.tis_cap=2.0"]))
+
+
+def test_the_overlong_buffer_must_leave_room_below_the_cutoff():
+    cfg = apply_overrides(JobConfig(), ["grpo.overlong=penalty", "grpo.overlong_buffer=256"])
+    with pytest.raises(UserError, match=r"field 'grpo.overlong_buffer': 256 must be below data.max_resp"):
+        validate(cfg)
+    validate(apply_overrides(JobConfig(), ["grpo.overlong=penalty", "grpo.overlong_buffer=64"]))
 
 
 def test_all_problems_are_reported_at_once():

@@ -106,6 +106,17 @@ def _reach_std(cfg, value, tmp_path):
     assert float(adv[0]) == pytest.approx(expected, rel=1e-5)
 
 
+def _reach_overlong(cfg, value, tmp_path):
+    from sparrow_megatron.loop import overlong
+    from sparrow_megatron.rollout.types import Sample
+
+    cut = Sample(0, 0, [1], [2] * cfg.data.max_response_tokens, [], [], [], "length", 0, 0, None, None, 0.0)
+    rewards = overlong.shaped_rewards(cfg.grpo, cfg.data.max_response_tokens, [cut], [1.0])
+    masks = overlong.loss_masks(cfg.grpo, [cut])
+    assert rewards == [{"none": 1.0, "mask": 1.0, "penalty": 0.0}[value]]
+    assert (masks is not None and not any(masks[0])) == (value == "mask")
+
+
 def _reach_lr_schedule(cfg, value, tmp_path):
     from sparrow_megatron.trainer.optim import lr_at
 
@@ -179,6 +190,7 @@ REACH = {
     "monitor.signal": _reach_signal,
     "grpo.loss_agg": _reach_loss_agg,
     "grpo.std": _reach_std,
+    "grpo.overlong": _reach_overlong,
     "trainer.lr_schedule": _reach_lr_schedule,
     "trainer.dtype": _reach_dtype,
     "trainer.recompute": _reach_recompute,

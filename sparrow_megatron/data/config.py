@@ -31,6 +31,9 @@ class DataConfig:
     # Synthetic task: cycle through the first N train examples (epochs over a fixed set, like a dataset
     # file); 0 = a fresh example for every prompt.
     train_size: int = 0
+    # Synthetic task: the haystack length range [min, max] in characters (= tokens with the tiny char
+    # tokenizer); each prompt draws its own. A range spreads decode positions over several monitor bins.
+    haystack: list[int] = field(default_factory=lambda: [1100, 1100])
 
     def column_keys(self) -> dict[str, str]:
         """The loader's per-role column names (DatasetConfig's `<role>_key` fields) from `columns`."""
@@ -48,6 +51,13 @@ class DataConfig:
         p = Problems(prefix)
         p.at_least(1, max_prompt_tokens=self.max_prompt_tokens, max_response_tokens=self.max_response_tokens)
         p.at_least(0, train_size=self.train_size)
+        h = self.haystack
+        p.need(
+            isinstance(h, (list, tuple)) and len(h) == 2 and all(isinstance(x, int) for x in h)
+            and 3 <= h[0] <= h[1],
+            "haystack",
+            f"must be [min, max] characters with 3 <= min <= max (3 needles), got {h}",
+        )  # fmt: skip
         roles = list(self.columns.values())
         for role in sorted({r for r in roles if roles.count(r) > 1}):
             p.need(False, "columns", f"more than one column has the role {role!r}")

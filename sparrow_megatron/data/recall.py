@@ -30,12 +30,20 @@ SPLITS = (TRAIN, EVAL)
 QUERY_MARK = "?"
 # The tiny Qwen3 pretrained on this task (scripts/pretrain_tiny.py), installed with the package.
 TINY_RECALL_DIR = Path(__file__).resolve().parents[1] / "assets" / "tiny_recall"
+# The embedded default's haystack range: prompts of ~0.54K-1.56K tokens put the decode positions in 4-5
+# position bins of 256, so the tails and the controller's budgets vary by position. The tiny model,
+# pretrained on haystacks up to 512 and evaluated at 1100, recalls ~0.9 of needles at 512 and ~0.75 at
+# 1100, ~0.25 at 1600-2048 (greedy, 12 prompts each): 2K would leave the longest bins near zero.
+EMBEDDED_HAYSTACK = (512, 1536)
 NEEDLE_CLASSES = (("#", string.digits), ("@", string.ascii_uppercase), ("&", string.ascii_lowercase))
 
 
 @dataclass(frozen=True)
 class RecallTaskConfig:
     haystack_len: int = 1100
+    # > 0: each example's haystack length is drawn (seeded per example) from [min_haystack_len,
+    # haystack_len], so decode positions span several position bins; 0: every example has haystack_len.
+    min_haystack_len: int = 0
     num_queries: int = 3  # needles asked per prompt (reward = fraction recalled exactly)
     needle_classes: tuple[tuple[str, str], ...] = NEEDLE_CLASSES
     filler_alphabet: str = ".,;:-+*/=_"
@@ -46,10 +54,11 @@ class RecallTaskConfig:
             raise ValueError(
                 f"need 1 <= num_queries ({self.num_queries}) <= {len(self.needle_classes)} classes"
             )
-        if self.haystack_len < len(self.needle_classes):
-            raise ValueError(
-                f"haystack_len {self.haystack_len} cannot hold {len(self.needle_classes)} needles"
-            )
+        shortest = self.min_haystack_len or self.haystack_len
+        if shortest < len(self.needle_classes):
+            raise ValueError(f"haystack length {shortest} cannot hold {len(self.needle_classes)} needles")
+        if self.min_haystack_len > self.haystack_len:
+            raise ValueError(f"min_haystack_len {self.min_haystack_len} > haystack_len {self.haystack_len}")
         sets = [set(self.filler_alphabet)] + [set(a) for _, a in self.needle_classes]
         sets.append({m for m, _ in self.needle_classes} | {QUERY_MARK})
         if sum(len(x) for x in sets) != len(set().union(*sets)):
@@ -100,6 +109,9 @@ class RecallTask:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
         c = self.config
         n = c.haystack_len if haystack_len is None else haystack_len
+        if haystack_len is None and c.min_haystack_len:
+            # Its own stream: an example of length n is the same as with a fixed haystack_len = n.
+            n = random.Random(f"recall/{c.seed}/{split}/{index}/length").randint(c.min_haystack_len, n)
         # A string seed is hashed with SHA-512 by random.Random: stable across processes and versions.
         rng = random.Random(f"recall/{c.seed}/{split}/{index}/{n}")
         chars = [rng.choice(c.filler_alphabet) for _ in range(n)]

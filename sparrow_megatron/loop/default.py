@@ -7,9 +7,11 @@ store beside the run directory. Sized to finish in minutes on 2 cores. `recipes/
 from __future__ import annotations
 
 from sparrow_megatron.config import JobConfig
+from sparrow_megatron.data.recall import EMBEDDED_HAYSTACK
 
-# The recall prompts are ~1.1K tokens and the answers a few tokens, so every decode step sits in one
-# 256-token bin around position 1.1K; a 256-token budget keeps 16 of its ~70 pages.
+# The recall prompts are ~0.54K-1.56K tokens (data.haystack) and the answers a few tokens, so decode
+# positions fall in 4-5 bins of 256; a 256-token budget keeps 16 of the ~34-98 pages, a smaller share the
+# longer the prompt: the tail p5 falls with position and the controller raises each bin on its own.
 TINY_SCHEDULE = "tiny-recall-256"
 
 
@@ -20,6 +22,7 @@ def tiny_cpu() -> JobConfig:
     # 16 training prompts, 4 per step: 4 epochs in 16 steps, so the reward on the same prompts can be
     # seen rising epoch over epoch (fresh prompts every step make single steps mostly prompt noise).
     cfg.data.train_size = 16
+    cfg.data.haystack = list(EMBEDDED_HAYSTACK)
     cfg.rollout.engines = 1
     cfg.rollout.n_samples = 8
     cfg.rollout.temperature = 1.0
@@ -27,7 +30,7 @@ def tiny_cpu() -> JobConfig:
     # (a near-uniform guess over 26 letters puts a quarter of its mass outside a top-20 list).
     cfg.rollout.top_k_logprobs = 128
     cfg.rollout.schedule = TINY_SCHEDULE
-    cfg.rollout.kv_pool_tokens = 24576  # the step's 8 distinct ~1.1K prompts stay cached, dense and sparse
+    cfg.rollout.kv_pool_tokens = 32768  # the step's 8 distinct <= 1.56K prompts stay cached, dense + sparse
     cfg.monitor.bin_width = 256
     cfg.monitor.min_bin_tokens = 20
     # The tail controller on: 256 tokens leaves the p5 below tau on this task, so the run shows it

@@ -22,10 +22,10 @@ import torch
 
 from sparrow_megatron.config import JobConfig, validate
 from sparrow_megatron.errors import UserError
-from sparrow_megatron.loop import spmd
-from sparrow_megatron.loop.collect import collect
+from sparrow_megatron.loop import overlong, spmd
 from sparrow_megatron.loop.console import LoopProgress
 from sparrow_megatron.loop.controller import BudgetController
+from sparrow_megatron.loop.dynamic_sampling import collect_filled
 from sparrow_megatron.loop.evaluate import EvalSpec, eval_sampling, evaluate
 from sparrow_megatron.loop.monitor import TailMonitor
 from sparrow_megatron.loop.recorder import StepRecorder, summary_markdown
@@ -103,6 +103,7 @@ def to_trainer_batch(
         response_ids=[s.output_ids for s in samples],
         rollout_logprobs=[s.logprobs for s in samples],
         advantages=advantages.tolist(),
+        group_ids=list(group_ids),
     )
 
 
@@ -249,10 +250,12 @@ class Loop:
         self._sync.catch_up(policy)  # engines that came back get the current weights before serving
         t0 = time.perf_counter()
         timer = _PhaseTimer()
-        got = collect(step, cfg, task, tokenizer, fleet, sampling, schedule)
+        got = collect_filled(step, cfg, task, tokenizer, fleet, sampling, schedule)
         samples = got.samples
         timer.lap("rollout")
-        batch = to_trainer_batch(samples, got.rewards, got.group_ids, cfg.grpo.adv_eps, std=cfg.grpo.std)
+        rewards = overlong.shaped_rewards(cfg.grpo, cfg.data.max_response_tokens, samples, got.rewards)
+        batch = to_trainer_batch(samples, rewards, got.group_ids, cfg.grpo.adv_eps, std=cfg.grpo.std)
+        batch.response_masks = overlong.loss_masks(cfg.grpo, samples)
         score = policy.score(batch)
         timer.lap("score")
         batch.old_logprobs = score.logprobs
@@ -278,6 +281,7 @@ class Loop:
         metrics.update(timer.metrics())
         metrics.update(tails.metrics())
         metrics.update(got.metrics())
+        metrics.update(overlong.metrics(samples, got.rewards, rewards))
         metrics.update({
             # Groups whose samples all score the same carry no GRPO signal: the share that does.
             "reward/signal_frac": float(np.mean(np.abs(batch.advantages) > 0)) if samples else 0.0,

@@ -33,13 +33,21 @@ class Task(Protocol):
     # (see loop/judging.py); without it the loop calls reward() inline.
 
 
+def recall_config(seed: int, haystack: tuple[int, int]):
+    """The recall task's config for data.haystack = [min, max] (min == max: a fixed length)."""
+    from sparrow_megatron.data.recall import RecallTaskConfig
+
+    lo, hi = haystack
+    return RecallTaskConfig(haystack_len=hi, min_haystack_len=lo if lo < hi else 0, seed=seed)
+
+
 class RecallTaskAdapter:
     """The synthetic multi-query recall task of the embedded default."""
 
-    def __init__(self, tokenizer, seed: int, train_size: int = 0):
-        from sparrow_megatron.data.recall import RecallTask, RecallTaskConfig
+    def __init__(self, tokenizer, seed: int, train_size: int = 0, haystack: tuple[int, int] = (1100, 1100)):
+        from sparrow_megatron.data.recall import RecallTask
 
-        self.task = RecallTask(RecallTaskConfig(seed=seed))
+        self.task = RecallTask(recall_config(seed, haystack))
         self.tokenizer = tokenizer
         self.train_size = train_size
 
@@ -171,5 +179,5 @@ def _judged_code(response: str, tests, config, pool) -> float:
 
 def make_task(cfg: JobConfig, tokenizer) -> Task:
     if cfg.data.kind == "synthetic":
-        return RecallTaskAdapter(tokenizer, cfg.loop.seed, cfg.data.train_size)
+        return RecallTaskAdapter(tokenizer, cfg.loop.seed, cfg.data.train_size, tuple(cfg.data.haystack))
     return DatasetTask(cfg, tokenizer)

@@ -187,8 +187,9 @@ PRESETS = {
 }
 
 
-# The embedded default's tiny model reads ~1.1K-token recall prompts: one 256-token budget keeps 16 of
-# their ~70 pages (the sink, the 2 local pages and the 13 best scored), so retrieval has to pick right.
+# The embedded default's tiny model reads ~0.54K-1.56K-token recall prompts: one 256-token budget keeps
+# 16 of their ~34-98 pages (the sink, the 2 local pages and the 13 best scored), so retrieval has to
+# pick right; the controller then moves each position bin's budget on its own.
 PRESETS["tiny-recall-256"] = Schedule(
     budgets=(256,),
     bin_width=256,

@@ -21,6 +21,7 @@ class RolloutBatch:
     advantages: one value per sample (see grpo.group_advantages), broadcast to its tokens.
     response_masks: optional 0/1 per response token (0 = excluded from the loss, e.g. a tool output).
     old_logprobs / ref_logprobs: dense recomputed and reference log-probs; filled by the trainer/loop.
+    group_ids: optional GRPO group of each sample; mini-batches (grpo.mini_batches) keep a group together.
     """
 
     prompt_ids: list[list[int]]
@@ -30,14 +31,34 @@ class RolloutBatch:
     response_masks: list[list[int]] | None = None
     old_logprobs: list[torch.Tensor] | None = None
     ref_logprobs: list[torch.Tensor] | None = None
+    group_ids: list | None = None
 
     def __len__(self) -> int:
         return len(self.prompt_ids)
+
+    def subset(self, ids: Sequence[int]) -> RolloutBatch:
+        """The samples `ids`, in that order, with every per-sample field that is set."""
+
+        def pick(rows):
+            return None if rows is None else [rows[i] for i in ids]
+
+        return RolloutBatch(
+            prompt_ids=[self.prompt_ids[i] for i in ids],
+            response_ids=[self.response_ids[i] for i in ids],
+            rollout_logprobs=pick(self.rollout_logprobs) if self.rollout_logprobs else [],
+            advantages=pick(self.advantages) if self.advantages else [],
+            response_masks=pick(self.response_masks),
+            old_logprobs=pick(self.old_logprobs),
+            ref_logprobs=pick(self.ref_logprobs),
+            group_ids=pick(self.group_ids),
+        )
 
     def validate(self, vocab_size: int, need_training_fields: bool) -> None:
         n = len(self.prompt_ids)
         if len(self.response_ids) != n:
             raise UserError(f"RolloutBatch: {n} prompts but {len(self.response_ids)} responses")
+        if self.group_ids is not None and len(self.group_ids) != n:
+            raise UserError(f"RolloutBatch: {n} samples but {len(self.group_ids)} group_ids")
         for i, (p, r) in enumerate(zip(self.prompt_ids, self.response_ids, strict=True)):
             if len(p) == 0 or len(r) == 0:
                 raise UserError(f"RolloutBatch: sample {i} has an empty prompt or response")
@@ -99,6 +120,28 @@ def balanced_shards(lengths: Sequence[int], world: int) -> list[list[int]]:
         shards[r].append(i)
         heapq.heappush(heap, (tokens + lengths[i], count + 1, r))
     return [sorted(s) for s in shards]
+
+
+def split_mini_batches(group_ids: Sequence, count: int) -> list[list[int]]:
+    """Sample indices of `count` mini-batches (grpo.mini_batches) that keep every GRPO group whole.
+
+    Groups in order of first appearance, dealt out contiguously with near-equal group counts (the first
+    len(groups) % count mini-batches take one more), as verl splits a rollout batch into PPO mini-batches.
+    Fewer groups than `count` gives one mini-batch per group: a group is never split. Token balance
+    across DP ranks happens inside each mini-batch (`balanced_shards`).
+    """
+    groups: dict = {}
+    for i, g in enumerate(group_ids):
+        groups.setdefault(g, []).append(i)
+    members = list(groups.values())
+    k = max(1, min(count, len(members)))
+    size, extra = divmod(len(members), k)
+    out, start = [], 0
+    for j in range(k):
+        end = start + size + (1 if j < extra else 0)
+        out.append(sorted(i for m in members[start:end] for i in m))
+        start = end
+    return out if members else [[]]
 
 
 def micro_batch_cost(lengths: Sequence[int], ids: Sequence[int], packed: bool) -> int:

@@ -27,6 +27,10 @@ GroupStd = Literal["unbiased", "biased"]
 # rollout decode step had (the schedule's, exact); fixed = one budget at every response position (the
 # paper's appendix training mode), the prompt dense as in the prefill.
 BudgetMode = Literal["replay", "fixed"]
+# Truncated responses (SGLang finish_reason "length"): none = scored as they are; mask = left out of the
+# loss (still in their group's advantage baseline); penalty = DAPO's soft overlong penalty added to the
+# reward of every response that reaches the last grpo.overlong_buffer tokens of data.max_response_tokens.
+Overlong = Literal["none", "mask", "penalty"]
 # Every linear layer of a Qwen3 decoder layer ("all-linear" in PEFT and the reference's
 # sparse_target_modules): the adapter default. ["q_proj", "k_proj", "v_proj", "o_proj"] is attention only.
 ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -39,7 +43,7 @@ class TrainerConfig:
     lr: float = 1e-6
     warmup_steps: int = 0
     lr_schedule: LrSchedule = "constant"  # after warmup; cosine and linear decay to min_lr at loop.steps
-    weight_decay: float = 0.0
+    weight_decay: float = 0.01  # the reference's AdamW (verl's actor optimizer default)
     grad_clip: float = 1.0
     micro_batch_tokens: int = 16384  # token budget per micro-batch (packed tokens; padded: rows x longest)
     dtype: TrainDtype = "bf16"
@@ -95,10 +99,26 @@ class GRPOConfig:
     adv_eps: float = 1e-6
     # Group std of the advantage: divide by n - 1 (torch.std's default, the reference's GRPO) or by n.
     std: GroupStd = "unbiased"
+    # Optimizer steps per RL step: the batch is split into this many mini-batches (GRPO groups kept
+    # whole), old log-probs fixed before the first; 1 = the reference's examples. Under DistillSparse the
+    # adapter update takes the same mini-batches, one adapter step each.
+    mini_batches: int = 1
+    overlong: Overlong = "none"
+    # penalty: the last tokens before data.max_response_tokens over which it ramps from 0 to -1 (DAPO:
+    # 4096 of 20480); 0 = -1 only for a response that reaches the cutoff.
+    overlong_buffer: int = 0
+    overlong_penalty: float = 1.0  # penalty: its weight (DAPO's penalty_factor)
+    # DAPO dynamic sampling: groups whose rewards are all equal are dropped and further prompts sampled
+    # until loop.prompts_per_step groups carry signal, at most max_sampling_rounds rollouts per step.
+    dynamic_sampling: bool = False
+    max_sampling_rounds: int = 3
 
     def problems(self, prefix: str = "grpo.") -> list[str]:
         p = Problems(prefix)
         p.non_negative(kl_coef=self.kl_coef, adv_eps=self.adv_eps, eps_high=self.eps_high)
+        p.at_least(1, mini_batches=self.mini_batches, max_sampling_rounds=self.max_sampling_rounds)
+        p.at_least(0, overlong_buffer=self.overlong_buffer)
+        p.non_negative(overlong_penalty=self.overlong_penalty)
         p.need(0 <= self.eps_low < 1, "eps_low", f"must be in [0, 1), got {self.eps_low}")
         p.need(
             self.dual_clip > 1, "dual_clip", f"must be > 1 (it bounds rho*A from below), got {self.dual_clip}"
@@ -112,7 +132,8 @@ class GRPOConfig:
             self.kl_coef == 0,
             "kl_coef",
             f"is {self.kl_coef}, but a KL penalty needs a frozen reference policy's log-probs and none is "
-            "kept yet: set grpo.kl_coef=0 (the reference's examples use 0 too)",
+            "kept yet, so the trainer has no reference log-probs: set grpo.kl_coef=0 (the reference's "
+            "examples use 0 too)",
         )
         return p
 

@@ -125,29 +125,32 @@ class SparseDistiller:
         work = dataclasses.replace(
             batch, old_logprobs=old, ref_logprobs=[torch.as_tensor(x) for x in dense_logprobs]
         )
-        masks, weights = policy.loss_masks_and_weights(work)
         g = policy.grpo
         coefs = GRPOCoefs(g.eps_low, g.eps_high, g.dual_clip, self.tis_cap, kl_coef=self.kl_lambda)
-        self.optimizer.zero_grad(set_to_none=True)
         policy.model.train()
-        with self._base_frozen(), self.adapter.enabled():
-            results, num_mbs = policy.grpo_backward(
-                work, coefs, masks, weights, rows_of=policy.sparse_rows_of(work, schedules)
-            )
-        # The DDP buffers of the frozen base only saw Megatron's finalize on zeros; keep them clean.
-        policy.model.zero_grad_buffer()
-        self.adapter.sync_grads()
-        grad_norm = self.adapter.grad_norm()
-        clip = policy.trainer.grad_clip
-        if clip > 0 and grad_norm > clip:
-            for p in self.adapter.parameters():
-                p.grad.mul_(clip / (grad_norm + 1e-6))
-        self.optimizer.step()
+
+        # grpo.mini_batches applies here too: the same group-whole mini-batches as the base update, one
+        # adapter AdamW step each, every ratio against the sparse+adapter log-probs taken above.
+        def update(sub: RolloutBatch, ids: list[int]):
+            masks, weights = policy.loss_masks_and_weights(sub)
+            self.optimizer.zero_grad(set_to_none=True)
+            rows_of = policy.sparse_rows_of(sub, [schedules[i] for i in ids])
+            with self._base_frozen(), self.adapter.enabled():
+                results, num_mbs = policy.grpo_backward(sub, coefs, masks, weights, rows_of=rows_of)
+            # The DDP buffers of the frozen base only saw Megatron's finalize on zeros; keep them clean.
+            policy.model.zero_grad_buffer()
+            self.adapter.sync_grads()
+            grad_norm = self.adapter.grad_norm()
+            clip = policy.trainer.grad_clip
+            if clip > 0 and grad_norm > clip:
+                for p in self.adapter.parameters():
+                    p.grad.mul_(clip / (grad_norm + 1e-6))
+            self.optimizer.step()
+            return results, num_mbs, grad_norm
+
+        out = policy.mini_batch_updates(work, update)
         self.step_count += 1
-        summed = policy.reduce_metrics(results)
-        tokens = max(summed.pop("tokens"), 1.0)
-        out = {k: (v if k in ("loss", "tis_weight_max") else v / tokens) for k, v in summed.items()}
-        out.update(grad_norm=grad_norm, lr=self.lr, num_tokens=tokens, num_micro_batches=float(num_mbs))
+        out["lr"] = self.lr
         return out
 
     @torch.no_grad()

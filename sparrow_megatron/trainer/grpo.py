@@ -90,6 +90,10 @@ def grpo_token_loss(
     clipped = -adv * ratio.clamp(1 - coefs.eps_low, 1 + coefs.eps_high)
     pg = torch.maximum(unclipped, clipped)
     clip_active = (clipped > unclipped).float()
+    # Which side of the band cut the gradient: high = ratio above 1 + eps_high on a positive advantage,
+    # low = ratio below 1 - eps_low on a negative one.
+    clip_high = clip_active * (adv > 0).float()
+    clip_low = clip_active * (adv < 0).float()
     # Dual clip: for negative advantages the loss is bounded by -c * A however large the ratio gets.
     dual_bound = -adv * coefs.dual_clip
     dual_active = ((adv < 0) & (pg > dual_bound)).float()
@@ -108,6 +112,8 @@ def grpo_token_loss(
         loss = loss + coefs.kl_coef * kl
     stats = {
         "clip_frac": clip_active,
+        "clip_frac_low": clip_low,
+        "clip_frac_high": clip_high,
         "dual_clip_frac": dual_active,
         "tis_weight": tis,
         "tis_clipped": (tis_raw > coefs.tis_cap).float()
@@ -115,6 +121,8 @@ def grpo_token_loss(
         else torch.zeros_like(tis),
         "kl": kl.detach(),
         "ratio": ratio.detach(),
+        # k3 estimate of KL(pi_old || pi) on tokens sampled from pi_old: r - 1 - log r >= 0, 0 on-policy.
+        "approx_kl": (ratio - 1 - log_ratio).detach(),
         "pg_loss": (tis * pg).detach(),
     }
     return loss, stats

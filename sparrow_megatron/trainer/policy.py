@@ -27,6 +27,7 @@ from sparrow_megatron.trainer.batch import (
     balanced_shards,
     build_micro_batch,
     pack_micro_batches,
+    split_mini_batches,
 )
 from sparrow_megatron.trainer.checkpoint import load_checkpoint, save_checkpoint
 from sparrow_megatron.trainer.config import GRPOConfig, TrainerConfig
@@ -182,6 +183,7 @@ class Policy:
             else CpuAdamW(self.model, cfg)
         )
         self.step = 0
+        self.mini_batch_metrics: list[dict[str, float]] = []  # the last update's, one dict per mini-batch
         self.device = compat.device()
         self.dp_rank = parallel_state.get_data_parallel_rank()
         self.dp_size = parallel_state.get_data_parallel_world_size()
@@ -368,28 +370,57 @@ class Policy:
     # ------------------------------------------------------------------ training
 
     def train_step(self, batch: RolloutBatch) -> dict[str, float]:
-        """One GRPO optimizer step on the whole batch (all micro-batches, all DP ranks). If
-        batch.old_logprobs is None it is filled with the dense recompute (score) first."""
+        """One RL step on the whole batch: grpo.mini_batches optimizer steps, each on one mini-batch
+        (GRPO groups kept whole, all its micro-batches, all DP ranks). If batch.old_logprobs is None it
+        is filled with the dense recompute (score) first, so every mini-batch's ratio is against the
+        policy that the step started from."""
         cfg = self.grpo
         batch.validate(self.arch.vocab_size, need_training_fields=True)
         if batch.old_logprobs is None:
             batch.old_logprobs = self.score(batch, top_k=0).logprobs
         if cfg.kl_coef > 0 and batch.ref_logprobs is None:
             raise UserError("grpo.kl_coef > 0 needs batch.ref_logprobs (frozen reference log-probs)")
-        masks, weights = self.loss_masks_and_weights(batch)
         coefs = GRPOCoefs(cfg.eps_low, cfg.eps_high, cfg.dual_clip, cfg.tis_cap, cfg.kl_coef)
+        lr = lr_at(self.trainer, self.step, self.total_steps)  # the schedule moves once per RL step
 
-        self.model.train()
-        self.model.zero_grad_buffer()
-        self.optimizer.zero_grad()
-        results, num_mbs = self.grpo_backward(batch, coefs, masks, weights)
-        lr = lr_at(self.trainer, self.step, self.total_steps)
-        grad_norm = self.optimizer.step(lr)
+        def update(sub: RolloutBatch, _ids: list[int]):
+            masks, weights = self.loss_masks_and_weights(sub)
+            self.model.train()
+            self.model.zero_grad_buffer()
+            self.optimizer.zero_grad()
+            results, num_mbs = self.grpo_backward(sub, coefs, masks, weights)
+            return results, num_mbs, self.optimizer.step(lr)
+
+        out = self.mini_batch_updates(batch, update)
         self.step += 1
-        summed = self.reduce_metrics(results)
-        tokens = max(summed.pop("tokens"), 1.0)
-        out = {k: (v if k in ("loss", "tis_weight_max") else v / tokens) for k, v in summed.items()}
-        out.update(grad_norm=grad_norm, lr=lr, num_tokens=tokens, num_micro_batches=float(num_mbs))
+        out["lr"] = lr
+        return out
+
+    def mini_batch_updates(self, batch: RolloutBatch, update) -> dict[str, float]:
+        """Run update(sub_batch, its sample ids) -> (results, micro-batch count, grad norm) once per mini-batch and merge
+        the metrics: token averages over the whole step, loss and grad_norm averaged over mini-batches,
+        extremes over all. `self.mini_batch_metrics` keeps each mini-batch's own (for tests and logs)."""
+        parts = split_mini_batches(
+            batch.group_ids if batch.group_ids is not None else range(len(batch)), self.grpo.mini_batches
+        )
+        total: dict[str, float] = {}
+        per_mb, norms, num_mbs = [], [], 0
+        for ids in parts:
+            results, n, grad_norm = update(batch.subset(ids), ids)
+            summed = self.reduce_metrics(results)
+            per_mb.append({**_per_token(summed), "grad_norm": grad_norm})
+            total = _merge_metrics(total, summed)
+            norms.append(grad_norm)
+            num_mbs += n
+        self.mini_batch_metrics = per_mb
+        out = _per_token(total)
+        out["loss"] = total.get("loss", 0.0) / len(parts)  # each mini-batch's loss is its own mean
+        out.update(
+            grad_norm=sum(norms) / len(norms),
+            num_tokens=max(total.get("tokens", 0.0), 1.0),
+            num_micro_batches=float(num_mbs),
+            num_mini_batches=float(len(parts)),
+        )
         return out
 
     def loss_masks_and_weights(self, batch: RolloutBatch) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -440,30 +471,32 @@ class Policy:
                 "loss": loss.detach().double().cpu(),
                 "tokens": count.double().cpu(),
                 "clip_frac": (st["clip_frac"] * mask).sum().double().cpu(),
+                "clip_frac_low": (st["clip_frac_low"] * mask).sum().double().cpu(),
+                "clip_frac_high": (st["clip_frac_high"] * mask).sum().double().cpu(),
+                "approx_kl": (st["approx_kl"] * mask).sum().double().cpu(),
+                "ratio_mean": (st["ratio"] * mask).sum().double().cpu(),
+                "ratio_max": _masked_extreme(st["ratio"], mask, max),
+                "ratio_min": _masked_extreme(st["ratio"], mask, min),
                 "dual_clip_frac": (st["dual_clip_frac"] * mask).sum().double().cpu(),
                 "tis_weight_mean": (st["tis_weight"] * mask).sum().double().cpu(),
                 "tis_clipped_frac": (st["tis_clipped"] * mask).sum().double().cpu(),
                 "kl": (st["kl"] * mask).sum().double().cpu(),
                 "entropy": (stats.entropy.detach() * mask).sum().double().cpu(),
-                "tis_weight_max": (st["tis_weight"] * mask).max().double().cpu()
-                if len(mask)
-                else torch.zeros((), dtype=torch.float64),
+                "tis_weight_max": _masked_extreme(st["tis_weight"], mask, max),
             }
             return loss, torch.tensor(int(count.item()), dtype=torch.int), metrics
 
         return self._run(mbs, loss_fn, forward_only=False, rows_of=rows_of), len(mbs)
 
     def reduce_metrics(self, results: list[dict]) -> dict[str, float]:
-        local = {}
+        """Sum (extremes: max / min) the micro-batch metrics over micro-batches, PP stages and DP ranks."""
+        local: dict[str, float] = {}
         for r in results or []:
-            for k, v in r.items():
-                v = float(v)
-                local[k] = max(local.get(k, 0.0), v) if k == "tis_weight_max" else local.get(k, 0.0) + v
+            local = _merge_metrics(local, {k: float(v) for k, v in r.items()})
         local = self._pp_broadcast(local)
         merged: dict[str, float] = {}
         for part in self._dp_gather(local):
-            for k, v in part.items():
-                merged[k] = max(merged.get(k, 0.0), v) if k == "tis_weight_max" else merged.get(k, 0.0) + v
+            merged = _merge_metrics(merged, part)
         return merged
 
     # ------------------------------------------------------------------ weights and checkpoints
@@ -492,3 +525,42 @@ class Policy:
     def load_checkpoint(self, ckpt_dir: str | Path) -> dict:
         """Restore model, optimizer, step and RNG; returns the extra_state given at save time."""
         return load_checkpoint(self, Path(ckpt_dir))
+
+
+def _masked_extreme(values: torch.Tensor, mask: torch.Tensor, which) -> torch.Tensor:
+    """max or min of values over the tokens in the loss; -inf / +inf when there are none (the neutral
+    element of the merge)."""
+    sel = values.detach()[mask > 0]
+    if not len(sel):
+        return torch.tensor(float("-inf") if which is max else float("inf"), dtype=torch.float64)
+    return (sel.max() if which is max else sel.min()).double().cpu()
+
+
+def _merge_metrics(a: dict[str, float], b: dict[str, float]) -> dict[str, float]:
+    """Metric sums add; `*_max` keys take the max and `*_min` keys the min."""
+    out = dict(a)
+    for k, v in b.items():
+        if k not in out:
+            out[k] = v
+        elif k.endswith("_max"):
+            out[k] = max(out[k], v)
+        elif k.endswith("_min"):
+            out[k] = min(out[k], v)
+        else:
+            out[k] = out[k] + v
+    return out
+
+
+def _per_token(summed: dict[str, float]) -> dict[str, float]:
+    """Token sums -> per-token means; the loss (already normalised) and the extremes as they are. An
+    extreme over no tokens at all reads 1.0 (ratio and TIS weight of an empty batch)."""
+    tokens = max(summed.get("tokens", 0.0), 1.0)
+    out = {}
+    for k, v in summed.items():
+        if k == "tokens":
+            continue
+        if k.endswith(("_max", "_min")):
+            out[k] = v if abs(v) != float("inf") else 1.0
+        else:
+            out[k] = v if k == "loss" else v / tokens
+    return out

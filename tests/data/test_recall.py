@@ -72,3 +72,32 @@ def test_invalid_configs_are_rejected():
         RecallTaskConfig(filler_alphabet="ab")
     with pytest.raises(ValueError, match="split"):
         RecallTask().example("test", 0)
+
+
+def test_a_haystack_range_draws_each_examples_length_reproducibly():
+    cfg = RecallTaskConfig(haystack_len=1536, min_haystack_len=512)
+    task = RecallTask(cfg)
+    lengths = [len(task.example(TRAIN, i).haystack) for i in range(64)]
+    assert all(512 <= n <= 1536 for n in lengths) and len(set(lengths)) > 30
+    assert lengths == [len(RecallTask(cfg).example(TRAIN, i).haystack) for i in range(64)]
+    # An example of length n is the fixed-length task's example at n: only the length is drawn.
+    ex = task.example(TRAIN, 3)
+    fixed = RecallTask(RecallTaskConfig(haystack_len=len(ex.haystack))).example(TRAIN, 3)
+    assert ex == fixed
+    with pytest.raises(ValueError, match="min_haystack_len 600 > haystack_len 500"):
+        RecallTaskConfig(haystack_len=500, min_haystack_len=600)
+
+
+def test_the_embedded_default_spans_at_least_four_monitor_bins(tmp_path):
+    from sparrow_megatron.loop.default import tiny_cpu
+    from sparrow_megatron.loop.tasks import make_task
+
+    cfg = tiny_cpu()
+    tokenizer = build_char_tokenizer(tmp_path)
+    prompts = make_task(cfg, tokenizer).prompts("train", 0, cfg.data.train_size)
+    bins = set()
+    for p in prompts:
+        n = len(tokenizer(p.text, add_special_tokens=False)["input_ids"])
+        # Decode positions n .. n + max_response_tokens - 1.
+        bins |= {pos // cfg.monitor.bin_width for pos in (n, n + cfg.data.max_response_tokens - 1)}
+    assert len(bins) >= 4, sorted(bins)

@@ -95,10 +95,14 @@ def test_steps_compute_rewards_tails_and_sync_weights(reference_run):
         # 8 samples x 3 recall queries each: the mean reward is a multiple of 1/24.
         assert 0.0 <= r["reward/mean"] <= 1.0
         assert r["reward/mean"] * 24 == pytest.approx(round(r["reward/mean"] * 24), abs=1e-9)
-        # The ~1.1K-token prompts put every decode step in the bin [1024, 1280).
-        assert r["tail_bin_01024/count"] == r["train/num_tokens"] > 0
-        assert 0.0 < r["tail_bin_01024/p5"] <= 1.0
-        assert r["tail_bin_01024/p5_lower"] <= r["tail_bin_01024/p5"] <= r["tail_bin_01024/p5_upper"]
+        # Every decode token lands in one position bin (the 0.5K-1.5K prompts spread them over several).
+        counts = {
+            k[: -len("/count")]: v for k, v in r.items() if k.startswith("tail_bin_") and k.endswith("/count")
+        }
+        assert sum(counts.values()) == r["train/num_tokens"] > 0
+        for b in (b for b, n in counts.items() if n > 0 and f"{b}/p5" in r):
+            assert 0.0 < r[f"{b}/p5"] <= 1.0
+            assert r[f"{b}/p5_lower"] <= r[f"{b}/p5"] <= r[f"{b}/p5_upper"]
         assert r["rollout/dropped_samples"] == 0
         # One weight sync per step: the rollout of step s+1 runs on the weights of update s.
         assert r["rollout/weight_version"] == r["step"]
@@ -149,7 +153,8 @@ def _assert_tracked(run_dir: Path) -> None:
     rows = _metrics(run_dir)
     # The constant learning rate is a param (a flat chart otherwise); metrics.jsonl keeps it per step.
     assert "train/lr" not in run.data.metrics and float(params["trainer.lr"]) == rows[0]["train/lr"]
-    for key in ("reward/mean", "tail_bin_01024/p5", "tail_bin_01024/budget", "train/grad_norm"):
+    budget = next(k for k in rows[0] if k.startswith("tail_bin_") and k.endswith("/budget"))
+    for key in ("reward/mean", budget, "train/grad_norm"):
         logged = {m.step: m.value for m in client.get_metric_history(run.info.run_id, key)}
         assert logged == {r["step"]: pytest.approx(r[key]) for r in rows}, key
     assert {d.tags[0].value for d in run.inputs.dataset_inputs} == {"train", "eval/recall"}

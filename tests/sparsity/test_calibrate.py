@@ -149,7 +149,7 @@ def test_config_validation(tmp_path):
     with pytest.raises(UserError, match="field 'prompts'.*not found"):
         CalibrateConfig(prompts=str(tmp_path / "x.jsonl")).resolved()
     tiny = CalibrateConfig().resolved()
-    assert (tiny.num_prompts, tiny.samples, tiny.max_new_tokens, tiny.bin_width) == (4, 2, 8, 256)
+    assert (tiny.num_prompts, tiny.samples, tiny.max_new_tokens, tiny.bin_width) == (16, 2, 8, 256)
     (tmp_path / "m").mkdir()
     (tmp_path / "m" / "config.json").write_text("{}")
     big = CalibrateConfig(model=str(tmp_path / "m")).resolved()
@@ -201,18 +201,34 @@ MONOTONE_TOL = 0.05
 @pytest.mark.sglang
 @pytest.mark.slow
 @pytest.mark.timeout(1200)
-def test_calibrate_end_to_end_on_the_tiny_model(tmp_path):
+def test_embedded_calibration_prompts_span_several_bins(tmp_path):
+    from sparrow_megatron.calibration import recall_prompt_texts
+    from sparrow_megatron.models.tiny import build_char_tokenizer
+
+    tokenizer = build_char_tokenizer(tmp_path)
+    texts = recall_prompt_texts(tokenizer, CalibrateConfig().resolved().num_prompts)
+    bins = {len(tokenizer(t, add_special_tokens=False)["input_ids"]) // 256 for t in texts}
+    assert len(bins) >= 4, sorted(bins)
+
+
+def test_calibrate_end_to_end_on_the_tiny_model(tmp_path, monkeypatch):
     """Every layer sparse (with the default dense layers 0 and 1 the tiny model recalls the needle under
     any budget on these prompts): 48 tokens (sink + local pages only) cannot see the needle."""
+    import functools
+
+    from sparrow_megatron import calibration
     from sparrow_megatron.calibration import run_calibration
     from sparrow_megatron.cli.main import main
     from sparrow_megatron.sparsity.schedule import Schedule
 
+    # Four fixed-length (1100-character) prompts: every token in one bin, so the numbers below are exact.
+    fixed = functools.partial(calibration.recall_prompt_texts, haystack=(1100, 1100))
+    monkeypatch.setattr(calibration, "recall_prompt_texts", fixed)
     out = tmp_path / "cal"
     # 4 samples per prompt: the tiny model often stops after a few tokens under a small budget, and a
     # cell needs min_bin_tokens (20) tokens to count as measured.
     cfg = CalibrateConfig(
-        budgets=(48, 128, 256), dense_layers=(), out=str(out), dense_fallback=True, samples=4
+        budgets=(48, 128, 256), dense_layers=(), out=str(out), dense_fallback=True, samples=4, num_prompts=4
     )
     result = run_calibration(cfg)
     assert result.error is None

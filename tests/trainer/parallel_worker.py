@@ -27,7 +27,7 @@ def parity_batch():
     adv = group_advantages([1.0, 0.0, 0.0, 1.0], [0, 0, 1, 1]).tolist()
     masks = [[1] * n for n in resp_lens]
     masks[1][4] = 0
-    return RolloutBatch(prompts, responses, rollout, adv, response_masks=masks)
+    return RolloutBatch(prompts, responses, rollout, adv, response_masks=masks, group_ids=[0, 0, 1, 1])
 
 
 def main() -> None:
@@ -38,6 +38,8 @@ def main() -> None:
     ap.add_argument("--pp", type=int, default=1)
     ap.add_argument("--loss-agg", default="token-mean")
     ap.add_argument("--untied-model-dir", help="also load this (untied) model and export it")
+    ap.add_argument("--mini-batches", type=int, default=1)
+    ap.add_argument("--lr", type=float, default=0.0)  # 0 keeps weights: the step's gradients are compared
     args = ap.parse_args()
 
     from policy_args import make_policy  # this script's directory is on sys.path
@@ -47,7 +49,8 @@ def main() -> None:
         tp=args.tp,
         pp=args.pp,
         micro_batch_tokens=32,  # several micro-batches: exercises gradient accumulation
-        lr=0.0,  # keep weights: the step's gradients are what we compare
+        lr=args.lr,
+        mini_batches=args.mini_batches,
         grad_clip=0.0,
         loss_agg=args.loss_agg,
         temperature=0.9,
@@ -67,6 +70,7 @@ def main() -> None:
                 "topk_logprobs": scored.topk_logprobs,
                 "metrics": metrics,
                 "grads": grads,
+                "mini_batch_metrics": policy.mini_batch_metrics,
             },
             out / "result.pt",
         )

@@ -8,6 +8,7 @@ from sparrow_megatron.trainer.batch import (
     build_micro_batch,
     micro_batch_cost,
     pack_micro_batches,
+    split_mini_batches,
 )
 
 
@@ -86,3 +87,22 @@ def test_packed_micro_batch_has_no_padding_between_samples():
     assert padded.flat_target_index().tolist() == [2, 3, 5, 6, 7]
     empty = build_micro_batch(batch, [], packed=True, pad_to=2)
     assert empty.cu_seqlens.tolist() == [0, 2] and empty.flat_target_index().numel() == 0
+
+
+def test_mini_batches_keep_groups_whole_and_split_them_evenly():
+    groups = ["a", "a", "b", "c", "b", "c", "d", "d", "e", "e"]
+    parts = split_mini_batches(groups, 2)
+    assert parts == [[0, 1, 2, 3, 4, 5], [6, 7, 8, 9]]  # groups a, b, c then d, e
+    assert split_mini_batches(groups, 1) == [list(range(10))]
+    # More mini-batches than groups: one group each, never a split group.
+    assert split_mini_batches([0, 0, 1, 1], 3) == [[0, 1], [2, 3]]
+
+
+def test_subset_carries_every_per_sample_field():
+    b = RolloutBatch([[1], [2], [3]], [[4], [5, 6], [7]], [[-1.0], [-1.0, -2.0], [-3.0]], [0.1, 0.2, 0.3],
+                     response_masks=[[1], [1, 0], [1]], old_logprobs=[torch.zeros(1), torch.ones(2),
+                     torch.zeros(1)], group_ids=[0, 1, 1])  # fmt: skip
+    s = b.subset([2, 1])
+    assert s.prompt_ids == [[3], [2]] and s.advantages == [0.3, 0.2] and s.group_ids == [1, 1]
+    assert s.response_masks == [[1], [1, 0]] and torch.equal(s.old_logprobs[1], torch.ones(2))
+    assert s.ref_logprobs is None and s.rollout_logprobs == [[-3.0], [-1.0, -2.0]]

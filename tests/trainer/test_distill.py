@@ -140,6 +140,27 @@ def test_distill_trains_under_the_budget_mode(setup, mode):
         distiller.adapter.remove()
 
 
+def test_distill_takes_one_adapter_step_per_mini_batch(setup):
+    policy, prompts, responses = setup
+    distiller = SparseDistiller(policy, LoraSpec(rank=2, alpha=4.0, seed=1), kl_lambda=1.0, lr=3e-2)
+    policy.grpo.mini_batches = 3  # no group ids: each sample is its own group, one mini-batch each
+    try:
+        schedules = [SCHEDULE] * len(prompts)
+        base = {n: p.detach().clone() for n, p in policy.model.named_parameters()}
+        own = distiller.score(RolloutBatch(prompts, responses), schedules).logprobs
+        dense = policy.score(RolloutBatch(prompts, responses), top_k=0).logprobs
+        batch = RolloutBatch(prompts, responses, [x.tolist() for x in own], [1.0, -1.0, 0.5])
+        metrics = distiller.step(batch, dense, schedules)
+        per = policy.mini_batch_metrics
+        assert metrics["num_mini_batches"] == 3 and distiller.step_count == 1
+        # The adapter moved after each mini-batch: later ratios are against the log-probs taken first.
+        assert per[0]["approx_kl"] < 1e-9 and all(x["approx_kl"] > 1e-6 for x in per[1:])
+        assert all(torch.equal(p, base[n]) for n, p in policy.model.named_parameters())
+    finally:
+        policy.grpo.mini_batches = 1
+        distiller.adapter.remove()
+
+
 def test_distill_rejects_mismatched_dense_logprobs(setup):
     policy, prompts, responses = setup
     distiller = SparseDistiller(policy, LoraSpec(rank=2, alpha=4.0))

@@ -62,6 +62,20 @@ def test_tis_weights_and_clip_fractions_match_hand_computation():
     assert st["dual_clip_frac"].tolist() == [0, 0, 0, 1, 0]
 
 
+def test_clip_sides_and_approx_kl_match_hand_computation():
+    old = torch.zeros(5)
+    ratios = torch.tensor([1.5, 0.7, 1.5, 0.7, 1.0])
+    adv = torch.tensor([1.0, -1.0, -1.0, 1.0, 1.0])
+    _, st = grpo_token_loss(ratios.log(), old, old, adv, GRPOCoefs(eps_low=0.2, eps_high=0.28))
+    # The band cuts only where it lowers the objective: ratio above 1.28 with A > 0 (high side), ratio
+    # below 0.8 with A < 0 (low side); 1.5 with A < 0 and 0.7 with A > 0 keep their gradient.
+    assert st["clip_frac_high"].tolist() == [1, 0, 0, 0, 0]
+    assert st["clip_frac_low"].tolist() == [0, 1, 0, 0, 0]
+    assert st["clip_frac"].tolist() == [1, 1, 0, 0, 0]
+    kl = [r - 1 - math.log(r) for r in ratios.tolist()]  # k3 of KL(old || new), 0 at ratio 1
+    assert st["approx_kl"].tolist() == pytest.approx(kl, rel=1e-5, abs=1e-7)
+
+
 def test_clipped_tokens_have_no_gradient_and_tis_has_none():
     old = torch.zeros(3)
     logp = torch.log(torch.tensor([1.5, 1.0, 5.0])).requires_grad_()

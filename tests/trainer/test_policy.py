@@ -76,10 +76,45 @@ def test_grpo_steps_move_logprobs_in_the_advantage_direction(tiny_tied):
     assert policy.step == 3
 
 
-def _run_worker(model_dir, untied_dir, out: Path, tp: int, pp: int, dp: int = 1) -> dict:
+def _grouped_batch(policy):
+    """Four GRPO groups of two samples; on-policy rollout log-probs."""
+    g = torch.Generator().manual_seed(0)
+    prompts = [[5 + i, 6, 7] for i in range(4) for _ in range(2)]
+    responses = [torch.randint(5, 120, (6,), generator=g).tolist() for _ in range(8)]
+    groups = [i // 2 for i in range(8)]
+    adv = group_advantages([1.0, 0.0] * 4, groups).tolist()
+    roll = [x.tolist() for x in policy.score(RolloutBatch(prompts, responses), top_k=0).logprobs]
+    return RolloutBatch(prompts, responses, roll, adv, group_ids=groups)
+
+
+def test_mini_batches_update_the_policy_between_them_and_the_clip_acts(tiny_tied):
+    one = make_policy(str(tiny_tied), lr=1e-3, micro_batch_tokens=16, seed=3)
+    m1 = one.train_step(_grouped_batch(one))
+    # One mini-batch: the ratio is exactly on-policy, nothing to clip.
+    assert m1["num_mini_batches"] == 1 and m1["clip_frac"] == 0 and m1["approx_kl"] < 1e-9
+
+    policy = make_policy(str(tiny_tied), lr=1e-3, micro_batch_tokens=16, seed=3, mini_batches=4)
+    m = policy.train_step(_grouped_batch(policy))
+    per = policy.mini_batch_metrics
+    assert m["num_mini_batches"] == 4 and len(per) == 4 and policy.step == 1
+    assert all(x["grad_norm"] > 0 for x in per)
+    # The first mini-batch sees the policy the old log-probs came from; every later one an updated policy.
+    assert per[0]["approx_kl"] < 1e-9 and per[0]["ratio_max"] == pytest.approx(1.0, abs=1e-5)
+    assert all(x["approx_kl"] > 1e-4 for x in per[1:])
+    # A token is clipped only when its ratio left [1 - eps_low, 1 + eps_high], and here some do.
+    for x in per:
+        outside = x["ratio_max"] > 1.28 or x["ratio_min"] < 0.8
+        assert (x["clip_frac"] > 0) <= outside
+        assert x["clip_frac"] == pytest.approx(x["clip_frac_low"] + x["clip_frac_high"])
+    assert m["clip_frac"] > 0 and m["ratio_max"] == max(x["ratio_max"] for x in per)
+    assert m["num_tokens"] == 48
+
+
+def _run_worker(model_dir, untied_dir, out: Path, tp: int, pp: int, dp: int = 1, extra=()) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     args = [str(WORKER), "--model-dir", str(model_dir), "--out", str(out), "--tp", str(tp), "--pp", str(pp)]
-    args += ["--untied-model-dir", str(untied_dir)]
+    args += ["--untied-model-dir", str(untied_dir)] if untied_dir else []
+    args += list(extra)
     if tp * pp * dp == 1:
         cmd = [sys.executable, *args]
     else:
@@ -130,6 +165,18 @@ def test_tp2_pp2_dp2_match_single_rank_and_round_trip_hf(tiny_tied, tiny_untied,
         exported = _load_hf_dir(out / "hf_export_untied")
         assert set(exported) == set(original_untied) and "lm_head.weight" in exported
         assert all(torch.equal(exported[k], original_untied[k]) for k in original_untied)
+
+
+@pytest.mark.slow
+def test_mini_batches_under_tp2_match_single_rank(tiny_tied, tmp_path):
+    extra = ["--mini-batches", "2", "--lr", "1e-2"]
+    ref = _run_worker(tiny_tied, None, tmp_path / "tp1", 1, 1, extra=extra)
+    got = _run_worker(tiny_tied, None, tmp_path / "tp2", 2, 1, extra=extra)
+    assert ref["metrics"]["num_mini_batches"] == 2
+    assert ref["mini_batch_metrics"][1]["approx_kl"] > 1e-4  # the second mini-batch saw updated weights
+    for a, b in zip(got["mini_batch_metrics"], ref["mini_batch_metrics"], strict=True):
+        for k in ("loss", "approx_kl", "ratio_max", "ratio_min", "clip_frac", "grad_norm"):
+            assert a[k] == pytest.approx(b[k], rel=1e-3, abs=1e-6), k
 
 
 @pytest.mark.parametrize("pack", [True, False])
