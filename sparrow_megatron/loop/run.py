@@ -28,6 +28,7 @@ from sparrow_megatron.loop.console import LoopProgress
 from sparrow_megatron.loop.controller import BudgetController
 from sparrow_megatron.loop.evaluate import EvalSpec, eval_sampling, evaluate
 from sparrow_megatron.loop.monitor import TailMonitor
+from sparrow_megatron.loop.preempt import StepBoundary, StopRequest
 from sparrow_megatron.loop.recorder import StepRecorder, summary_markdown
 from sparrow_megatron.loop.rundir import RunDir
 from sparrow_megatron.loop.tasks import make_task
@@ -135,7 +136,8 @@ class Loop:
         policy = spmd.DrivenPolicy(base, driver)
         self.distill = _Distill(cfg, spmd.DrivenDistiller(distiller, driver), self.run) if distiller else None
         try:
-            return self._drive(policy)
+            with StopRequest(self.run.root) as self._stop:  # USR1/SIGTERM: stop at the next step boundary
+                return self._drive(policy)
         finally:
             driver.stop()
 
@@ -199,6 +201,8 @@ class Loop:
             # The initial policy: the baseline every later evaluation is read against (once per run).
             if run_eval and not any(r["step"] == 0 and "eval/k" in r for r in self.run.read_metrics()):
                 run_eval(0, schedule)
+            loop = cfg.loop
+            boundary = StepBoundary(self._stop, loop.steps, loop.checkpoint_every, loop.checkpoint_every_s)
             for step in range(resume.next_step, cfg.loop.steps + 1):
                 metrics = self._step(step, task, tokenizer, fleet, policy, monitor, schedule, sampling)
                 recorder.record(step, metrics, schedule)
@@ -211,9 +215,9 @@ class Loop:
                         recorder.schedule_changed(step + 1, schedule, changes)
                 if run_eval and (step % cfg.loop.eval_every == 0 or step == cfg.loop.steps):
                     run_eval(step, schedule)
-                every = cfg.loop.checkpoint_every
-                if (every and step % every == 0) or step == cfg.loop.steps:
+                if boundary.checkpoint_due(step):
                     self._checkpoint(policy, step, monitor, controller)
+                    boundary.saved(step)  # a stop request (time limit): exits here to be requeued
             summary.throughput = _measure_throughput(fleet, task, tokenizer, cfg, schedule)
             recorder.plots()
             final = self.run.root / "final_hf"
