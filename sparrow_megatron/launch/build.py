@@ -110,7 +110,10 @@ def requeue_trap_lines(signal_s: int) -> list[str]:
         "sparrow_requeue() {",
         '  echo "sparrow: USR1 at $(date): the trainer checkpoints after its step, then job $SLURM_JOB_ID is requeued"',
         f"  touch {stop}",
-        f"  ( for _ in $(seq 1 {grace}); do [ -e {saved} ] && break; sleep 1; done",
+        f"  ( for _ in $(seq 1 {grace * 5}); do [ -e {saved} ] && break; sleep 0.2; done",
+        # No marker and the batch shell gone: the trainer finished the run (a stop in its last step is
+        # no stop), nothing to requeue. Slurm requeues a finished job too, so a marker always counts.
+        f"    [ -e {saved} ] || kill -0 $$ 2>/dev/null || exit 0",
         f'    echo "sparrow: requeueing job $SLURM_JOB_ID (trainer saved step: $(cat {saved} 2>/dev/null || echo none))"',
         '    timeout 30 scontrol requeue "$SLURM_JOB_ID" ) &',
         "}",

@@ -80,7 +80,9 @@ class StopRequest:
         tmp = self.saved_file.with_name(self.saved_file.name + ".tmp")
         tmp.write_text(f"{step}\n")
         os.replace(tmp, self.saved_file)
-        log.warning("stopped after step %d (%s); checkpoint committed, resume with --resume", step, self.reason)
+        log.warning(
+            "stopped after step %d (%s); checkpoint committed, resume with --resume", step, self.reason
+        )
         return Preempted(step, self.reason or "")
 
 
