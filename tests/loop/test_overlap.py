@@ -37,7 +37,9 @@ def _sample(version: int, shift: float) -> Sample:
     """Two response tokens after a 1100-token prompt; the engine's top-K moved by `shift` in log space."""
     ids = [[0, 1, 2, 3]] * 2
     lps = torch.log_softmax(torch.tensor([2.0, 1.0 + shift, 0.5, 0.1]), -1).tolist()
-    return Sample(0, 0, [5] * 1100, [0, 1], [lps[0], lps[1]], ids, [lps] * 2, "stop", 0, version, "s", None, 0.1)
+    return Sample(
+        0, 0, [5] * 1100, [0, 1], [lps[0], lps[1]], ids, [lps] * 2, "stop", 0, version, "s", None, 0.1
+    )
 
 
 class Policy:
