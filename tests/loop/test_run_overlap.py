@@ -23,6 +23,7 @@ OVERLAP = [
     *(a for a in SMALL if not a.startswith(("loop.eval", "loop.checkpoint_every"))),
     "loop.overlap=one_step",
     "rollout.schedule=dense",
+    "monitor.controller.enabled=false",  # it adjusts sparse schedules only
     "loop.checkpoint_every=0",  # only the stop's and the final checkpoint
 ]
 
