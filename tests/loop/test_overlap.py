@@ -138,3 +138,12 @@ def test_a_checkpoint_carries_the_prefetched_batch(tmp_path):
     batch = resumed._rollout.take(2, None)
     assert (batch.step, batch.weight_version) == (2, 0)
     assert batch.got.samples[0].output_ids == [0, 1]
+
+
+def test_one_step_with_distill_is_refused_naming_the_field():
+    from sparrow_megatron.errors import UserError
+
+    with pytest.raises(UserError, match="field 'loop.overlap'"):
+        load_config(None, ["loop.overlap=one_step", "distill.enabled=true"], check_paths=False)
+    with pytest.raises(UserError, match="field 'loop.checkpoint_every_s'"):
+        load_config(None, ["loop.checkpoint_every_s=-1"], check_paths=False)
