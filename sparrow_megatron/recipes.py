@@ -95,6 +95,9 @@ def qwen3_rl(size: str, task: Task) -> JobConfig:
     cfg.loop.steps = 500
     cfg.loop.prompts_per_step = 32
     cfg.loop.checkpoint_every = 10
+    # And every 30 minutes: a slow phase (long generations) cannot push a 4-hour job past its limit
+    # with hours of unsaved steps; the USR1 notice before the limit saves the step in flight too.
+    cfg.loop.checkpoint_every_s = 1800.0
     cfg.loop.run_dir = f"runs/{name}"
     cfg.tracking.experiment = name
 

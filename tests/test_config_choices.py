@@ -4,6 +4,7 @@ and reaches the code that implements it; anything else is refused at validation,
 import dataclasses
 import json
 import math
+import threading
 import typing
 
 import pytest
@@ -182,6 +183,16 @@ def _reach_executor(cfg, value, tmp_path):
     assert launch_spec(cfg, "recipe.yaml", []).executor == value
 
 
+def _reach_overlap(cfg, value, tmp_path):
+    from sparrow_megatron.loop.overlap import RolloutSide
+
+    side = RolloutSide(cfg.loop.overlap, cfg, None, None, None, None, last_step=3)
+    side._generate = lambda step, schedule: f"batch {step} from {threading.current_thread().name}"
+    side.prefetch(2, None)  # one_step: step 2's batch is generated in the background, now
+    side.join()
+    assert side._pending == {"none": None, "one_step": "batch 2 from rollout-step-2"}[value]
+
+
 REACH = {
     "data.kind": _reach_kind,
     "data.columns": _reach_columns,
@@ -197,6 +208,7 @@ REACH = {
     "trainer.recompute_method": _reach_recompute_method,
     "distill.budget_mode": _reach_budget_mode,
     "cluster.executor": _reach_executor,
+    "loop.overlap": _reach_overlap,
 }
 CASES = [(name, value) for name, values in _literal_fields(JobConfig) for value in values]
 # Slurm needs its own rollout node; the rest of the defaults hold for every value.

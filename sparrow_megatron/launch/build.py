@@ -9,6 +9,7 @@ from pathlib import Path
 
 import nemo_run as run
 
+from sparrow_megatron.launch.contract import SAVED_FILE, STOP_FILE
 from sparrow_megatron.launch.spec import LaunchSpec, validate
 
 ROLLOUT, TRAINER = "rollout", "trainer"
@@ -90,12 +91,34 @@ def batch_setup_lines(spec: LaunchSpec) -> str:
             'export SPARROW_WEIGHT_SYNC_ADDR="${SPARROW_TRAINER_HEAD}:${SPARROW_WEIGHT_SYNC_PORT}"',
             'export SPARROW_RESTART_COUNT="${SLURM_RESTART_COUNT:-0}"',
             'mkdir -p "$SPARROW_RUN_DIR"',
-            "# sparrow: near the time limit (or on preemption notice) requeue; the trainer gets --resume",
-            'sparrow_requeue() { echo "sparrow: USR1 at $(date), requeueing job $SLURM_JOB_ID"; '
-            'timeout 30 scontrol requeue "$SLURM_JOB_ID"; }',
-            "trap sparrow_requeue USR1",
+            *requeue_trap_lines(spec.cluster.requeue_signal_s),
         ]
     )
+
+
+def requeue_trap_lines(signal_s: int) -> list[str]:
+    """Near the time limit (USR1, `--signal=B:USR1@signal_s`) ask the trainer to stop: it finishes its
+    step, commits a checkpoint and writes the saved marker; then requeue (the requeued trainer gets
+    --resume). If no marker comes before the limit is close, requeue anyway: the last checkpoint is the
+    resume point. The batch shell requeues, since a container may have no scontrol. The bash `wait`/
+    `sleep` of the job's monitor loop ends before the trap runs, so it runs within ~10 s."""
+    grace = max(signal_s - min(60, signal_s // 4), 1)
+    stop, saved = f'"$SPARROW_RUN_DIR/{STOP_FILE}"', f'"$SPARROW_RUN_DIR/{SAVED_FILE}"'
+    return [
+        "# sparrow: near the time limit, checkpoint at the next step boundary, then requeue",
+        f"rm -f {stop} {saved}",
+        "sparrow_requeue() {",
+        '  echo "sparrow: USR1 at $(date): the trainer checkpoints after its step, then job $SLURM_JOB_ID is requeued"',
+        f"  touch {stop}",
+        f"  ( for _ in $(seq 1 {grace * 5}); do [ -e {saved} ] && break; sleep 0.2; done",
+        # No marker and the batch shell gone: the trainer finished the run (a stop in its last step is
+        # no stop), nothing to requeue. Slurm requeues a finished job too, so a marker always counts.
+        f"    [ -e {saved} ] || kill -0 $$ 2>/dev/null || exit 0",
+        f'    echo "sparrow: requeueing job $SLURM_JOB_ID (trainer saved step: $(cat {saved} 2>/dev/null || echo none))"',
+        '    timeout 30 scontrol requeue "$SLURM_JOB_ID" ) &',
+        "}",
+        "trap sparrow_requeue USR1",
+    ]
 
 
 def _task_args(spec: LaunchSpec, role: str) -> list[str]:

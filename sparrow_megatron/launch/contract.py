@@ -20,6 +20,11 @@ from sparrow_megatron.errors import UserError
 log = logging.getLogger("sparrow.launch")
 
 FROM_ENV = "env"
+# The time-limit handshake in the run directory: the batch script's USR1 trap writes STOP_FILE, the
+# trainer commits a checkpoint at its next step boundary and writes SAVED_FILE (the step), the trap's
+# watcher then requeues the job (loop/preempt.py, launch/build.py).
+STOP_FILE = ".sparrow_stop"
+SAVED_FILE = ".sparrow_saved"
 
 
 def rollout_urls_from_env(env: Mapping[str, str] | None = None) -> list[str]:

@@ -14,6 +14,10 @@ from sparrow_megatron.validation import Problems
 # bound (sum of min(p, q) over the ids both top-K lists hold, the reference's `sum_min_from_topk`, with
 # which tau = 0.86 was derived), the point estimate, or the upper bound a truncated list allows.
 TailSignal = Literal["lower", "estimate", "upper"]
+# How the rollout of a step relates to the update of the previous one (loop/overlap.py): `none` runs
+# them one after the other; `one_step` generates step n+1's batch with weights n while the trainer
+# updates on step n (TIS corrects the one-step lag).
+Overlap = Literal["none", "one_step"]
 
 
 @dataclass
@@ -97,6 +101,10 @@ class LoopConfig:
     eval_pass_reward: float = 1.0  # a sample passes (for pass@k) when its reward reaches this
     eval_max_response_tokens: int = 0  # evaluation's generation cutoff; 0 = data.max_response_tokens
     checkpoint_every: int = 10  # 0 = only the final checkpoint
+    # Also checkpoint once this many seconds have passed since the last one (0 = off): a time limit or
+    # a lost node then costs at most about this much work, whatever a step takes (loop/preempt.py).
+    checkpoint_every_s: float = 0.0
+    overlap: Overlap = "none"
     seed: int = 0
     run_dir: str = "runs/sparrow"
 
@@ -108,6 +116,7 @@ class LoopConfig:
         p.at_least(0, eval_every=self.eval_every, eval_prompts=self.eval_prompts,
                    checkpoint_every=self.checkpoint_every,
                    eval_max_response_tokens=self.eval_max_response_tokens)  # fmt: skip
+        p.non_negative(checkpoint_every_s=self.checkpoint_every_s)
         p.non_empty(run_dir=self.run_dir)
         return p
 

@@ -25,9 +25,10 @@ from sparrow_megatron.errors import UserError
 from sparrow_megatron.loop import overlong, spmd
 from sparrow_megatron.loop.console import LoopProgress
 from sparrow_megatron.loop.controller import BudgetController
-from sparrow_megatron.loop.dynamic_sampling import collect_filled
 from sparrow_megatron.loop.evaluate import EvalSpec, eval_sampling, evaluate
 from sparrow_megatron.loop.monitor import TailMonitor
+from sparrow_megatron.loop.overlap import RolloutSide
+from sparrow_megatron.loop.preempt import StepBoundary, StopRequest
 from sparrow_megatron.loop.recorder import StepRecorder, summary_markdown
 from sparrow_megatron.loop.rundir import RunDir
 from sparrow_megatron.loop.tasks import make_task
@@ -137,7 +138,8 @@ class Loop:
         policy = spmd.DrivenPolicy(base, driver)
         self.distill = _Distill(cfg, spmd.DrivenDistiller(distiller, driver), self.run) if distiller else None
         try:
-            return self._drive(policy)
+            with StopRequest(self.run.root) as self._stop:  # USR1/SIGTERM: stop at the next step boundary
+                return self._drive(policy)
         finally:
             driver.stop()
 
@@ -170,6 +172,9 @@ class Loop:
             max_new_tokens=cfg.data.max_response_tokens,
         )
         fleet = RolloutFleet(attached_rollout(cfg), fleet_options(cfg, self.model_dir, self.run))
+        self._rollout = RolloutSide(cfg.loop.overlap, cfg, task, tokenizer, fleet, sampling, cfg.loop.steps)
+        if resume.checkpoint is not None:
+            self._rollout.load(resume.checkpoint.path)  # one_step: the batch generated for the next step
         tracker = MlflowTracker.from_config(cfg)
         progress = LoopProgress(cfg.loop.steps, resume.step, cfg.monitor.tau)
         with tracker, fleet, progress, contextlib.closing(task):  # the task's judge pools stop with the loop
@@ -201,21 +206,22 @@ class Loop:
             # The initial policy: the baseline every later evaluation is read against (once per run).
             if run_eval and not any(r["step"] == 0 and "eval/n" in r for r in self.run.read_metrics()):
                 run_eval(0, schedule)
+            loop = cfg.loop
+            boundary = StepBoundary(self._stop, loop.steps, loop.checkpoint_every, loop.checkpoint_every_s)
             for step in range(resume.next_step, cfg.loop.steps + 1):
-                metrics = self._step(step, task, tokenizer, fleet, policy, monitor, schedule, sampling)
+                metrics, next_schedule, changes = self._step(
+                    step, fleet, policy, monitor, schedule, controller
+                )
                 recorder.record(step, metrics, schedule)
                 summary.steps.append(StepResult(step, metrics, schedule))
-                if controller is not None:
-                    schedule, changes = controller.update(
-                        step, monitor.history[-1].p5_by_bin(), cfg.monitor.bin_width
-                    )
-                    if changes:
-                        recorder.schedule_changed(step + 1, schedule, changes)
+                if changes:
+                    recorder.schedule_changed(step + 1, next_schedule, changes)
+                schedule = next_schedule
                 if run_eval and (step % cfg.loop.eval_every == 0 or step == cfg.loop.steps):
                     run_eval(step, schedule)
-                every = cfg.loop.checkpoint_every
-                if (every and step % every == 0) or step == cfg.loop.steps:
+                if boundary.checkpoint_due(step):
                     self._checkpoint(policy, step, monitor, controller)
+                    boundary.saved(step)  # a stop request (time limit): exits here to be requeued
             summary.throughput = _measure_throughput(fleet, task, tokenizer, cfg, schedule)
             recorder.plots()
             final = self.run.root / "final_hf"
@@ -244,37 +250,55 @@ class Loop:
 
         return run_eval
 
-    def _step(self, step, task, tokenizer, fleet, policy, monitor, schedule, sampling) -> dict[str, float]:
-        """One RL step: rollout -> reward -> dense score -> tails -> GRPO update -> weight sync."""
+    def _step(self, step, fleet, policy, monitor, schedule, controller):
+        """One RL step: rollout -> reward -> dense score -> tails -> GRPO update -> weight sync. Returns
+        (metrics, the schedule of the next batch, the controller's changes). Under loop.overlap=one_step
+        the batch was generated during the previous step and the next one is generated during this
+        step's score and update (loop/overlap.py)."""
         cfg = self.cfg
         self._sync.catch_up(policy)  # engines that came back get the current weights before serving
         t0 = time.perf_counter()
         timer = _PhaseTimer()
-        got = collect_filled(step, cfg, task, tokenizer, fleet, sampling, schedule)
-        samples = got.samples
+        rollout = self._rollout.take(step, schedule)
+        got, samples = rollout.got, rollout.samples
         timer.lap("rollout")
         rewards = overlong.shaped_rewards(cfg.grpo, cfg.data.max_response_tokens, samples, got.rewards)
         batch = to_trainer_batch(samples, rewards, got.group_ids, cfg.grpo.adv_eps, std=cfg.grpo.std)
         batch.response_masks = overlong.loss_masks(cfg.grpo, samples)
-        score = policy.score(batch)
-        timer.lap("score")
-        batch.old_logprobs = score.logprobs
+        dense = rollout.dense  # one_step: the engines' dense top-K at the weights that sampled
+        if dense is None:  # the trainer's weights are the ones that sampled: its scores are the reference
+            score = policy.score(batch)
+            timer.lap("score")
+            dense = list(zip(score.topk_ids, (lp.double() for lp in score.topk_logprobs), strict=True))
         rollout_ids, rollout_lps = zip(
             *(topk_tensors(s, cfg.rollout.top_k_logprobs) for s in samples), strict=True
         )
         tails = monitor.observe_topk(
             step,
-            torch.cat(score.topk_ids),
-            torch.cat(score.topk_logprobs).double(),
+            torch.cat([ids for ids, _ in dense]),
+            torch.cat([lps for _, lps in dense]),
             torch.cat(rollout_ids),
             torch.cat(rollout_lps),
             np.concatenate([len(s.prompt_ids) + np.arange(s.response_len) for s in samples]),
         )
         timer.lap("tails")
+        next_schedule, changes = (
+            controller.update(step, tails.p5_by_bin(), cfg.monitor.bin_width)
+            if controller is not None
+            else (schedule, [])
+        )
+        self._rollout.prefetch(step + 1, next_schedule)  # one_step: batch n+1 runs from here
+        if rollout.dense is not None:
+            score = policy.score(batch, top_k=0)  # old log-probs only: the tails are done
+            timer.lap("score")
+        batch.old_logprobs = score.logprobs
         metrics = {f"train/{k}": v for k, v in policy.train_step(batch).items()}
         timer.lap("update")
+        self._rollout.join()  # the sync waits for the rollout on the previous weights
+        timer.lap("rollout_wait")
         metrics.update(self._sync.push(policy))
         timer.lap("sync")
+        metrics.update(self._rollout.overlap_metrics(rollout))
         if self.distill is not None:  # DistillSparse: adapter update on the same rollout, then to the fleet
             metrics.update(self.distill.step(step, batch, score.logprobs, schedule, fleet))
             timer.lap("distill")
@@ -286,9 +310,10 @@ class Loop:
             # Groups whose samples all score the same carry no GRPO signal: the share that does.
             "reward/signal_frac": float(np.mean(np.abs(batch.advantages) > 0)) if samples else 0.0,
             "rollout/weight_version": float(fleet.weight_version),
+            "rollout/batch_weight_version": float(rollout.weight_version),  # the weights that generated it
             "time/step_s": time.perf_counter() - t0,
         })  # fmt: skip
-        return metrics
+        return metrics, next_schedule, changes
 
     def _checkpoint(
         self, policy, step: int, monitor: TailMonitor, controller: BudgetController | None
@@ -297,6 +322,7 @@ class Loop:
         policy.save_checkpoint(path / "policy", step=step)
         if self.distill is not None:
             self.distill.save(path / "distill")
+        self._rollout.save(path)
         state: dict[str, Any] = {"monitor": monitor.state_dict()}
         if controller is not None:
             state["controller"] = controller.state_dict()

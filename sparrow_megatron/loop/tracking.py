@@ -302,7 +302,7 @@ class MlflowTracker:
             return
         if exc_type is None:
             self.finish("FINISHED")
-        elif issubclass(exc_type, KeyboardInterrupt):
+        elif issubclass(exc_type, KeyboardInterrupt | SystemExit):  # SystemExit: stopped to requeue
             self.finish("KILLED")
         else:
             self.finish("FAILED")

@@ -76,6 +76,10 @@ def test_dry_run_sbatch_for_14b_spec(tmp_path):
     }.items():
         assert f"export {key}={value}\n" in script
     assert "trap sparrow_requeue USR1" in script
+    # USR1 asks the trainer to checkpoint after its step (the stop file); the requeue waits for the saved
+    # marker, at most until 60 s before the limit (USR1 comes 300 s before it).
+    assert 'touch "$SPARROW_RUN_DIR/.sparrow_stop"' in script
+    assert '$(seq 1 1200); do [ -e "$SPARROW_RUN_DIR/.sparrow_saved" ] && break; sleep 0.2' in script
     assert 'export SPARROW_TRAINER_HEAD=$(sparrow_node_addr "${SPARROW_TRAINER_HOSTS%%,*}")' in script
     assert "--container-image" not in script  # plain srun without an image
 

@@ -1,0 +1,75 @@
+"""A job that reaches its Slurm time limit: Slurm sends USR1 before the limit (`--signal=B:USR1@N`), the
+batch script's trap asks the trainer to stop, the trainer checkpoints the step in flight and exits, the
+trap requeues the job, and the requeued trainer resumes with --resume after the saved step: every
+completed step is recorded exactly once (none lost, none redone)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from torchx.specs import AppState
+
+from sparrow_megatron.launch import jobs
+from tests.launch.test_jobs import small_spec
+
+pytestmark = [pytest.mark.slurm, pytest.mark.timeout(600)]
+TRAINER = Path(__file__).with_name("boundary_trainer.py")
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _release_held(slurm_id: str) -> None:
+    """Slurm holds a requeued job back for ~2 minutes (Reason=BeginTime): start it now."""
+    reason = subprocess.run(
+        ["squeue", "-h", "-j", slurm_id, "-o", "%r"], capture_output=True, text=True, timeout=20
+    ).stdout
+    if "BeginTime" in reason:
+        subprocess.run(["scontrol", "update", f"JobId={slurm_id}", "StartTime=now"], timeout=20, check=False)
+
+
+def test_time_limit_checkpoints_the_step_in_flight_requeues_and_resumes(local_slurm, tmp_path):
+    steps = 8
+    spec = small_spec(
+        tmp_path,
+        "timelimit",
+        ["bash", "-c", "sleep 600"],
+        [sys.executable, str(TRAINER), str(steps), "6"],
+        launcher="none",
+    )
+    # The shortest limit Slurm has, USR1 30 s before it: the first run stops after about 5 steps of 6 s
+    # (Slurm may signal up to a minute early: then a run does fewer steps and there are more runs).
+    spec.cluster.time_limit = "00:01:00"
+    spec.cluster.requeue_signal_s = 30
+    spec.cluster.env["PYTHONPATH"] = str(REPO)
+    sub = jobs.submit(spec)
+    slurm_id = None
+    deadline = time.monotonic() + 540
+    while True:
+        status = jobs.status(sub.experiment_id, spec.cluster.job_dir)
+        slurm_id = status[0].slurm_job_id or slurm_id
+        if slurm_id:
+            _release_held(slurm_id)
+        if status[0].state in (AppState.SUCCEEDED, AppState.FAILED, AppState.CANCELLED):
+            break
+        assert time.monotonic() < deadline, "the job did not finish"
+        time.sleep(2)
+    logs = jobs.logs(sub.experiment_id, spec.cluster.job_dir)
+    everything = "\n".join(f"==> {p} <==\n{t[-3000:]}" for p, t in logs.items())
+    assert status[0].state == AppState.SUCCEEDED, everything
+
+    run = tmp_path / "run"
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, steps + 1)), everything  # each step once
+    assert not list(run.glob("metrics.jsonl.dropped-*")), "a completed step was lost and redone"
+    starts = [tuple(map(int, line.split())) for line in (run / "starts").read_text().splitlines()]
+    assert len(starts) >= 2 and starts[0] == (0, 1), starts  # the limit was hit at least once
+    # Each requeued run started right after the step its predecessor saved on the way out.
+    for (_, begin), (restart, after) in zip(starts, starts[1:], strict=False):
+        assert restart >= 1 and after > begin
+        assert (run / "checkpoints" / f"step_{after - 1}").is_dir()
+    assert any("sparrow: USR1 at" in t for t in logs.values()), everything
+    assert any("trainer saved step:" in t for t in logs.values()), everything
