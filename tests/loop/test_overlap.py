@@ -78,7 +78,7 @@ def _loop(mode: str, fleet: Fleet, generated: list) -> Loop:
     cfg = load_config(None, [f"loop.overlap={mode}", f"rollout.top_k_logprobs={K}"], check_paths=False)
     loop = Loop.__new__(Loop)  # the step alone: no run directory, engines or trainer
     loop.cfg, loop.distill = cfg, None
-    loop._push_weights = fleet.sync
+    loop._sync = SimpleNamespace(push=lambda policy: fleet.sync(()) or {}, catch_up=lambda policy: 0)
     side = RolloutSide(mode, cfg, None, None, fleet, None, last_step=4)
 
     def generate(step, schedule):
