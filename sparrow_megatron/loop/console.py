@@ -81,6 +81,17 @@ class LoopProgress:
         if self._progress is not None:
             self._progress.stop()
 
+    def announce(self, run_dir: Any, checkpoint_step: int | None) -> None:
+        """One line saying what this run does: starts fresh, or resumes from which checkpoint."""
+        if checkpoint_step is None:
+            self.console.print(f"starting {run_dir}: steps 1..{self.total}", highlight=False)
+        else:
+            self.console.print(
+                f"resuming {run_dir} from step {checkpoint_step} (its checkpoint): "
+                f"steps {checkpoint_step + 1}..{self.total}",
+                highlight=False,
+            )
+
     def update(self, step: int, metrics: Mapping[str, Any]) -> None:
         """Step `step` (1-based) is done with these metrics."""
         fields = step_fields(metrics, self.tau)

@@ -172,6 +172,7 @@ class Loop:
         progress = LoopProgress(cfg.loop.steps, resume.step, cfg.monitor.tau)
         with tracker, fleet, progress:
             resumed = resume.checkpoint is not None
+            progress.announce(self.run.root, resume.step if resumed else None)
             tags = context_tags(cfg.name)
             if cfg.data.kind == "code":  # only a code task runs generated programs: its isolation is a tag
                 tags |= cfg.reward.mlflow_tags()

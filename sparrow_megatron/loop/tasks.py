@@ -56,7 +56,12 @@ class DatasetTask:
     """Math or code examples from the user's files; the eval split reads data.eval_path."""
 
     def __init__(self, cfg: JobConfig, tokenizer):
-        from sparrow_megatron.data.datasets import DatasetConfig, load_code_dataset, load_math_dataset
+        from sparrow_megatron.data.datasets import (
+            DatasetConfig,
+            fit_prompts,
+            load_code_dataset,
+            load_math_dataset,
+        )
 
         self.kind = cfg.data.kind
         self.tokenizer = tokenizer
@@ -70,7 +75,8 @@ class DatasetTask:
             examples, report = load(DatasetConfig(path=path, **cfg.data.column_keys()))
             if not examples:
                 raise UserError(f"{path}: no usable rows ({report.summary()})")
-            self.splits[split] = examples
+            refuse = cfg.data.long_prompts == "refuse"
+            self.splits[split] = fit_prompts(examples, report, tokenizer, cfg.data.max_prompt_tokens, refuse)
         if self.kind == "code":
             from sparrow_megatron.reward.code_reward import CodeRewardConfig
             from sparrow_megatron.reward.sandbox import SandboxPool, ensure_isolation
