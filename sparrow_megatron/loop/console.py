@@ -1,13 +1,21 @@
-"""Console progress of the loop (rich): a live bar with the key numbers, one line per step in logs.
+"""Console of the loop (rich): a live bar with the key numbers, one line per step in logs, and
+where log records go.
 
 On a terminal a progress bar shows step, reward, p5 min (red below tau), rollout tokens/s and the ETA;
 when stdout is not a terminal (CI, Slurm logs) each step prints one plain line instead, so the log
-keeps the numbers.
+keeps the numbers. `route_logs` sends every record to the run's log file and only ours (and the
+libraries' errors) to the console: Megatron's per-bucket parameter lists, Transformer Engine / Apex
+fallback warnings and MLflow's notices are for the file.
 """
 
 from __future__ import annotations
 
+import logging
 import math
+import os
+import warnings
+from collections.abc import Callable
+from pathlib import Path
 from collections.abc import Mapping
 from typing import Any
 
@@ -104,3 +112,62 @@ class LoopProgress:
     def print(self, *args: Any, **kwargs: Any) -> None:
         """Print above the live bar (warnings, controller changes) without breaking it."""
         self.console.print(*args, **kwargs)
+
+
+# Our loggers (package `sparrow_megatron`, and `sparrow.*`): shown on the console from INFO.
+OWN_LOGGERS = ("sparrow_megatron", "sparrow")
+# Loggers whose INFO records the console already prints in its own words (the recorder prints each
+# controller decision): the file keeps the record, the console shows the event once.
+ECHOED_LOGGERS = ("sparrow_megatron.loop.controller",)
+FILE_FORMAT = "%(asctime)s %(name)s %(levelname)s %(message)s"
+CONSOLE_FORMAT = "%(asctime)s %(levelname)s %(message)s"
+
+
+def for_console(record: logging.LogRecord) -> bool:
+    """Whether a record reaches the console (every record reaches the log file)."""
+    if record.name.startswith(ECHOED_LOGGERS):
+        return record.levelno >= logging.WARNING
+    if record.name in OWN_LOGGERS or record.name.startswith(tuple(f"{n}." for n in OWN_LOGGERS)):
+        return record.levelno >= logging.INFO
+    return record.levelno >= logging.ERROR  # libraries: their errors only; warnings are chatter here
+
+
+def route_logs(log_file: str | Path | None, stream=None) -> Callable[[], None]:
+    """Every record (Python warnings included) to `log_file`, the console's share to `stream`
+    (stderr). Returns a function that undoes it (tests). MLflow is told not to install its own
+    console handler, so its notices follow the same rule."""
+    os.environ.setdefault("MLFLOW_CONFIGURE_LOGGING", "false")
+    root = logging.getLogger()
+    handlers: list[logging.Handler] = []
+    console = logging.StreamHandler(stream)
+    console.setFormatter(logging.Formatter(CONSOLE_FORMAT))
+    console.addFilter(for_console)
+    handlers.append(console)
+    if log_file is not None:
+        path = Path(log_file)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        file = logging.FileHandler(path, encoding="utf-8")
+        file.setFormatter(logging.Formatter(FILE_FORMAT))
+        handlers.append(file)
+    previous = (root.level, list(root.handlers))
+    for h in root.handlers:
+        root.removeHandler(h)
+    for h in handlers:
+        root.addHandler(h)
+    root.setLevel(logging.INFO)
+    logging.captureWarnings(True)
+    # Once per call site, as Python shows them, but into the file: "default" instead of the
+    # interpreter's "ignore" for DeprecationWarning keeps the file complete without repeats.
+    warnings.simplefilter("default")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per rollout request otherwise
+
+    def undo() -> None:
+        logging.captureWarnings(False)
+        for h in handlers:
+            root.removeHandler(h)
+            h.close()
+        root.setLevel(previous[0])
+        for h in previous[1]:
+            root.addHandler(h)
+
+    return undo
