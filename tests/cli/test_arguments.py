@@ -20,7 +20,12 @@ from tests.cli.test_submit import SPEC
 )
 def test_submit_options_anywhere(argv):
     args = build_parser().parse_args(argv)
-    assert (args.spec, args.overrides, args.dry_run, args.executor) == ("R", ["a.b=1", "c.d=2"], True, "local")
+    assert (args.spec, args.overrides, args.dry_run, args.executor) == (
+        "R",
+        ["a.b=1", "c.d=2"],
+        True,
+        "local",
+    )
 
 
 @pytest.mark.parametrize(

@@ -61,7 +61,7 @@ def test_library_chatter_goes_to_the_log_file_and_each_event_to_the_console_once
     undo = route_logs(tmp_path / "run" / "train.log", stream)
     try:
         logging.getLogger("megatron.core.distributed.param_and_grad_buffer").info("Params for bucket 1")
-        warnings.warn("Transformer Engine not found, falling back to local layers", UserWarning)
+        warnings.warn("Transformer Engine not found, falling back to local layers", UserWarning, stacklevel=1)
         logging.getLogger("sparrow_megatron.rollout.fleet").info("engine 0 up")
         logging.getLogger("sparrow_megatron.loop.controller").info("step 1: budget 256 -> 384")
         logging.getLogger("sparrow.loop").warning("step 1: 2 samples left out")

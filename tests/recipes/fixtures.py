@@ -95,7 +95,12 @@ def write_dapo_parquet(path: Path) -> Path:
     rows = [
         {
             "data_source": "math_dapo",
-            "prompt": [{"role": "user", "content": f"Solve: {p}\n\nRemember to put your answer on its own line after \"Answer:\"."}],
+            "prompt": [
+                {
+                    "role": "user",
+                    "content": f'Solve: {p}\n\nRemember to put your answer on its own line after "Answer:".',
+                }
+            ],
             "ability": "MATH",
             "reward_model": {"ground_truth": a, "style": "rule-lighteval/MATH_v2"},
             "extra_info": {"index": f"dapo-{i}"},
@@ -113,7 +118,9 @@ def write_polaris_jsonl(path: Path) -> Path:
 
 def write_aime_jsonl(path: Path) -> Path:
     """AIME / MATH500 evaluation files: capitalised `Problem` / `Answer`, numeric answers."""
-    return _jsonl(path, [{"ID": f"2024-I-{i}", "Problem": p, "Answer": int(a)} for i, (p, a) in enumerate(MATH)])
+    return _jsonl(
+        path, [{"ID": f"2024-I-{i}", "Problem": p, "Answer": int(a)} for i, (p, a) in enumerate(MATH)]
+    )
 
 
 def write_taco_jsonl(path: Path) -> Path:
@@ -130,6 +137,13 @@ def write_livecodebench_jsonl(path: Path) -> Path:
     rows = []
     for i, (q, cases) in enumerate(CODE):
         tests = [{"input": c[0], "output": c[1], "testtype": "stdin"} for c in cases]
-        rows.append({"question_id": f"lcb-{i}", "question_title": f"p{i}", "question_content": q,
-                     "public_test_cases": json.dumps(tests), "difficulty": "easy"})
+        rows.append(
+            {
+                "question_id": f"lcb-{i}",
+                "question_title": f"p{i}",
+                "question_content": q,
+                "public_test_cases": json.dumps(tests),
+                "difficulty": "easy",
+            }
+        )
     return _jsonl(path, rows)

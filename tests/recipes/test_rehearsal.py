@@ -11,8 +11,11 @@ export, MLflow. Kill + `--resume` (SIGKILL once the step-1 checkpoint is committ
 finishes step 2) for the 1.7B math and code recipes only: the larger math recipes differ from 1.7B
 by layout alone, which the size overrides replace, so their resume would rehearse the same code
 again. The 8B math recipe runs with DistillSparse on. The code recipe's rewards run the tests in the
-real sandbox (reward.isolation as the recipe has it: bwrap). `recipes/tiny_cpu.py` is the embedded
-default that tests/loop/test_run.py rehearses (run, kill, resume); here it is checked to be that default.
+real sandbox (reward.isolation as the recipe has it: bwrap): the random model writes no program, so
+the run's own task then judges a right and a wrong one. `recipes/tiny_cpu.py` is the embedded default:
+tests/loop/test_run.py rehearses it (run, kill, resume) and tests/launch/test_job.py submits it, as
+`sparrow submit` does, as a heterogeneous job on the local Slurm cluster; here it is checked to be that
+default. The Qwen3 recipes' `sparrow submit --dry-run` scripts are tests/launch/test_job.py's.
 
 A recipe added to recipes/ without an entry in REHEARSALS fails test_every_recipe_is_rehearsed.
 """
@@ -66,7 +69,7 @@ REHEARSALS = {
     "qwen3_8b_math": Rehearsal("dapo", "aime", extra=("distill.enabled=true",)),
     "qwen3_14b_math": Rehearsal("polaris", "aime"),
 }
-EMBEDDED = {"tiny_cpu"}  # rehearsed by tests/loop/test_run.py
+EMBEDDED = {"tiny_cpu"}  # rehearsed by tests/loop/test_run.py and, on Slurm, tests/launch/test_job.py
 
 
 def test_every_recipe_is_rehearsed():
@@ -118,7 +121,9 @@ def _run_until_checkpoint(cmd: list[str], run_dir: Path, log: Path, timeout: flo
     deadline = time.monotonic() + timeout
     while not marker.exists():
         if proc.poll() is not None:
-            pytest.fail(f"run ended (rc {proc.returncode}) before its step-1 checkpoint:\n{log.read_text()[-4000:]}")
+            pytest.fail(
+                f"run ended (rc {proc.returncode}) before its step-1 checkpoint:\n{log.read_text()[-4000:]}"
+            )
         assert time.monotonic() < deadline, log.read_text()[-4000:]
         time.sleep(0.1)
     os.killpg(proc.pid, signal.SIGKILL)
@@ -164,3 +169,25 @@ def test_recipe_rehearsal(name, user_files, engine, tmp_path, mlflow_store):
     assert ran["data"]["kind"] == recipe["data.kind"]
     if "distill.enabled=true" in REHEARSALS[name].extra:
         assert [r["distill/adapter_version"] for r in steps] == [1, 2]
+    if recipe["data.kind"] == "code":
+        _judge_in_the_sandbox(name, user_files, run_dir)
+
+
+# The first TACO / LiveCodeBench problem: read two integers, print their sum.
+RIGHT = "```python\na, b = map(int, input().split())\nprint(a + b)\n```"
+WRONG = "```python\na, b = map(int, input().split())\nprint(a - b)\n```"
+
+
+def _judge_in_the_sandbox(name: str, files: dict, run_dir: Path) -> None:
+    """The random model writes no program, so its rewards are 0 without running one: the recipe's
+    task (as the run built it, from its config.yaml) judges a right and a wrong program in the sandbox."""
+    from sparrow_megatron.config import load_config
+    from sparrow_megatron.data.datasets import load_tokenizer
+    from sparrow_megatron.loop.tasks import make_task
+
+    cfg = load_config(str(run_dir / "config.yaml"), ["rollout.urls=[]"])
+    assert cfg.reward.isolation == "bwrap"
+    task = make_task(cfg, load_tokenizer(files["model"]))
+    for split in ("train", "eval"):
+        prompt = next(p for p in task.prompts(split, 0, 4) if "a + b" in p.example.problem)
+        assert task.reward(prompt, RIGHT) == 1.0 and task.reward(prompt, WRONG) == 0.0
