@@ -42,3 +42,9 @@ def engine(user_files, tmp_path_factory):
     )
     with RolloutFleet(RolloutConfig(engines=1), options) as fleet:
         yield fleet, fleet.urls[0]
+
+
+@pytest.fixture(scope="session")
+def mlflow_store(tmp_path_factory):
+    """One sqlite MLflow store for every rehearsal (creating one runs MLflow's migrations)."""
+    return tmp_path_factory.mktemp("mlflow_store") / "mlflow.db"

@@ -71,3 +71,23 @@ def test_no_usable_rows_names_the_file_and_the_reasons(tmp_path):
         load_math_dataset(DatasetConfig(path=str(path)))
     assert str(path) in str(err.value) and "0/2 rows" in str(err.value)
     assert "missing_answer=1" in str(err.value) and "missing_problem=1" in str(err.value)
+
+
+def test_long_prompts_are_skipped_and_counted_or_refused(tmp_path):
+    from sparrow_megatron.data.datasets import fit_prompts, load_tokenizer
+
+    tokenizer = load_tokenizer(fixtures.make_user_qwen3(tmp_path / "model"))
+    path = tmp_path / "long.jsonl"
+    rows = [{"problem": "What is 1+1?", "answer": "2"}, {"problem": "word " * 300, "answer": "3"}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    examples, report = load_math_dataset(DatasetConfig(path=str(path)))
+    kept = fit_prompts(examples, report, tokenizer, max_tokens=100, refuse=False)
+    assert [e.answer for e in kept] == ["2"]
+    assert report.skipped == {"prompt_too_long": 1} and report.loaded == 1
+    examples, report = load_math_dataset(DatasetConfig(path=str(path)))
+    with pytest.raises(
+        UserError, match=rf"{path}:2: prompt of \d+ tokens is longer than data.max_prompt_tokens=100"
+    ):
+        fit_prompts(examples, report, tokenizer, max_tokens=100, refuse=True)
+    with pytest.raises(UserError, match="no usable rows.*prompt_too_long=2"):
+        fit_prompts(*load_math_dataset(DatasetConfig(path=str(path))), tokenizer, max_tokens=5, refuse=False)
