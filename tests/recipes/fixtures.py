@@ -72,7 +72,7 @@ def make_user_qwen3(out_dir: Path, seed: int = 0) -> Path:
 
     out_dir.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer(out_dir)
-    shape = TinyQwen3Shape(vocab_size=VOCAB, num_hidden_layers=2, max_position_embeddings=2048)
+    shape = TinyQwen3Shape(vocab_size=VOCAB, num_hidden_layers=2, max_position_embeddings=4096)
     assert len(tokenizer) <= VOCAB, len(tokenizer)
     config = qwen3_config(shape, tokenizer.eos_token_id, tokenizer.pad_token_id)
     torch.manual_seed(seed)
