@@ -148,8 +148,8 @@ def route_logs(log_file: str | Path | None, stream=None) -> Callable[[], None]:
         file = logging.FileHandler(path, encoding="utf-8")
         file.setFormatter(logging.Formatter(FILE_FORMAT))
         handlers.append(file)
-    previous = (root.level, list(root.handlers))
-    for h in root.handlers:
+    previous = (root.level, list(root.handlers), list(warnings.filters))
+    for h in previous[1]:
         root.removeHandler(h)
     for h in handlers:
         root.addHandler(h)
@@ -168,5 +168,6 @@ def route_logs(log_file: str | Path | None, stream=None) -> Callable[[], None]:
         root.setLevel(previous[0])
         for h in previous[1]:
             root.addHandler(h)
+        warnings.filters[:] = previous[2]
 
     return undo
