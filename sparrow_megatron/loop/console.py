@@ -91,9 +91,9 @@ class LoopProgress:
     def announce(self, run_dir: Any, checkpoint_step: int | None) -> None:
         """One line saying what this run does: starts fresh, or resumes from which checkpoint."""
         if checkpoint_step is None:
-            self.console.print(f"starting {run_dir}: steps 1..{self.total}", highlight=False)
+            self.print(f"starting {run_dir}: steps 1..{self.total}", highlight=False)
         else:
-            self.console.print(
+            self.print(
                 f"resuming {run_dir} from step {checkpoint_step} (its checkpoint): "
                 f"steps {checkpoint_step + 1}..{self.total}",
                 highlight=False,
@@ -109,7 +109,9 @@ class LoopProgress:
             self.console.print(f"{line}  {fields['tps']} tok/s", highlight=False)
 
     def print(self, *args: Any, **kwargs: Any) -> None:
-        """Print above the live bar (warnings, controller changes) without breaking it."""
+        """Print above the live bar (warnings, controller changes) without breaking it; in a log
+        (not a terminal) one event stays one line, not wrapped at the default 80 columns."""
+        kwargs.setdefault("soft_wrap", not self.live)
         self.console.print(*args, **kwargs)
 
 

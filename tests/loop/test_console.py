@@ -77,3 +77,11 @@ def test_library_chatter_goes_to_the_log_file_and_each_event_to_the_console_once
     # The recorder prints controller decisions itself; the library's chatter stays in the file.
     for text in ("Params for bucket", "Transformer Engine", "budget 256 -> 384"):
         assert text not in console
+
+
+def test_an_event_in_a_log_stays_one_line():
+    buf = io.StringIO()
+    progress = LoopProgress(2, console=Console(file=buf, force_terminal=False, width=40, color_system=None))
+    progress.announce("/a/rather/long/path/to/the/run/directory/of/this/job", None)
+    progress.print("eval after step 0 (k=2): dense mean@k 0.000 pass@k 0.000, sparse mean@k 0.000")
+    assert len(buf.getvalue().splitlines()) == 2
