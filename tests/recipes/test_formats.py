@@ -73,10 +73,10 @@ def test_no_usable_rows_names_the_file_and_the_reasons(tmp_path):
     assert "missing_answer=1" in str(err.value) and "missing_problem=1" in str(err.value)
 
 
-def test_long_prompts_are_skipped_and_counted_or_refused(tmp_path):
+def test_long_prompts_are_skipped_and_counted_or_refused(tmp_path, user_files):
     from sparrow_megatron.data.datasets import fit_prompts, load_tokenizer
 
-    tokenizer = load_tokenizer(fixtures.make_user_qwen3(tmp_path / "model"))
+    tokenizer = load_tokenizer(user_files["model"])  # the rehearsal's checkpoint: built once per session
     path = tmp_path / "long.jsonl"
     rows = [{"problem": "What is 1+1?", "answer": "2"}, {"problem": "word " * 300, "answer": "3"}]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
