@@ -48,6 +48,22 @@ def _reach_columns(cfg, value, tmp_path):
     assert DatasetConfig(path="x", **keys) and list(keys.values()) == ["col"]
 
 
+def _reach_long_prompts(cfg, value, tmp_path):
+    from sparrow_megatron.data.datasets import load_tokenizer
+    from sparrow_megatron.loop.tasks import make_task
+
+    path = tmp_path / "math.jsonl"
+    path.write_text(json.dumps({"problem": "x" * 400, "answer": "1"}) + "\n")
+    path.write_text(path.read_text() + json.dumps({"problem": "1 + 1?", "answer": "2"}) + "\n")
+    cfg.data.kind, cfg.data.train_path, cfg.data.max_prompt_tokens = "math", str(path), 200
+    tokenizer = load_tokenizer(TINY_RECALL_DIR)
+    if value == "skip":
+        assert [p.example.answer for p in make_task(cfg, tokenizer).prompts("train", 0, 2)] == ["2", "2"]
+    else:
+        with pytest.raises(UserError, match=f"{path}:1: prompt of"):
+            make_task(cfg, tokenizer)
+
+
 def _reach_weight_sync(cfg, value, tmp_path):
     from sparrow_megatron.loop.weight_sync import weight_sync
 
@@ -196,6 +212,7 @@ def _reach_overlap(cfg, value, tmp_path):
 REACH = {
     "data.kind": _reach_kind,
     "data.columns": _reach_columns,
+    "data.long_prompts": _reach_long_prompts,
     "rollout.weight_sync": _reach_weight_sync,
     "reward.isolation": _reach_isolation,
     "monitor.signal": _reach_signal,

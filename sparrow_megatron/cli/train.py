@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import logging
 import signal
+from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
@@ -21,6 +21,8 @@ def register(subparsers) -> None:
 
 def run(args) -> int:
     from sparrow_megatron.config import load_config
+    from sparrow_megatron.loop import spmd
+    from sparrow_megatron.loop.console import route_logs
     from sparrow_megatron.loop.default import tiny_cpu
     from sparrow_megatron.loop.run import Loop
 
@@ -31,8 +33,9 @@ def run(args) -> int:
     # SIGTERM (Slurm preemption, `kill`) unwinds like Ctrl-C, so the engines we launched are shut down
     # and the last complete checkpoint stays the resume point.
     signal.signal(signal.SIGTERM, _interrupt)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per rollout request otherwise
+    # Library chatter (Megatron's bucket lists, TE / Apex fallbacks, MLflow) goes to the run's log file only.
+    rank = spmd.launch_rank()
+    route_logs(Path(cfg.run_dir) / ("train.log" if rank == 0 else f"train.rank{rank}.log"))
     summary = Loop(cfg, resume=args.resume).train()
     print_summary(summary, cfg)
     return 0

@@ -13,6 +13,8 @@ DataKind = Literal["synthetic", "math", "code"]
 # What a dataset column holds: the problem text, the math answer, the code tests, the row id.
 ColumnRole = Literal["prompt", "answer", "tests", "id"]
 EVAL_SET_NAME = re.compile(r"[A-Za-z0-9_.-]+")
+# A dataset prompt longer than max_prompt_tokens: skipped and counted in the load report, or refused.
+LongPrompts = Literal["skip", "refuse"]
 
 
 @dataclass
@@ -25,6 +27,7 @@ class DataConfig:
     # Dataset column -> role, e.g. {"problem": "prompt", "answer": "answer"}; empty = the loader's default.
     columns: dict[str, ColumnRole] = field(default_factory=dict)
     max_prompt_tokens: int = 256
+    long_prompts: LongPrompts = "skip"
     max_response_tokens: int = 256  # generation cutoff: 37K in the math recipes, 24K for code
     # Math/code: each epoch of the train file in its own seeded order (loop.seed, epoch); false = file order.
     shuffle: bool = True

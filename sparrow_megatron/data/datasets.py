@@ -3,7 +3,8 @@
 Math: Polaris / DeepScaleR (`problem`, `answer`), DAPO (`prompt` as chat messages,
 `reward_model.ground_truth`), AIME / AMC evaluation files (`Problem`/`problem`, `Answer`/`answer`,
 numbers allowed), as JSONL, JSON (a list of rows) or parquet. Code: TACO / APPS rows (`question`,
-`input_output` as a JSON string or object). A column mapping (dotted paths for nested fields) handles
+`input_output` as a JSON string or object) and LiveCodeBench rows (`question_content`,
+`public_test_cases` as a JSON list of {input, output, testtype: stdin}). A column mapping (dotted paths for nested fields) handles
 other schemas. Local files only.
 
 Malformed rows (missing answer, empty prompt, wrong types, broken test cases) are skipped, counted by
@@ -26,10 +27,10 @@ from sparrow_megatron.errors import UserError, where
 log = logging.getLogger(__name__)
 
 MATH_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
-PROBLEM_KEYS = ("problem", "Problem", "question", "Question", "prompt")
+PROBLEM_KEYS = ("problem", "Problem", "question", "Question", "question_content", "prompt")
 ANSWER_KEYS = ("answer", "Answer", "final_answer", "ground_truth", "reward_model.ground_truth")
 ID_KEYS = ("id", "ID", "idx", "problem_id", "extra_info.index")
-CODE_TESTS_KEYS = ("input_output", "tests", "test_cases")
+CODE_TESTS_KEYS = ("input_output", "tests", "test_cases", "public_test_cases")
 MAX_LOGGED_SKIPS = 5
 
 
@@ -286,12 +287,57 @@ def load_code_dataset(config: DatasetConfig) -> tuple[list[CodeExample], LoadRep
         if tests is None:
             raise SkipRow("missing_tests")
         try:
-            cases = parse_tests(tests, source)
+            cases = parse_tests(_case_list_tests(tests), source)
         except UserError as err:
             raise SkipRow("broken_tests", str(err)) from err
         return CodeExample(ident, problem, cases, source)
 
     return _load(config, build)
+
+
+def fit_prompts(examples: list, report: LoadReport, tokenizer: Any, max_tokens: int, refuse: bool) -> list:
+    """The examples whose chat-formatted prompt fits `max_tokens` (data.max_prompt_tokens). Longer
+    ones are skipped and counted as `prompt_too_long` in the report, or, with `refuse`, raise UserError
+    naming the first of them (file:row) and how many there are."""
+    texts = [ex.prompt_text(tokenizer) for ex in examples]
+    lengths = [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]] if texts else []
+    long = [(ex, n) for ex, n in zip(examples, lengths, strict=True) if n > max_tokens]
+    if not long:
+        return examples
+    first, n = long[0]
+    if refuse:
+        raise UserError(
+            f"{first.source}: prompt of {n} tokens is longer than data.max_prompt_tokens={max_tokens} "
+            f"({len(long)} of {len(examples)} prompts are; data.long_prompts=skip skips them)"
+        )
+    log.warning(
+        "%s: %d of %d prompts longer than data.max_prompt_tokens=%d skipped (first: %s, %d tokens)",
+        report.path, len(long), len(examples), max_tokens, first.source, n,
+    )  # fmt: skip
+    report.skipped["prompt_too_long"] += len(long)
+    report.loaded -= len(long)
+    if report.loaded == 0:
+        raise UserError(f"{report.path}: no usable rows ({report.summary()})")
+    dropped = {id(ex) for ex, _ in long}
+    return [ex for ex in examples if id(ex) not in dropped]
+
+
+def _case_list_tests(tests: Any) -> Any:
+    """LiveCodeBench's test list ([{input, output, testtype}], often as a JSON string) as the TACO
+    object parse_tests reads; anything else is returned as it came. Its functional (call-based) tests
+    name no function in the row, so a row with them is skipped."""
+    if isinstance(tests, str) and tests.lstrip().startswith("["):
+        try:
+            tests = json.loads(tests)
+        except json.JSONDecodeError as err:
+            raise SkipRow("broken_tests", f"not valid JSON: {err}") from err
+    if not isinstance(tests, list):
+        return tests
+    if not all(isinstance(c, dict) and "input" in c and "output" in c for c in tests):
+        raise SkipRow("broken_tests", "a test case is not an object with 'input' and 'output'")
+    if any(c.get("testtype", "stdin") != "stdin" for c in tests):
+        raise SkipRow("functional_tests", "call-based (functional) test cases are not supported")
+    return {"inputs": [c["input"] for c in tests], "outputs": [c["output"] for c in tests]}
 
 
 def _finish(report: LoadReport) -> None:

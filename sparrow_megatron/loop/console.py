@@ -1,14 +1,21 @@
-"""Console progress of the loop (rich): a live bar with the key numbers, one line per step in logs.
+"""Console of the loop (rich): a live bar with the key numbers, one line per step in logs, and
+where log records go.
 
 On a terminal a progress bar shows step, reward, p5 min (red below tau), rollout tokens/s and the ETA;
 when stdout is not a terminal (CI, Slurm logs) each step prints one plain line instead, so the log
-keeps the numbers.
+keeps the numbers. `route_logs` sends every record to the run's log file and only ours (and the
+libraries' errors) to the console: Megatron's per-bucket parameter lists, Transformer Engine / Apex
+fallback warnings and MLflow's notices are for the file.
 """
 
 from __future__ import annotations
 
+import logging
 import math
-from collections.abc import Mapping
+import os
+import warnings
+from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 from rich.console import Console
@@ -81,6 +88,17 @@ class LoopProgress:
         if self._progress is not None:
             self._progress.stop()
 
+    def announce(self, run_dir: Any, checkpoint_step: int | None) -> None:
+        """One line saying what this run does: starts fresh, or resumes from which checkpoint."""
+        if checkpoint_step is None:
+            self.print(f"starting {run_dir}: steps 1..{self.total}", highlight=False)
+        else:
+            self.print(
+                f"resuming {run_dir} from step {checkpoint_step} (its checkpoint): "
+                f"steps {checkpoint_step + 1}..{self.total}",
+                highlight=False,
+            )
+
     def update(self, step: int, metrics: Mapping[str, Any]) -> None:
         """Step `step` (1-based) is done with these metrics."""
         fields = step_fields(metrics, self.tau)
@@ -91,5 +109,67 @@ class LoopProgress:
             self.console.print(f"{line}  {fields['tps']} tok/s", highlight=False)
 
     def print(self, *args: Any, **kwargs: Any) -> None:
-        """Print above the live bar (warnings, controller changes) without breaking it."""
+        """Print above the live bar (warnings, controller changes) without breaking it; in a log
+        (not a terminal) one event stays one line, not wrapped at the default 80 columns."""
+        kwargs.setdefault("soft_wrap", not self.live)
         self.console.print(*args, **kwargs)
+
+
+# Our loggers (package `sparrow_megatron`, and `sparrow.*`): shown on the console from INFO.
+OWN_LOGGERS = ("sparrow_megatron", "sparrow")
+# Loggers whose INFO records the console already prints in its own words (the recorder prints each
+# controller decision): the file keeps the record, the console shows the event once.
+ECHOED_LOGGERS = ("sparrow_megatron.loop.controller",)
+FILE_FORMAT = "%(asctime)s %(name)s %(levelname)s %(message)s"
+CONSOLE_FORMAT = "%(asctime)s %(levelname)s %(message)s"
+
+
+def for_console(record: logging.LogRecord) -> bool:
+    """Whether a record reaches the console (every record reaches the log file)."""
+    if record.name.startswith(ECHOED_LOGGERS):
+        return record.levelno >= logging.WARNING
+    if record.name in OWN_LOGGERS or record.name.startswith(tuple(f"{n}." for n in OWN_LOGGERS)):
+        return record.levelno >= logging.INFO
+    return record.levelno >= logging.ERROR  # libraries: their errors only; warnings are chatter here
+
+
+def route_logs(log_file: str | Path | None, stream=None) -> Callable[[], None]:
+    """Every record (Python warnings included) to `log_file`, the console's share to `stream`
+    (stderr). Returns a function that undoes it (tests). MLflow is told not to install its own
+    console handler, so its notices follow the same rule."""
+    os.environ.setdefault("MLFLOW_CONFIGURE_LOGGING", "false")
+    root = logging.getLogger()
+    handlers: list[logging.Handler] = []
+    console = logging.StreamHandler(stream)
+    console.setFormatter(logging.Formatter(CONSOLE_FORMAT))
+    console.addFilter(for_console)
+    handlers.append(console)
+    if log_file is not None:
+        path = Path(log_file)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        file = logging.FileHandler(path, encoding="utf-8")
+        file.setFormatter(logging.Formatter(FILE_FORMAT))
+        handlers.append(file)
+    previous = (root.level, list(root.handlers), list(warnings.filters))
+    for h in previous[1]:
+        root.removeHandler(h)
+    for h in handlers:
+        root.addHandler(h)
+    root.setLevel(logging.INFO)
+    logging.captureWarnings(True)
+    # Once per call site, as Python shows them, but into the file: "default" instead of the
+    # interpreter's "ignore" for DeprecationWarning keeps the file complete without repeats.
+    warnings.simplefilter("default")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per rollout request otherwise
+
+    def undo() -> None:
+        logging.captureWarnings(False)
+        for h in handlers:
+            root.removeHandler(h)
+            h.close()
+        root.setLevel(previous[0])
+        for h in previous[1]:
+            root.addHandler(h)
+        warnings.filters[:] = previous[2]
+
+    return undo

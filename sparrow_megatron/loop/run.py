@@ -179,6 +179,7 @@ class Loop:
         progress = LoopProgress(cfg.loop.steps, resume.step, cfg.monitor.tau)
         with tracker, fleet, progress, contextlib.closing(task):  # the task's judge pools stop with the loop
             resumed = resume.checkpoint is not None
+            progress.announce(self.run.root, resume.step if resumed else None)
             tags = context_tags(cfg.name)
             if cfg.data.kind == "code":  # only a code task runs generated programs: its isolation is a tag
                 tags |= cfg.reward.mlflow_tags()

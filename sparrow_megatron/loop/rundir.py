@@ -261,13 +261,14 @@ class RunDir:
         if ckpt is not None and (ckpt.path / LOOP_STATE).exists():
             state = self.read_loop_state(ckpt.path)
         dropped = self.truncate_metrics(keep_through=step)
-        log.info(
-            "resuming %s after step %d (%s); %d later metrics rows set aside",
-            self.root,
-            step,
-            "no checkpoint" if ckpt is None else ckpt.path.name,
-            dropped,
-        )
+        if ckpt is not None or dropped:  # a fresh run resumes nothing: the console says it starts
+            log.info(
+                "resuming %s after step %d (%s); %d later metrics rows set aside",
+                self.root,
+                step,
+                "no checkpoint" if ckpt is None else ckpt.path.name,
+                dropped,
+            )
         return ResumePoint(step=step, checkpoint=ckpt, loop_state=state)
 
     @staticmethod

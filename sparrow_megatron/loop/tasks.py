@@ -82,7 +82,12 @@ class DatasetTask:
     """Math or code examples from the user's files: the "train" split, and one split per eval set."""
 
     def __init__(self, cfg: JobConfig, tokenizer):
-        from sparrow_megatron.data.datasets import DatasetConfig, load_code_dataset, load_math_dataset
+        from sparrow_megatron.data.datasets import (
+            DatasetConfig,
+            fit_prompts,
+            load_code_dataset,
+            load_math_dataset,
+        )
 
         self.kind = cfg.data.kind
         self.tokenizer = tokenizer
@@ -96,7 +101,8 @@ class DatasetTask:
             examples, report = load(DatasetConfig(path=path, **cfg.data.column_keys()))
             if not examples:
                 raise UserError(f"{path}: no usable rows ({report.summary()})")
-            self.splits[split] = examples
+            refuse = cfg.data.long_prompts == "refuse"
+            self.splits[split] = fit_prompts(examples, report, tokenizer, cfg.data.max_prompt_tokens, refuse)
         workers = cfg.reward.workers or max(1, (os.cpu_count() or 2) // 2)
         if self.kind == "code":
             from sparrow_megatron.reward.code_reward import CodeRewardConfig

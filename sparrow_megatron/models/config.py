@@ -26,9 +26,14 @@ class ModelConfig:
                 p.need(False, "hf_dir", f"{hf} does not exist")
             else:
                 try:
-                    read_hf_config(hf)
+                    config = read_hf_config(hf)
                 except UserError as err:
                     p.need(False, "hf_dir", str(err))
+                else:
+                    from sparrow_megatron.models.checkpoint import checkpoint_problems
+
+                    for problem in checkpoint_problems(hf, config):
+                        p.need(False, "hf_dir", problem)
         return p
 
 
