@@ -57,7 +57,7 @@ def run_mode(mode: str, args, root: Path) -> list[dict]:
     if proc.returncode != 0:
         sys.exit(f"{mode}: sparrow train failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
-    return [r for r in rows if "eval/k" not in r]
+    return [r for r in rows if "eval/n" not in r]
 
 
 def mean(rows: list[dict], key: str) -> float:

@@ -102,7 +102,7 @@ def _command(name: str, files: dict, url: str, run_dir: Path, store: Path) -> li
         str(REPO / "recipes" / f"{name}.py"),
         f"model.hf_dir={files['model']}",
         f"data.train_path={files[r.train]}",
-        f"data.eval_path={files[r.eval]}",
+        f"data.eval={{heldout: {files[r.eval]}}}",  # a named eval set, as users write it
         f"rollout.urls=[{url}]",
         f"loop.run_dir={run_dir}",
         f"tracking.mlflow_uri=sqlite:///{store}",
@@ -141,7 +141,7 @@ def test_recipe_rehearsal(name, user_files, engine, tmp_path, mlflow_store):
     log = tmp_path / "first.log"
     if REHEARSALS[name].resume:
         _run_until_checkpoint(cmd, run_dir, log)
-        assert [r["step"] for r in _rows(run_dir) if "eval/k" not in r][:1] == [1]
+        assert [r["step"] for r in _rows(run_dir) if "eval/n" not in r][:1] == [1]
         cmd = [*cmd, "--resume"]
     proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
@@ -149,13 +149,13 @@ def test_recipe_rehearsal(name, user_files, engine, tmp_path, mlflow_store):
         assert "from step 1" in proc.stdout + proc.stderr, proc.stdout + proc.stderr[-3000:]
 
     rows = _rows(run_dir)
-    steps = [r for r in rows if "eval/k" not in r]
-    evals = [r for r in rows if "eval/k" in r]
+    steps = [r for r in rows if "eval/n" not in r]
+    evals = [r for r in rows if "eval/n" in r]
     assert [r["step"] for r in steps] == [1, 2]
     assert [r["step"] for r in evals] == [0, 2]
     for r in steps:
         assert r["train/num_tokens"] > 0 and 0.0 <= r["reward/mean"] <= 1.0
-    assert all(0.0 <= r["eval/dense/mean_at_k"] <= 1.0 for r in evals)
+    assert all(0.0 <= r["eval/heldout/dense/mean_at_2"] <= 1.0 for r in evals)
     for step in (1, 2):
         assert (run_dir / "checkpoints" / f"step_{step}" / "COMPLETE").is_file()
     assert (run_dir / "final_hf" / "config.json").is_file()
@@ -190,6 +190,6 @@ def _judge_in_the_sandbox(name: str, files: dict, run_dir: Path) -> None:
     cfg = load_config(str(run_dir / "config.yaml"), ["rollout.urls=[]"])
     assert cfg.reward.isolation == "bwrap"
     task = make_task(cfg, load_tokenizer(files["model"]))
-    for split in ("train", "eval"):
+    for split in ("train", "heldout"):
         prompt = next(p for p in task.prompts(split, 0, 4) if "a + b" in p.example.problem)
         assert task.reward(prompt, RIGHT) == 1.0 and task.reward(prompt, WRONG) == 0.0
