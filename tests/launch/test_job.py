@@ -265,3 +265,62 @@ def test_recipe_job_whose_engines_cannot_start_is_failed_with_the_reason_in_its_
     rollout_log = next(t for p, t in logs.items() if p.name.startswith("log-sparrow.tiny-cpu-0_"))
     assert "no-such-backend" in rollout_log and "EngineStartError" in rollout_log, everything
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+@pytest.mark.timeout(2400)
+def test_math_recipe_through_sparrow_submit_trains_on_the_local_slurm(local_slurm, tmp_path):
+    """The 1.7B math recipe as its users submit it: the `sparrow submit` command (options after the
+    overrides), the user's own Qwen3 checkpoint and a DAPO-Math parquet file, only size overrides (the
+    recipe rehearsal's), on CPU nodes of the local cluster: 2 steps with a checkpoint each."""
+    import subprocess
+
+    from tests.recipes import fixtures
+    from tests.recipes.test_rehearsal import SIZE
+
+    model = fixtures.make_user_qwen3(tmp_path / "Qwen3-tiny")
+    train = fixtures.write_dapo_parquet(tmp_path / "dapo-math-17k.parquet")
+    run_dir, job_dir = tmp_path / "run", tmp_path / "jobs"
+    overrides = [
+        f"model.hf_dir={model}",
+        f"data.train_path={train}",
+        *[s for s in SIZE if not s.startswith("loop.eval")],
+        "loop.eval_every=0",
+        "cluster.gpus_per_node=0",  # CPU nodes: one trainer process, CPU engines
+        "cluster.account=sparrow",
+        "cluster.partition=debug",
+        "cluster.time_limit=00:40:00",
+        "cluster.requeue_signal_s=60",
+        f"cluster.job_dir={job_dir}",
+        f"cluster.python={sys.executable}",
+        f"cluster.engine_base_port={free_port()}",
+        f"cluster.rdzv_port={free_port()}",
+        "cluster.rollout_start_timeout_s=1200",
+        f"loop.run_dir={run_dir}",
+    ]
+    recipe = str(RECIPES / "qwen3_1p7b_math.py")
+    cmd = [
+        sys.executable,
+        "-m",
+        "sparrow_megatron.cli.main",
+        "submit",
+        recipe,
+        *overrides,
+        "--executor",
+        "slurm",
+    ]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout + out.stderr[-4000:]
+    experiment = re.search(r"^experiment: (\S+)$", out.stdout, re.M).group(1)
+    final = jobs.wait(experiment, str(job_dir), timeout_s=2200, poll_s=10)
+    logs = jobs.logs(experiment, str(job_dir))
+    everything = "\n".join(f"==> {p} <==\n{t[-6000:]}" for p, t in logs.items())
+    assert [s.state for s in final] == [AppState.SUCCEEDED], everything
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
+    assert [r["step"] for r in rows] == [1, 2], rows
+    assert all(r["train/num_tokens"] > 0 for r in rows)
+    for step in (1, 2):
+        assert (run_dir / "checkpoints" / f"step_{step}" / "COMPLETE").is_file()
+    ran = load_config(str(run_dir / "config.yaml"), ["rollout.urls=[]"], check_paths=False)
+    assert ran.rollout.schedule == "qwen3-1.7b-0.86" and ran.data.kind == "math"

@@ -260,5 +260,6 @@ def test_distributed_weight_sync_reaches_the_engines(reference_run, tmp_path):
     # Same prompts and seeds: the same rewards. (Joining the gloo group moves the engine's float bits
     # slightly, so the log-prob statistics are close to the reference's, not bit-equal.)
     for got, want in zip(rows, _metrics(reference_run)[:2], strict=True):
-        assert got["tail_bin_01024/count"] == want["tail_bin_01024/count"]
+        counts = [k for k in want if k.startswith("tail_bin_") and k.endswith("/count")]
+        assert counts and {k: got[k] for k in counts} == {k: want[k] for k in counts}
         assert got["train/loss"] == pytest.approx(want["train/loss"], rel=0.1, abs=0.01)

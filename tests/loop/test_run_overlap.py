@@ -51,8 +51,14 @@ def test_one_step_lag_is_recorded_and_the_dense_tails_stay_at_one(overlapped_run
     for r in rows:
         # Dense sampling against the engine's dense teacher-forced scores at the sampling weights: the
         # lagged policy does not show (prefill vs decode arithmetic leaves the last bits).
-        assert r["tail_bin_01024/count"] == r["train/num_tokens"] > 0
-        assert r["tail_bin_01024/p5"] >= 0.99 and r["tail_bin_01024/p5_lower"] >= 0.99
+        counts = {
+            k[: -len("/count")]: v for k, v in r.items() if k.startswith("tail_bin_") and k.endswith("/count")
+        }
+        assert sum(counts.values()) == r["train/num_tokens"] > 0
+        for b in (
+            b for b, n in counts.items() if n > 0 and f"{b}/p5" in r
+        ):  # prompt lengths vary: several bins
+            assert r[f"{b}/p5"] >= 0.99 and r[f"{b}/p5_lower"] >= 0.99, (r["step"], b)
         assert 0.0 <= r["time/overlap_frac"] <= 1.0 and r["time/rollout_generate_s"] > 0
     assert rows[-1]["time/overlap_frac"] == 0.0  # nothing is generated past the last step
 
