@@ -14,8 +14,9 @@ dead and dropped, the survivors get a new group, and the sync runs again from th
 from __future__ import annotations
 
 import logging
+import uuid
 from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, replace
 from datetime import timedelta
 from typing import Any
@@ -49,6 +50,9 @@ class DistributedSync:
         self.timeout_s = timeout_s
         self.group: _Group | None = None
         self.builds = 0  # how many groups were built (1 + rebuilds)
+        # Attached engines outlive a trainer process (a killed and resumed run, the next job on the same
+        # fleet) and keep every group they joined by name: a per-process token keeps names unique.
+        self.session = uuid.uuid4().hex[:8]
         self.last_bytes = 0  # bytes broadcast by the last successful sync (once: a broadcast, not per engine)
 
     def _members(self) -> tuple[tuple[int, str], ...]:
@@ -70,7 +74,7 @@ class DistributedSync:
         self.builds += 1
         # A fresh name and port per build: the engines keep groups by name, and the previous
         # rendezvous store may still hold its port for a while.
-        name = f"{self.spec.group_name}_{self.builds}"
+        name = f"{self.spec.group_name}_{self.session}_{self.builds}"
         from sparrow_megatron.rollout.server import free_port
 
         port = free_port(self.spec.master_address, self.spec.master_port + self.builds - 1)
@@ -78,21 +82,29 @@ class DistributedSync:
         engines = {e.engine_id: e for e in self.fleet.engines}
         tp = self.fleet.rollout.engine_tp
         world = 1 + tp * len(members)
-        with ThreadPoolExecutor(max_workers=len(members)) as pool:
-            # The engines' joins return once the trainer joins too: issue them first, then join.
-            futs = {eid: pool.submit(engines[eid].control, "init_weights_update_group", {
-                "master_address": spec.master_address, "master_port": port, "rank_offset": 1 + k * tp,
-                "world_size": world, "group_name": name, "backend": spec.backend})
-                for k, (eid, _) in enumerate(members)}  # fmt: skip
-            from sparrow_megatron.rollout.weights import init_trainer_group
+        from sparrow_megatron.rollout.weights import init_trainer_group
 
-            handle = init_trainer_group(spec, world, timedelta(seconds=self.timeout_s))
-            failed = {}
-            for eid, f in futs.items():
-                try:
-                    f.result()
-                except EngineFailure as err:
-                    failed[eid] = err
+        # Not a `with` block: an engine that refuses to join must not leave the trainer waiting out the
+        # whole rendezvous timeout (its join thread ends on that timeout, alone).
+        pool = ThreadPoolExecutor(max_workers=len(members) + 1)
+        # The engines' joins return once the trainer joins too: issue them first, then join.
+        futs = {eid: pool.submit(engines[eid].control, "init_weights_update_group", {
+            "master_address": spec.master_address, "master_port": port, "rank_offset": 1 + k * tp,
+            "world_size": world, "group_name": name, "backend": spec.backend})
+            for k, (eid, _) in enumerate(members)}  # fmt: skip
+        join = pool.submit(init_trainer_group, spec, world, timedelta(seconds=self.timeout_s))
+        pool.shutdown(wait=False)
+        failed: dict[int, BaseException] = {}
+        pending = {join, *futs.values()}
+        while pending and not failed:
+            done, pending = wait(pending, return_when=FIRST_COMPLETED)
+            failed = {eid: f.exception() for eid, f in futs.items() if f in done and f.exception()}
+        if failed and not join.done():
+            for eid, err in failed.items():
+                self.fleet._mark_dead(engines[eid], f"init_weights_update_group: {err}")
+            raise SyncFailed(f"engines {sorted(failed)} refused to join the weight-sync group")
+        handle = join.result()
+        failed = {eid: f.exception() for eid, f in futs.items() if f.exception()}
         if failed:
             torch.distributed.destroy_process_group(handle)
             for eid, err in failed.items():
