@@ -56,13 +56,15 @@ def _tmp_listing() -> set[str]:
 @pytest.fixture
 def contained():
     """Host state around an attack: a sentinel root process that must survive, and leak checks."""
+    before_children = set(_descendants(os.getpid()))  # an earlier test's worker pool is not this test's
     sentinel = subprocess.Popen(["sleep", "600"])
     before_tmp = _tmp_listing()
     yield sentinel
     try:
         assert sentinel.poll() is None, "sentinel host process was killed"
         assert _sandbox_processes() == [], "processes left under sandbox uids"
-        assert _descendants(os.getpid()) == [sentinel.pid], "stray child processes of the test"
+        stray = set(_descendants(os.getpid())) - before_children
+        assert stray == {sentinel.pid}, "stray child processes of the test"
         leaked = {n for n in _tmp_listing() - before_tmp if n.startswith("sparrow")}
         assert leaked - {"sparrow-sandbox-uids"} == set(), f"files left in /tmp: {leaked}"
     finally:

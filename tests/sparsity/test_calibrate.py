@@ -274,10 +274,11 @@ def test_plain_prompt_rows_from_parquet_match_the_task_prompts(tmp_path):
 
     from sparrow_megatron.calibration import recall_prompt_texts
     from sparrow_megatron.data.datasets import load_tokenizer
-    from sparrow_megatron.data.recall import TINY_RECALL_DIR, RecallTask
+    from sparrow_megatron.data.recall import EMBEDDED_HAYSTACK, TINY_RECALL_DIR, RecallTask, RecallTaskConfig
 
     tokenizer = load_tokenizer(TINY_RECALL_DIR)
-    examples = RecallTask().examples("eval", 3)
+    lo, hi = EMBEDDED_HAYSTACK  # the varied lengths of the embedded prompts, as recall_prompt_texts
+    examples = RecallTask(RecallTaskConfig(haystack_len=hi, min_haystack_len=lo)).examples("eval", 3)
     path = tmp_path / "p.parquet"
     pq.write_table(pa.Table.from_pylist([{"prompt": ex.question} for ex in examples]), path)
     assert load_prompt_texts(path, tokenizer, limit=3) == recall_prompt_texts(tokenizer, 3)
