@@ -467,23 +467,23 @@ class Policy:
             tok_loss, st = grpo_token_loss(stats.logprobs, old, roll, adv, coefs, ref)
             loss = (tok_loss.double() * w).sum().float()
             count = mask.sum()
-            metrics = {
-                "loss": loss.detach().double().cpu(),
-                "tokens": count.double().cpu(),
-                "clip_frac": (st["clip_frac"] * mask).sum().double().cpu(),
-                "clip_frac_low": (st["clip_frac_low"] * mask).sum().double().cpu(),
-                "clip_frac_high": (st["clip_frac_high"] * mask).sum().double().cpu(),
-                "approx_kl": (st["approx_kl"] * mask).sum().double().cpu(),
-                "ratio_mean": (st["ratio"] * mask).sum().double().cpu(),
+            summed = {"clip_frac": st["clip_frac"], "clip_frac_low": st["clip_frac_low"],
+                      "clip_frac_high": st["clip_frac_high"], "approx_kl": st["approx_kl"],
+                      "ratio_mean": st["ratio"], "dual_clip_frac": st["dual_clip_frac"],
+                      "tis_weight_mean": st["tis_weight"], "tis_clipped_frac": st["tis_clipped"],
+                      "kl": st["kl"], "entropy": stats.entropy.detach()}  # fmt: skip
+            on_device = {
+                "loss": loss.detach(),
+                "tokens": count,
+                **{name: (x * mask).sum() for name, x in summed.items()},
                 "ratio_max": _masked_extreme(st["ratio"], mask, max),
                 "ratio_min": _masked_extreme(st["ratio"], mask, min),
-                "dual_clip_frac": (st["dual_clip_frac"] * mask).sum().double().cpu(),
-                "tis_weight_mean": (st["tis_weight"] * mask).sum().double().cpu(),
-                "tis_clipped_frac": (st["tis_clipped"] * mask).sum().double().cpu(),
-                "kl": (st["kl"] * mask).sum().double().cpu(),
-                "entropy": (stats.entropy.detach() * mask).sum().double().cpu(),
                 "tis_weight_max": _masked_extreme(st["tis_weight"], mask, max),
             }
+            # One device->host copy per micro-batch for every metric, not one sync each.
+            metrics = dict(
+                zip(on_device, torch.stack([v.double() for v in on_device.values()]).cpu(), strict=True)
+            )
             return loss, torch.tensor(int(count.item()), dtype=torch.int), metrics
 
         return self._run(mbs, loss_fn, forward_only=False, rows_of=rows_of), len(mbs)
@@ -529,11 +529,12 @@ class Policy:
 
 def _masked_extreme(values: torch.Tensor, mask: torch.Tensor, which) -> torch.Tensor:
     """max or min of values over the tokens in the loss; -inf / +inf when there are none (the neutral
-    element of the merge)."""
-    sel = values.detach()[mask > 0]
-    if not len(sel):
-        return torch.tensor(float("-inf") if which is max else float("inf"), dtype=torch.float64)
-    return (sel.max() if which is max else sel.min()).double().cpu()
+    element of the merge). A masked reduction, not boolean indexing: no host sync."""
+    neutral = float("-inf") if which is max else float("inf")
+    if values.numel() == 0:  # a shape, known on the host
+        return torch.tensor(neutral, dtype=torch.float64, device=values.device)
+    kept = torch.where(mask > 0, values.detach().double(), neutral)
+    return kept.max() if which is max else kept.min()
 
 
 def _merge_metrics(a: dict[str, float], b: dict[str, float]) -> dict[str, float]:
