@@ -21,6 +21,12 @@ def use_job_dir(spec_or_dir: LaunchSpec | str) -> Path:
     job_dir = Path(os.path.expanduser(raw)).absolute()
     job_dir.mkdir(parents=True, exist_ok=True)
     run.config.set_nemorun_home(str(job_dir))
+    # NeMo-Run's Slurm scheduler fixes its job registry path when first imported; a second job dir in
+    # the same process (status of another experiment, tests) would read the first dir's registry and
+    # see every job of its own as UNKNOWN forever.
+    from nemo_run.run.torchx_backend.schedulers import slurm as slurm_scheduler
+
+    slurm_scheduler.SLURM_JOB_DIRS = str(job_dir / ".slurm_jobs")
     return job_dir
 
 

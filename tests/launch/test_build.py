@@ -118,3 +118,15 @@ def test_local_executor_runs_both_commands(tmp_path):
     jobs.submit(spec)
     assert (marker / "rollout.txt").read_text().strip() == "rollout http://127.0.0.1:30000"
     assert (marker / "trainer.txt").read_text().strip() == "trainer 1"
+
+
+def test_each_job_dir_reads_its_own_slurm_job_registry(tmp_path):
+    """A job submitted by another process (`sparrow submit`) into a second job dir is found by status in
+    this one, which already used a first job dir."""
+    from nemo_run.run.torchx_backend.schedulers import slurm as slurm_scheduler
+
+    from sparrow_megatron.launch.build import use_job_dir
+
+    use_job_dir(str(tmp_path / "first"))
+    second = use_job_dir(str(tmp_path / "second"))
+    assert slurm_scheduler.SLURM_JOB_DIRS == str(second / ".slurm_jobs")

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import gc
 import os
 from collections.abc import Iterator
 
@@ -178,8 +179,12 @@ def measure_layers(
         tracker = MemTracker()
         tracker.track_external(block)
         with tracker:
+            # Real tensors: garbage from the previous case, or cycles made in this forward, would
+            # otherwise be counted (or freed) at the collector's whim.
+            gc.collect()
             base = _live_bytes(tracker.get_tracker_snapshot("current"))
             out = block(x, attention_mask=None, rotary_pos_emb=rope(tokens))
+            gc.collect()
             retained = _live_bytes(tracker.get_tracker_snapshot("current")) - base
             out.backward(torch.ones_like(out))
             del out
