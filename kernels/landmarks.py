@@ -129,7 +129,9 @@ def _page_landmark_kernel(
         offs_d = tl.arange(0, BLOCK_D)
         mask_d = offs_d < HEAD_DIM
         k = tl.load(
-            K + slots[:, None] * stride_k_slot + h * stride_k_head + offs_d[None, :], mask=mask_d[None, :], other=0.0
+            K + slots[:, None] * stride_k_slot + h * stride_k_head + offs_d[None, :],
+            mask=mask_d[None, :],
+            other=0.0,
         )
         mean = tl.sum(k.to(tl.float32), axis=0) / PAGE_SIZE
         if ROUND_BF16:

@@ -540,23 +540,28 @@ class RolloutFleet:
             version = self.weight_version if catch_up else self.weight_version + 1
             tp = self.rollout.engine_tp
             targets = self.stale_engines() if catch_up else None
-            live = self._on_all(
-                lambda e: e.control("begin_weight_update", {}), "begin_weight_update", targets
-            )
-            count = sent = 0
-            for bucket in buckets:
-                payload = tensor_update_payload(bucket, tp, version)
-                count += len(bucket)
-                sent += (
-                    len(payload["serialized_named_tensors"][0])
-                    * len(payload["serialized_named_tensors"])
-                    * len(live)
+            it = iter(buckets)
+            try:
+                live = self._on_all(
+                    lambda e: e.control("begin_weight_update", {}), "begin_weight_update", targets
                 )
-                live = self._on_live(live, lambda e, p=payload: e.control("update_weights_from_tensor", p),
-                                     "update_weights_from_tensor")  # fmt: skip
-            if count == 0:
-                raise UserError("sync_weights: the bucket iterator was empty")
-            live = self._on_live(live, lambda e: e.control("end_weight_update", {}), "end_weight_update")
+                count = sent = 0
+                for bucket in it:
+                    payload = tensor_update_payload(bucket, tp, version)
+                    count += len(bucket)
+                    sent += sum(len(s) for s in payload["serialized_named_tensors"]) * len(live)
+                    # Every engine at once; the next bucket only when all have this one (their order).
+                    live = self._on_all(lambda e, p=payload: e.control("update_weights_from_tensor", p),
+                                        "update_weights_from_tensor", live)  # fmt: skip
+                if count == 0:
+                    raise UserError("sync_weights: the bucket iterator was empty")
+                live = self._on_all(lambda e: e.control("end_weight_update", {}), "end_weight_update", live)
+            except EngineFailure:
+                # The iterator is collective on the trainer ranks (TP gathers, PP broadcasts): the other
+                # ranks walk it to its end, so this one must too, or they hang in their next collective.
+                for _ in it:
+                    pass
+                raise
             self.last_sync_bytes = sent
             self._commit_version(live, version)
             return version
@@ -623,19 +628,6 @@ class RolloutFleet:
             self.last_sync_bytes = self._dist.last_bytes
             self._commit_version(live, version)
             return version
-
-    def _on_live(self, live: list[Engine], fn, what: str) -> list[Engine]:
-        ok = []
-        for engine in live:
-            try:
-                fn(engine)
-                ok.append(engine)
-            except EngineFailure as err:
-                logger.error("%s failed on engine %d (left stale): %s", what, engine.engine_id, err)
-                self._mark_dead(engine, f"{what}: {err}")
-        if not ok:
-            raise EngineFailure(f"{what} failed on every engine")
-        return ok
 
     def _commit_version(self, live: list[Engine], version: int) -> None:
         with self._cond:

@@ -46,5 +46,7 @@ def test_page_landmarks_by_physical_page_match_rule_and_skip_minus_one(dtype):
     pages = torch.tensor([4, -1, 1, 9], device=DEVICE)
     update_page_landmarks(keys, marks, pages, 16)
     for p in range(10):
-        expected = compute_landmarks(keys[16 * p : 16 * p + 16], 16)[0] if p in (1, 4, 9) else marks[p] * 0 + 7
+        expected = (
+            compute_landmarks(keys[16 * p : 16 * p + 16], 16)[0] if p in (1, 4, 9) else marks[p] * 0 + 7
+        )
         torch.testing.assert_close(marks[p], expected, rtol=0, atol=0)

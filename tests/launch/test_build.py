@@ -129,4 +129,4 @@ def test_each_job_dir_reads_its_own_slurm_job_registry(tmp_path):
 
     use_job_dir(str(tmp_path / "first"))
     second = use_job_dir(str(tmp_path / "second"))
-    assert slurm_scheduler.SLURM_JOB_DIRS == str(second / ".slurm_jobs")
+    assert str(second / ".slurm_jobs") == slurm_scheduler.SLURM_JOB_DIRS

@@ -160,3 +160,32 @@ def test_a_reattached_engine_is_admitted_at_the_version_it_reports_and_gets_the_
     fleet._probe(current, "test")
     assert current.weight_version == 3 and fleet.stale_engines() == [] and current.loaded == []
     assert fleet._acquire(set()) is current
+
+
+class FailingUpdateEngine(Engine):
+    """Accepts the update session, then fails every bucket (an engine dying mid-sync)."""
+
+    def control(self, endpoint: str, payload: dict, timeout_s: float | None = None):
+        if endpoint == "update_weights_from_tensor":
+            raise EngineFailure(f"{self.url}/{endpoint}: connection reset")
+        return {"success": True}
+
+
+def test_http_sync_lost_on_every_engine_still_walks_the_collective_bucket_iterator():
+    """The bucket iterator is collective on the trainer ranks: a sync that fails must consume it to the
+    end, or the other ranks hang in their next gather."""
+    import torch
+
+    fleet = fleet_of(2)
+    fleet.engines = [FailingUpdateEngine(i, url) for i, url in enumerate(fleet.rollout.urls)]
+    walked = []
+
+    def buckets():
+        for k in range(4):
+            walked.append(k)
+            yield [(f"w{k}", torch.zeros(2))]
+
+    with pytest.raises(EngineFailure, match="update_weights_from_tensor failed on every engine"):
+        fleet.sync_weights(buckets())
+    assert walked == [0, 1, 2, 3]
+    assert fleet.weight_version == 0 and not any(e.healthy for e in fleet.engines)

@@ -9,19 +9,22 @@ from sparrow_megatron.sparsity.schedule import PRESETS, Schedule, resolve_schedu
 
 # Transcribed from the paper's reference code (vortex_torch/indexer/utils_sglang.py): top-k pages per
 # 2000-token bin, not counting the 1 sink and 2 local pages of 16 tokens.
+# fmt: off
 REFERENCE_TOPK_PAGES = {
     "qwen3-1.7b-0.86": [29, 61, 93, 93, 125, 157, 189, 221, 221, 253, 253, 253, 253, 253, 253, 253, 253, 253, 253, 253],
     "qwen3-4b-0.86": [29, 45, 61, 77, 93, 125, 157, 221, 253, 253, 317, 317, 317, 317, 381, 381, 381, 381, 509, 509],
     "qwen3-8b-0.86": [29, 45, 61, 77, 125, 157, 189, 253, 253, 253, 253, 317, 317, 317, 317, 317, 317, 385, 445, 445],
     "qwen3-14b-0.86": [29, 45, 77, 125, 253, 381, 381, 381, 381, 381, 381, 381, 381, 381, 381, 509, 637, 637, 893, 893],
 }
+# fmt: on
 
 
 @pytest.mark.parametrize("name", sorted(REFERENCE_TOPK_PAGES))
 def test_presets_equal_the_reference_lists_bin_for_bin(name):
     s = PRESETS[name]
     pages = REFERENCE_TOPK_PAGES[name]
-    assert (s.bin_width, s.geometry.page_size, s.geometry.sink_pages, s.geometry.local_pages) == (2000, 16, 1, 2)
+    g = s.geometry
+    assert (s.bin_width, g.page_size, g.sink_pages, g.local_pages) == (2000, 16, 1, 2)
     assert s.budgets == tuple((k + 3) * 16 for k in pages)
     assert s.dense_layers == (0, 1)  # the reference's vortex_layers_skip=[0,1]
     assert s.provenance["tau"] == 0.86
