@@ -547,7 +547,7 @@ class RolloutFleet:
                 )
                 count = sent = 0
                 for bucket in it:
-                    payload = tensor_update_payload(bucket, tp, version)
+                    payload = tensor_update_payload(bucket, tp, None)  # the version only once complete
                     count += len(bucket)
                     sent += sum(len(s) for s in payload["serialized_named_tensors"]) * len(live)
                     # Every engine at once; the next bucket only when all have this one (their order).
@@ -556,6 +556,7 @@ class RolloutFleet:
                 if count == 0:
                     raise UserError("sync_weights: the bucket iterator was empty")
                 live = self._on_all(lambda e: e.control("end_weight_update", {}), "end_weight_update", live)
+                live = self._stamp_version(live, version)
             except EngineFailure:
                 # The iterator is collective on the trainer ranks (TP gathers, PP broadcasts): the other
                 # ranks walk it to its end, so this one must too, or they hang in their next collective.
@@ -628,6 +629,15 @@ class RolloutFleet:
             self.last_sync_bytes = self._dist.last_bytes
             self._commit_version(live, version)
             return version
+
+    def _stamp_version(self, live: list[Engine], version: int) -> list[Engine]:
+        """Tell the engines that hold every bucket their new version. Sent once the last bucket is in, not
+        with each bucket: an engine lost mid-sync then reports its old version when it answers again, so
+        it is caught up before it serves instead of being admitted with half the new weights."""
+        payload = {"new_version": str(version), "abort_all_requests": False}
+        return self._on_all(
+            lambda e: e.control("update_weight_version", payload), "update_weight_version", live
+        )
 
     def _commit_version(self, live: list[Engine], version: int) -> None:
         with self._cond:

@@ -189,3 +189,31 @@ def test_http_sync_lost_on_every_engine_still_walks_the_collective_bucket_iterat
         fleet.sync_weights(buckets())
     assert walked == [0, 1, 2, 3]
     assert fleet.weight_version == 0 and not any(e.healthy for e in fleet.engines)
+
+
+class RecordingEngine(Engine):
+    """Accepts every control call and records it (what the engine would be told, in order)."""
+
+    def control(self, endpoint: str, payload: dict, timeout_s: float | None = None):
+        self.calls = [*getattr(self, "calls", []), (endpoint, dict(payload))]
+        return {"success": True}
+
+
+def test_http_sync_gives_the_engine_its_new_version_only_after_the_last_bucket():
+    """An engine lost mid-sync must still report its old version when it answers again (it is then
+    caught up before it serves), so no bucket carries the version: it is stamped once all are in."""
+    import torch
+
+    fleet = fleet_of(1)
+    fleet.engines = [RecordingEngine(0, fleet.rollout.urls[0])]
+    version = fleet.sync_weights(iter([[("a", torch.zeros(2))], [("b", torch.ones(2))]]))
+    calls = fleet.engines[0].calls
+    assert [c[0] for c in calls] == [
+        "begin_weight_update",
+        "update_weights_from_tensor",
+        "update_weights_from_tensor",
+        "end_weight_update",
+        "update_weight_version",
+    ]
+    assert not any("weight_version" in payload for _, payload in calls[:-1])
+    assert calls[-1][1]["new_version"] == str(version) == "1"
