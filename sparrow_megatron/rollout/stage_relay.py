@@ -14,7 +14,8 @@ that rank 0 hosts, one key prefix per attempt:
     {a}/meta/{s}/{k} sender s -> rank 0: names/dtypes/shapes of its bucket k ("" after the last one)
     {a}/abort       rank 0 -> senders: an engine failed, stop broadcasting (a broadcast to a lost engine
                     may never complete: a sender polls this flag while it waits, never blocks for good)
-    {a}/done/{s}    sender s -> rank 0: bytes broadcast, or the error
+    {a}/done/{s}    sender s -> rank 0: bytes broadcast, the error if any, how many meta keys it set
+                    (rank 0 deletes the attempt's keys once every sender reported)
 
 Bytes reaching the engines stay one copy per stage: each stage's sender broadcasts only its own buckets.
 """
@@ -94,7 +95,7 @@ def follow_stage(buckets: Iterator[Bucket], relay: dict, stage: int, is_sender: 
     port = free_port(host)
     store.set(f"{a}/addr/{stage}", f"{host}:{port}")
     plan = pickle.loads(store.get(f"{a}/plan"))
-    sent, result = 0, ""
+    sent, result, metas = 0, "", 0
     try:
         if plan is None:
             raise Aborted("rank 0 sends nothing this attempt")
@@ -116,6 +117,7 @@ def follow_stage(buckets: Iterator[Bucket], relay: dict, stage: int, is_sender: 
         for bucket in buckets:
             flat, meta = flatten_bucket(bucket)
             store.set(f"{a}/meta/{stage}/{k}", pickle.dumps(meta))  # rank 0 queues the engines' receive
+            metas = k + 1
             if pending is not None:
                 _wait(store, abort, pending[0].is_completed)  # bucket k gathered while k-1 was in flight
                 pending[0].wait()  # raises if the broadcast failed
@@ -126,10 +128,11 @@ def follow_stage(buckets: Iterator[Bucket], relay: dict, stage: int, is_sender: 
             _wait(store, abort, pending[0].is_completed)
             pending[0].wait()
         store.set(f"{a}/meta/{stage}/{k}", b"")
+        metas = k + 1
     except Exception as err:
         result = f"stage {stage}: {type(err).__name__}: {err}"
         if not isinstance(err, Aborted) or plan is not None:
             _drop_group()  # possibly broken; rank 0 rebuilds all groups after a failed attempt
         for _ in buckets:  # the TP peers still gather: walk to the end
             pass
-    store.set(f"{a}/done/{stage}", pickle.dumps((sent, result)))
+    store.set(f"{a}/done/{stage}", pickle.dumps((sent, result, metas)))

@@ -85,18 +85,23 @@ class StagedSync(DistributedSync):
         return self.store.get(key)
 
     def _reports(self, failed: dict) -> list[int]:
-        """Wait for every remote sender's report; returns the bytes each stage broadcast."""
+        """Wait for every remote sender's report, then delete the attempt's keys (the store lives as
+        long as the run); returns the bytes each stage broadcast."""
         sent = []
+        keys = [self._key("plan"), self._key("abort")]
         for s in range(1, self.stages):
             key = self._key("done", s)
             try:
                 self.store.wait([key], timedelta(seconds=self.timeout_s))
-                nbytes, error = pickle.loads(self.store.get(key))
+                nbytes, error, metas = pickle.loads(self.store.get(key))
             except Exception as err:  # a sender that never reports: its trainer rank is gone
-                nbytes, error = 0, f"stage {s}: no report: {err}"
+                nbytes, error, metas = 0, f"stage {s}: no report: {err}", 0
             if error and not failed:
                 failed[-1 - s] = RuntimeError(error)
             sent.append(nbytes)
+            keys += [key, self._key("addr", s), *(self._key("meta", s, k) for k in range(metas))]
+        for key in keys:
+            self.store.delete_key(key)  # False when it was never set
         return sent
 
     # ------------------------------------------------------------------ groups

@@ -16,6 +16,28 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
+class _KillingPolicy:
+    """Rank 0's policy handle that kills an engine after stage 0's first bucket of the first try."""
+
+    def __init__(self, driven, pid: int):
+        self.driven, self.pid, self.tries = driven, pid, 0
+
+    def iter_hf_weights(self, **kwargs):
+        self.tries += 1
+        buckets = self.driven.iter_hf_weights(**kwargs)  # the followers start their part now
+        return self._killing(buckets) if self.tries == 1 else buckets
+
+    def _killing(self, buckets):
+        import signal
+        import time
+
+        for k, bucket in enumerate(buckets):
+            if k == 1:
+                os.killpg(self.pid, signal.SIGKILL)
+                time.sleep(1.0)  # gone before the next request reaches it
+            yield bucket
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model-dir", required=True)
@@ -50,13 +72,23 @@ def main() -> None:
         pushes = [sync.push(driven), sync.push(driven)]
         greedy = SamplingParams(temperature=0.0, max_new_tokens=12, ignore_eos=True)
         prompts = json.loads(os.environ["PP_SYNC_PROMPTS"])
-        batch = fleet.generate(prompts, greedy, n=1)
+        batch = fleet.generate(prompts, greedy, n=2)
         result = {
             "pushes": pushes,
             "builds": fleet._dist.builds,
             "version": fleet.weight_version,
             "samples": [[s.prompt_index, s.engine_id, s.weight_version, s.output_ids] for s in batch.flat()],
         }
+        if os.environ.get("PP_SYNC_KILL_PID"):  # an engine lost in the middle of the next sync
+            pushes.append(sync.push(_KillingPolicy(driven, int(os.environ["PP_SYNC_KILL_PID"]))))
+            batch = fleet.generate(prompts, greedy, n=2)
+            result["after_kill"] = {
+                "builds": fleet._dist.builds,
+                "version": fleet.weight_version,
+                "samples": [
+                    [s.prompt_index, s.engine_id, s.weight_version, s.output_ids] for s in batch.flat()
+                ],
+            }
         (out / "result.json").write_text(json.dumps(result))
     finally:
         driven.stop()

@@ -42,8 +42,8 @@ def test_a_sender_whose_group_never_meets_stops_at_the_abort_and_walks_its_bucke
     store.set("t.1/abort", b"1")
     sender.join(timeout=10)
     assert not sender.is_alive()  # well before the rendezvous timeout
-    sent, error = pickle.loads(store.get("t.1/done/1"))
-    assert sent == 0 and "aborted" in error
+    sent, error, metas = pickle.loads(store.get("t.1/done/1"))
+    assert sent == 0 and "aborted" in error and metas == 0
     assert walked == [0, 1, 2]  # the stage's gathers still ran to the end
 
 
