@@ -121,7 +121,8 @@ class DistributedSync:
         if group is None:
             return
         try:
-            torch.distributed.destroy_process_group(group.handle)
+            if group.handle is not None:  # None would name the default group
+                torch.distributed.destroy_process_group(group.handle)
         except Exception as err:  # a group broken by a dead peer may refuse a clean teardown
             logger.warning("weight-sync group %s: destroy: %s", group.name, err)
         alive = {e.engine_id: e for e in self.fleet.engines if e.healthy}

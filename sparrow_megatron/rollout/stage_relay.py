@@ -131,8 +131,11 @@ def follow_stage(buckets: Iterator[Bucket], relay: dict, stage: int, is_sender: 
         metas = k + 1
     except Exception as err:
         result = f"stage {stage}: {type(err).__name__}: {err}"
-        if not isinstance(err, Aborted) or plan is not None:
-            _drop_group()  # possibly broken; rank 0 rebuilds all groups after a failed attempt
         for _ in buckets:  # the TP peers still gather: walk to the end
             pass
     store.set(f"{a}/done/{stage}", pickle.dumps((sent, result, metas)))
+    if result and plan is not None:
+        # Rank 0 rebuilds every group after a failed attempt. Left only after the report: a broadcast
+        # still pending (to a live engine rank 0 stopped feeding) holds the teardown until the engines
+        # leave the group, which rank 0 asks them once every sender has reported.
+        _drop_group()

@@ -165,6 +165,20 @@ class StagedSync(DistributedSync):
         logger.info("weight-sync groups %s: engines %s (world %d)", names, [m[0] for m in members], world)
         return self.group
 
+    def destroy(self) -> None:
+        """Leave the current groups: the engines first, so that a broadcast of ours still pending (to a
+        live engine that will not receive it) fails at once instead of holding our teardown."""
+        group = self.group
+        if group is None:
+            return
+        self.group = replace(group, handle=None)
+        handle = group.handle
+        super().destroy()  # the engines leave every stage group (our handle is None here)
+        try:
+            torch.distributed.destroy_process_group(handle)
+        except Exception as err:  # a group broken by a dead peer may refuse a clean teardown
+            logger.warning("weight-sync group %s: destroy: %s", group.name, err)
+
     def _plan(self, group: _Group, world: int | None = None) -> dict[int, tuple[str, int]]:
         world = world or 1 + self.fleet.rollout.engine_tp * len(group.members)
         return {s: (group.names[s], world) for s in range(1, self.stages)}
