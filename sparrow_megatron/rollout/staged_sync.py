@@ -70,7 +70,10 @@ class StagedSync(DistributedSync):
         deadline = time.monotonic() + self.timeout_s
         while not self.store.check([key]):
             if self.store.check([done]):
-                failed.setdefault(-1 - stage, RuntimeError(pickle.loads(self.store.get(done))[1]))
+                if self.store.check([key]):  # set just before the report (the last bucket's end mark)
+                    break
+                error = pickle.loads(self.store.get(done))[1] or "reported before setting it"
+                failed.setdefault(-1 - stage, RuntimeError(f"stage {stage}'s sender: {key}: {error}"))
                 return None
             for futs in watch:
                 for eid, f in futs.items():

@@ -56,3 +56,26 @@ def test_nothing_to_send_and_other_ranks_only_walk():
     walked.clear()
     assert list(follow_stage(_buckets(walked), relay, 1, False)) == [] and walked == [0, 1, 2]
     assert not store.check(["t.2/done/0"])  # a non-sender reports nothing
+
+
+def test_rank0_reads_a_key_set_just_before_the_senders_report_and_fails_on_an_error_report():
+    """The last bucket's end mark and the report come back to back: seeing the report first is no
+    failure when the key is there too (a race seen in a PP=2 loop run); a report with an error is."""
+    from sparrow_megatron.rollout.staged_sync import StagedSync
+    from sparrow_megatron.rollout.weights import DistributedGroupSpec
+
+    sync = StagedSync(
+        None, DistributedGroupSpec("127.0.0.1", free_port(), backend="gloo"), stages=2, timeout_s=30
+    )
+    relay = sync.relay()
+    store = connect(relay)
+    a = relay["attempt"]
+    store.set(f"{a}/meta/1/3", b"")
+    store.set(f"{a}/done/1", pickle.dumps((10, "", 4)))
+    failed: dict = {}
+    assert sync._await(f"{a}/meta/1/3", 1, [], failed) == b"" and failed == {}
+    store.set(f"{a}/done/1", pickle.dumps((0, "stage 1: RuntimeError: gloo broke", 1)))
+    assert sync._await(f"{a}/meta/1/4", 1, [], failed) is None
+    assert "gloo broke" in str(failed[-2])
+    assert sync._reports(failed) == [0]
+    assert not any(store.check([f"{a}/{k}"]) for k in ("meta/1/0", "done/1"))  # the attempt's keys are gone
