@@ -34,6 +34,7 @@ class _Group:
     handle: Any  # the trainer's ProcessGroup (rank 0)
     name: str
     members: tuple[tuple[int, str], ...]  # (engine_id, url) of the engines that joined
+    names: tuple[str, ...] = ()  # every group the engines joined in this build (one per PP stage)
 
 
 class SyncFailed(EngineFailure):
@@ -120,16 +121,18 @@ class DistributedSync:
         if group is None:
             return
         try:
-            torch.distributed.destroy_process_group(group.handle)
+            if group.handle is not None:  # None would name the default group
+                torch.distributed.destroy_process_group(group.handle)
         except Exception as err:  # a group broken by a dead peer may refuse a clean teardown
             logger.warning("weight-sync group %s: destroy: %s", group.name, err)
         alive = {e.engine_id: e for e in self.fleet.engines if e.healthy}
         for eid, _ in group.members:
-            if eid in alive:
-                try:
-                    alive[eid].control("destroy_weights_update_group", {"group_name": group.name})
-                except EngineFailure as err:
-                    logger.warning("engine %d: destroy_weights_update_group: %s", eid, err)
+            for name in group.names or (group.name,):
+                if eid in alive:
+                    try:
+                        alive[eid].control("destroy_weights_update_group", {"group_name": name})
+                    except EngineFailure as err:
+                        logger.warning("engine %d: destroy_weights_update_group: %s", eid, err)
 
     def broadcast(self, buckets: Iterable[Bucket], version: int) -> list[Engine]:
         """Send every bucket to the group's engines inside begin/end_weight_update. Returns the engines

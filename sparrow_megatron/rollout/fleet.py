@@ -77,6 +77,7 @@ class RolloutFleet:
         # Bytes the last weight sync moved: the payload sent to each engine (http), the snapshot
         # written once (disk), or the bytes broadcast once to the group (distributed).
         self.last_sync_bytes = 0
+        self.last_sync_stage_bytes: list[int] = []  # per pipeline stage, distributed sync under PP
 
     # --- lifecycle --------------------------------------------------------------------------------
 
@@ -585,9 +586,14 @@ class RolloutFleet:
             self._commit_version(live, version)
             return version
 
-    def init_distributed_sync(self, spec: DistributedGroupSpec, timeout_s: float | None = None):
+    def init_distributed_sync(
+        self, spec: DistributedGroupSpec, timeout_s: float | None = None, stages: int = 1
+    ):
         """Build the trainer<->engines broadcast group (trainer = rank 0; NCCL on GPU, gloo on CPU).
-        Later syncs rebuild it by themselves when the healthy engines change."""
+        Later syncs rebuild it by themselves when the healthy engines change.
+        stages > 1 (a pipeline-parallel trainer): one group per stage, each stage's weights sent by the
+        trainer rank holding them (rollout/staged_sync.py); built at the first sync, when the other
+        stages' senders take part, and each weights call must carry `distributed_relay()`."""
         if spec.backend == "nccl" and not _cuda():
             raise UserError(
                 "init_distributed_sync: backend 'nccl' needs CUDA; use backend 'gloo' or HTTP on CPU"
@@ -596,10 +602,19 @@ class RolloutFleet:
 
         if self._dist is not None:
             self._dist.destroy()
+        if stages > 1:
+            from sparrow_megatron.rollout.staged_sync import StagedSync
+
+            self._dist = StagedSync(self, spec, stages, timeout_s or self.rollout.timeout_s)
+            return self._dist
         self._dist = DistributedSync(self, spec, timeout_s or self.rollout.timeout_s)
         with self._update_lock:
             self._dist.ensure_group()
         return self._dist
+
+    def distributed_relay(self) -> dict:
+        """What the pipeline stages' senders need for the next distributed sync attempt (stages > 1)."""
+        return self._dist.relay()
 
     def sync_weights_distributed(
         self, buckets: Iterable[Bucket] | Callable[[], Iterable[Bucket]], catch_up: bool = False
@@ -627,6 +642,7 @@ class RolloutFleet:
                         raise
                     logger.error("%s; retrying with the engines left", err)
             self.last_sync_bytes = self._dist.last_bytes
+            self.last_sync_stage_bytes = list(getattr(self._dist, "last_stage_bytes", []))
             self._commit_version(live, version)
             return version
 

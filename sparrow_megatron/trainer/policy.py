@@ -44,7 +44,12 @@ from sparrow_megatron.trainer.model import (
 )
 from sparrow_megatron.trainer.optim import CpuAdamW, MegatronOptimizer, lr_at
 from sparrow_megatron.trainer.sparse_attention import SparseRow, sparse_rows, with_sparse_attention
-from sparrow_megatron.trainer.weights import export_hf_checkpoint, iter_hf_weights, load_hf_weights
+from sparrow_megatron.trainer.weights import (
+    export_hf_checkpoint,
+    iter_hf_weights,
+    iter_stage_hf_weights,
+    load_hf_weights,
+)
 
 
 def _free_port() -> int:
@@ -501,10 +506,27 @@ class Policy:
 
     # ------------------------------------------------------------------ weights and checkpoints
 
-    def iter_hf_weights(self, bucket_bytes: int = 512 << 20, to_host: bool = True):
+    def iter_hf_weights(self, bucket_bytes: int = 512 << 20, to_host: bool = True, stage_relay=None):
         """Collective generator of lists of (hf_name, full tensor) for weight sync to the rollout;
-        to_host=False keeps the tensors on the GPU (the distributed broadcast)."""
-        return iter_hf_weights(self.model, self.arch, bucket_bytes, to_host=to_host)
+        to_host=False keeps the tensors on the GPU (the distributed broadcast).
+        stage_relay (the distributed sync under PP, from rank 0's fleet): each stage's weights stay on
+        their stage; rank 0 gets stage 0's buckets, each other stage's sender (TP rank 0, DP rank 0)
+        broadcasts its own to the engines while draining the returned (empty) iterator."""
+        if stage_relay is None:
+            return iter_hf_weights(self.model, self.arch, bucket_bytes, to_host=to_host)
+        from megatron.core import parallel_state
+
+        from sparrow_megatron.rollout.stage_relay import follow_stage
+
+        local = iter_stage_hf_weights(self.model, self.arch, bucket_bytes)
+        if torch.distributed.get_rank() == 0:
+            return local
+        is_sender = (
+            parallel_state.get_tensor_model_parallel_rank() == 0
+            and parallel_state.get_data_parallel_rank(with_context_parallel=True) == 0
+        )
+        stage = parallel_state.get_pipeline_model_parallel_rank()
+        return follow_stage(local, stage_relay, stage, is_sender)
 
     def hf_grads(self) -> dict[str, torch.Tensor]:
         """The last step's accumulated gradients, full and under HF names (collective; for checks)."""

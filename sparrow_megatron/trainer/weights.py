@@ -290,6 +290,23 @@ def iter_hf_weights(
         yield bucket
 
 
+@torch.no_grad()
+def iter_stage_hf_weights(model, arch: Qwen3Arch, bucket_bytes: int = 512 << 20) -> Iterator[list]:
+    """This pipeline stage's own tensors under HF names, TP-gathered, in buckets of about bucket_bytes,
+    on the device they were gathered on: what the stage's sender broadcasts to the engines itself
+    (no relay over the pipeline). Collective over the stage's TP group."""
+    bucket: list[tuple[str, torch.Tensor]] = []
+    size = 0
+    for hf_name, tensor in _local_hf_tensors(model, arch):
+        bucket.append((hf_name, tensor))
+        size += tensor.numel() * tensor.element_size()
+        if size >= bucket_bytes:
+            yield bucket
+            bucket, size = [], 0
+    if bucket:
+        yield bucket
+
+
 def _param_device(model) -> torch.device:
     return next(_unwrap(model).parameters()).device
 

@@ -40,13 +40,17 @@ class _Fleet:
         self.last_sync_bytes = 456
         self.weight_version += not catch_up
 
-    def init_distributed_sync(self, spec):
-        self.calls.append(("init", spec.backend))
+    def init_distributed_sync(self, spec, stages=1):
+        self.calls.append(("init", spec.backend) if stages == 1 else ("init", spec.backend, stages))
+
+    def distributed_relay(self):
+        return {"attempt": f"a{len(self.calls)}"}
 
     def sync_weights_distributed(self, buckets, catch_up=False):
         assert callable(buckets)  # a sync that loses an engine re-gathers for the engines left
         self.calls.append(("distributed", list(buckets()), catch_up))
         self.last_sync_bytes = 789
+        self.last_sync_stage_bytes = [500, 289]
         self.weight_version += not catch_up
 
 
@@ -77,6 +81,21 @@ def test_push_reports_the_fleets_bytes_and_distributed_keeps_buckets_on_the_devi
     if mode == "disk":
         sync.push(policy)
         assert [p.name for p in (tmp_path / "weight_sync").iterdir()] == ["v000002"]  # one snapshot kept
+
+
+def test_distributed_under_pp_gives_each_weights_call_the_stage_senders_relay(tmp_path):
+    """With trainer.pp > 1 each stage's sender broadcasts its own weights: every weights call (each try
+    of a sync, and catch-up) carries the fleet's relay for that attempt; the bytes are logged per stage."""
+    fleet, policy = _Fleet(), _Policy()
+    sync = WeightSync("distributed", fleet, tmp_path, bucket_mb=2, stages=2)
+    assert fleet.calls == [("init", "gloo", 2)]
+    assert sync.push(policy) == {"sync/bytes": 789.0, "sync/bytes_stage0": 500.0, "sync/bytes_stage1": 289.0}
+    fleet.stale = [_Engine(1)]
+    assert sync.catch_up(policy) == 1
+    assert policy.kwargs == [
+        {"bucket_bytes": 2 << 20, "to_host": False, "stage_relay": {"attempt": "a1"}},
+        {"bucket_bytes": 2 << 20, "to_host": False, "stage_relay": {"attempt": "a2"}},
+    ]
 
 
 @pytest.mark.parametrize("mode", ["http", "disk", "distributed"])
