@@ -160,8 +160,9 @@ class DistributedSync:
                     self._finish(pending, failed)  # bucket k+1 was gathered while bucket k was in flight
                     if failed:
                         break
+                # No weight_version per bucket: the fleet stamps it once every bucket is in.
                 payload = {**meta, "group_name": group.name, "load_format": "flattened_bucket",
-                           "weight_version": str(version), "flush_cache": True}  # fmt: skip
+                           "flush_cache": True}  # fmt: skip
                 futs = {e.engine_id: pools[e.engine_id].submit(e.control, "update_weights_from_distributed",
                         payload, self.timeout_s) for e in members}  # fmt: skip
                 handle = torch.distributed.broadcast(flat, src=0, group=group.handle, async_op=True)

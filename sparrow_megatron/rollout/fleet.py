@@ -641,6 +641,7 @@ class RolloutFleet:
                     if attempt + 1 == tries:
                         raise
                     logger.error("%s; retrying with the engines left", err)
+            live = self._stamp_version(live, version)
             self.last_sync_bytes = self._dist.last_bytes
             self.last_sync_stage_bytes = list(getattr(self._dist, "last_stage_bytes", []))
             self._commit_version(live, version)

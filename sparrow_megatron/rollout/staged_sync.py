@@ -225,8 +225,9 @@ class StagedSync(DistributedSync):
             self._all(members, pools, failed, lambda e: e.control("begin_weight_update", {}))
 
             def request(meta: dict, stage: int) -> dict[int, Future]:
+                # No weight_version per bucket: the fleet stamps it once every bucket is in.
                 payload = {**meta, "group_name": group.names[stage], "load_format": "flattened_bucket",
-                           "weight_version": str(version), "flush_cache": True}  # fmt: skip
+                           "flush_cache": True}  # fmt: skip
                 return {e.engine_id: pools[e.engine_id].submit(e.control, "update_weights_from_distributed",
                         payload, self.timeout_s) for e in members}  # fmt: skip
 
