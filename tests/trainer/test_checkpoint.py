@@ -108,6 +108,16 @@ def test_an_async_save_without_its_finalize_is_refused(tiny_tied, tmp_path):
     assert other.load_checkpoint(tmp_path / "ckpt") == {} and other.step == 1
 
 
+def test_async_save_is_refused_where_megatron_core_cannot(monkeypatch):
+    from sparrow_megatron.trainer import async_save
+
+    monkeypatch.setattr(async_save, "unsupported_reason", lambda: "no async save in this megatron-core")
+    with pytest.raises(UserError, match="field 'trainer.async_save': no async save in this megatron-core"):
+        async_save.AsyncSaves()
+    monkeypatch.undo()
+    assert async_save.unsupported_reason() is None  # megatron-core 0.16.1 has it
+
+
 def test_saving_warns_of_no_corrupted_checkpoint(tiny_tied, tmp_path, caplog):
     """dist_checkpointing warns "Overwriting old incomplete / corrupted checkpoint" into a non-empty
     directory: a save (also over an older one) must give it an empty one."""
