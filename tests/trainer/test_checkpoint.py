@@ -210,7 +210,10 @@ def test_a_tp2_or_pp2_checkpoint_resumes_in_one_process(tiny_untied, tmp_path, l
 
 @pytest.mark.slow
 def test_resume_under_tp2_gives_the_same_next_step(tiny_untied, tmp_path):
-    _torchrun(["--model-dir", str(tiny_untied), "--out", str(tmp_path), "--tp", "2"], tmp_path)
+    """Saved asynchronously (trainer.async_save): both ranks' background writes, then the collective
+    finalize, after a step of training; the resumed step is bit-identical on both ranks."""
+    args = ["--model-dir", str(tiny_untied), "--out", str(tmp_path), "--tp", "2", "--async-save"]
+    _torchrun(args, tmp_path)
     for rank in range(2):
         r = torch.load(tmp_path / f"rank{rank}.pt")
         assert r["extra"] == {"cursor": 3}
