@@ -92,6 +92,7 @@ def test_overrides_are_coerced_to_the_field_types():
         ("rollout.n_samples.x=3", "has no sub-fields"),
         ("rollout.n_samples", "expected key.sub=value"),
         ("monitor.controller.ladder=512,abc", "expected an integer"),
+        ("trainer.async_save=later", "trainer.async_save=later': expected a boolean"),
     ],
 )
 def test_bad_overrides_name_the_field(override, needle):

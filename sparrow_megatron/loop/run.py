@@ -23,6 +23,7 @@ import torch
 from sparrow_megatron.config import JobConfig, validate
 from sparrow_megatron.errors import UserError
 from sparrow_megatron.loop import overlong, spmd
+from sparrow_megatron.loop.checkpointing import CheckpointCommits, at_step_boundary
 from sparrow_megatron.loop.console import LoopProgress
 from sparrow_megatron.loop.controller import BudgetController
 from sparrow_megatron.loop.evaluate import EvalSpec, eval_sampling, evaluate
@@ -209,6 +210,7 @@ class Loop:
                 run_eval(0, schedule)
             loop = cfg.loop
             boundary = StepBoundary(self._stop, loop.steps, loop.checkpoint_every, loop.checkpoint_every_s)
+            self._commits = CheckpointCommits(policy, self.run, cfg.trainer.async_save)
             for step in range(resume.next_step, cfg.loop.steps + 1):
                 metrics, next_schedule, changes = self._step(
                     step, fleet, policy, monitor, schedule, controller
@@ -220,9 +222,10 @@ class Loop:
                 schedule = next_schedule
                 if run_eval and (step % cfg.loop.eval_every == 0 or step == cfg.loop.steps):
                     run_eval(step, schedule)
-                if boundary.checkpoint_due(step):
-                    self._checkpoint(policy, step, monitor, controller)
-                    boundary.saved(step)  # a stop request (time limit): exits here to be requeued
+                # A stop request (time limit) exits here to be requeued, its checkpoint committed.
+                at_step_boundary(step, boundary, self._commits,
+                                 lambda s: self._checkpoint(policy, s, monitor, controller))  # fmt: skip
+            self._commits.wait()  # the last checkpoint complete before the export and the end
             summary.throughput = _measure_throughput(fleet, task, tokenizer, cfg, schedule)
             recorder.plots()
             final = self.run.root / "final_hf"
@@ -319,7 +322,9 @@ class Loop:
 
     def _checkpoint(
         self, policy, step: int, monitor: TailMonitor, controller: BudgetController | None
-    ) -> None:
+    ) -> Path:
+        """Write step's checkpoint into its partial directory (checkpointing.py commits it); returns the
+        policy's directory."""
         path = self.run.begin_checkpoint(step)
         policy.save_checkpoint(path / "policy", step=step)
         if self.distill is not None:
@@ -329,7 +334,7 @@ class Loop:
         if controller is not None:
             state["controller"] = controller.state_dict()
         RunDir.write_loop_state(path, state)
-        self.run.commit_checkpoint(step)
+        return path / "policy"
 
 
 # ---------------------------------------------------------------- DistillSparse

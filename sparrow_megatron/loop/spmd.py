@@ -17,7 +17,8 @@ import torch.distributed as dist
 _STOP = None
 # Calls a follower replays, per object; anything else from the driver is a bug, not a silent no-op.
 _REPLAYED = {
-    "policy": {"score", "train_step", "iter_hf_weights", "save_checkpoint", "load_checkpoint", "export_hf"},
+    "policy": {"score", "train_step", "iter_hf_weights", "export_hf"}
+    | {"save_checkpoint", "finalize_checkpoints", "load_checkpoint"},
     "distill": {"step", "probe_acceptance", "export", "save", "load"},
 }
 
@@ -80,6 +81,9 @@ class DrivenPolicy:
 
     def save_checkpoint(self, path, step: int | None = None):
         return self._call("save_checkpoint", path, step=step)
+
+    def finalize_checkpoints(self, blocking: bool = False) -> list[str]:
+        return self._call("finalize_checkpoints", blocking)
 
     def load_checkpoint(self, path) -> dict:
         return self._call("load_checkpoint", path)

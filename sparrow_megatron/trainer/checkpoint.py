@@ -5,9 +5,11 @@ checkpoint resumes under another TP x PP (x DP) layout: on CPU the AdamW moments
 shaped like their parameters, on GPU the distributed optimizer saves its canonical per-parameter layout
 ("fully_reshardable"). One code path, the optimizer's `sharded_state_dict` is the only difference.
 `manifest.json` is written last, by rank 0, after every rank has finished: a directory without it is
-an interrupted save and is refused; file sizes in the manifest catch truncated files. Each rank's RNG
-state is restored when the layout is the one saved (RL runs without dropout: a resharded resume keeps
-the RNG of its seed).
+an interrupted save and is refused; file sizes in the manifest catch truncated files. With
+trainer.async_save the shards are written in the background (trainer/async_save.py) and the manifest
+by the finalize step that runs once every rank's write is done. Each rank's RNG state is restored
+when the layout is the one saved (RL runs without dropout: a resharded resume keeps the RNG of its
+seed).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from typing import Any, Protocol
 import torch
 
 from sparrow_megatron.errors import UserError
+from sparrow_megatron.trainer.async_save import AsyncSaves
 
 
 class Checkpointable(Protocol):
@@ -70,14 +73,20 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def save_checkpoint(policy: Checkpointable, ckpt_dir: Path, step: int, extra_state: dict) -> Path:
-    """Collective. Writes the sharded state, each rank's RNG, then (rank 0) the manifest."""
+def save_checkpoint(
+    policy: Checkpointable, ckpt_dir: Path, step: int, extra_state: dict, saves: AsyncSaves | None = None
+) -> Path:
+    """Collective. Writes the sharded state, each rank's RNG, then (rank 0) the manifest. With `saves`
+    (trainer.async_save) the shards are written in the background and the manifest only by
+    `saves.finalize`, once every rank's shards are on disk; an earlier save in flight is finalized first."""
     from megatron.core import dist_checkpointing
 
     try:
         extra_json = json.dumps(extra_state)
     except TypeError as exc:
         raise UserError(f"save_checkpoint: extra_state must be JSON-serialisable ({exc})") from exc
+    if saves is not None:
+        saves.finalize(blocking=True)  # one save in flight at a time: one host snapshot of the state
     rank = torch.distributed.get_rank()
     if rank == 0:
         if (ckpt_dir / MANIFEST).exists():
@@ -86,31 +95,44 @@ def save_checkpoint(policy: Checkpointable, ckpt_dir: Path, step: int, extra_sta
             shutil.rmtree(ckpt_dir)
         ckpt_dir.mkdir(parents=True)
     torch.distributed.barrier()
-    dist_checkpointing.save(_sharded_state(policy, is_loading=False), str(ckpt_dir))
+    request = dist_checkpointing.save(
+        _sharded_state(policy, is_loading=False), str(ckpt_dir), async_sharded_save=saves is not None
+    )
     if rank == 0:
         (ckpt_dir / RNG_DIR).mkdir()
     torch.distributed.barrier()
-    torch.save(_rng_state(), ckpt_dir / RNG_DIR / f"rank{rank}.pt")
+    torch.save(_rng_state(), ckpt_dir / RNG_DIR / f"rank{rank}.pt")  # this step's RNG, also when async
     torch.distributed.barrier()
-    if rank == 0:
-        files = {
-            str(f.relative_to(ckpt_dir)): f.stat().st_size
-            for f in sorted(ckpt_dir.rglob("*"))
-            if f.is_file() and f.name != MANIFEST
-        }
-        manifest = {
-            "format": FORMAT,
-            "step": int(step),
-            "trainer_step": int(policy.step),
-            **_layout(),
-            "extra_state": json.loads(extra_json),
-            "files": files,
-        }
-        tmp = ckpt_dir / (MANIFEST + ".tmp")
-        tmp.write_text(json.dumps(manifest, indent=2))
-        tmp.replace(ckpt_dir / MANIFEST)
-    torch.distributed.barrier()
+    manifest = {
+        "format": FORMAT,
+        "step": int(step),
+        "trainer_step": int(policy.step),  # read now: training goes on while an async save writes
+        **_layout(),
+        "extra_state": json.loads(extra_json),
+    }
+
+    def write_manifest() -> None:
+        if torch.distributed.get_rank() == 0:
+            _write_manifest(ckpt_dir, manifest)
+        torch.distributed.barrier()
+
+    if saves is None:
+        write_manifest()
+    else:
+        saves.schedule(request, ckpt_dir, write_manifest)
     return ckpt_dir
+
+
+def _write_manifest(ckpt_dir: Path, manifest: dict) -> None:
+    """The last file of a checkpoint: every other file's size, written atomically."""
+    files = {
+        str(f.relative_to(ckpt_dir)): f.stat().st_size
+        for f in sorted(ckpt_dir.rglob("*"))
+        if f.is_file() and f.name != MANIFEST
+    }
+    tmp = ckpt_dir / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps({**manifest, "files": files}, indent=2))
+    tmp.replace(ckpt_dir / MANIFEST)
 
 
 def read_manifest(ckpt_dir: Path) -> dict:

@@ -59,6 +59,9 @@ class TrainerConfig:
     sequence_parallel: bool | None = None
     cp: int = 1  # context parallel size (needs Transformer Engine's attention)
     logprob_chunk_tokens: int = 4096  # response tokens per fp32 [chunk, V/tp] log-prob/entropy/top-K chunk
+    # Checkpoint shards written in the background (Megatron-Core's async dist_checkpointing save): the
+    # step goes on while they are written; the checkpoint counts once every rank finished (docs/cluster.md).
+    async_save: bool = False
 
     @property
     def use_sequence_parallel(self) -> bool:
@@ -75,6 +78,9 @@ class TrainerConfig:
             "needs tp > 1 (it splits activations over the TP ranks)",
         )
         p.at_least(0, warmup_steps=self.warmup_steps)
+        p.need(
+            isinstance(self.async_save, bool), "async_save", f"must be true or false, got {self.async_save!r}"
+        )
         p.positive(adam_eps=self.adam_eps)
         # lr 0 is a frozen policy (scores and tails without updates), which the optimizer runs as is.
         p.non_negative(

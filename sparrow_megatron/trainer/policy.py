@@ -21,6 +21,7 @@ import torch
 
 from sparrow_megatron.errors import UserError
 from sparrow_megatron.trainer import compat
+from sparrow_megatron.trainer.async_save import AsyncSaves
 from sparrow_megatron.trainer.batch import (
     MicroBatch,
     RolloutBatch,
@@ -188,6 +189,8 @@ class Policy:
             else CpuAdamW(self.model, cfg)
         )
         self.step = 0
+        # trainer.async_save: refused here, before any step, where this Megatron-Core cannot do it.
+        self._saves = AsyncSaves() if trainer.async_save else None
         self.mini_batch_metrics: list[dict[str, float]] = []  # the last update's, one dict per mini-batch
         self.device = compat.device()
         self.dp_rank = parallel_state.get_data_parallel_rank()
@@ -542,10 +545,22 @@ class Policy:
         return out
 
     def save_checkpoint(self, ckpt_dir: str | Path, step: int | None = None, extra_state: dict | None = None):
-        return save_checkpoint(self, Path(ckpt_dir), self.step if step is None else step, extra_state or {})
+        """Collective. Under trainer.async_save the save completes in `finalize_checkpoints`."""
+        step = self.step if step is None else step
+        return save_checkpoint(self, Path(ckpt_dir), step, extra_state or {}, self._saves)
+
+    def finalize_checkpoints(self, blocking: bool = False) -> list[str]:
+        """Collective. Finalize the async saves every rank has written (blocking: all, waiting); returns
+        the checkpoint directories completed since the last call, oldest first."""
+        if self._saves is None:
+            return []
+        self._saves.finalize(blocking)
+        return self._saves.take_finished()
 
     def load_checkpoint(self, ckpt_dir: str | Path) -> dict:
         """Restore model, optimizer, step and RNG; returns the extra_state given at save time."""
+        if self._saves is not None:
+            self._saves.finalize(blocking=True)  # a save in flight may be the one asked for
         return load_checkpoint(self, Path(ckpt_dir))
 
 

@@ -54,6 +54,7 @@ DETERMINISTIC = (
     "train/entropy",
     "rollout/response_len",
 )
+ASYNC = "trainer.async_save=true"
 WALL_CLOCK = ("tokens_per_s",)  # eval/<set>/<path>/tokens_per_s: a timing inside the eval/ rows
 
 
@@ -171,8 +172,10 @@ def _assert_tracked(run_dir: Path) -> None:
 
 
 def test_resume_after_a_kill_reproduces_the_uninterrupted_run(reference_run, tmp_path):
+    """The killed run saves asynchronously (trainer.async_save; the reference synchronously): a step's
+    checkpoint is committed once its background save is finalized, and resumes exactly like a sync one."""
     run_dir = tmp_path / "killed"
-    cmd = [*SPARROW, *SMALL, f"loop.run_dir={run_dir}"]
+    cmd = [*SPARROW, *SMALL, f"loop.run_dir={run_dir}", ASYNC]
     proc = subprocess.Popen(
         cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
     )
@@ -190,10 +193,10 @@ def test_resume_after_a_kill_reproduces_the_uninterrupted_run(reference_run, tmp
                 os.killpg(pid, signal.SIGKILL)
         proc.wait()
 
-    again = _train(run_dir)
+    again = _train(run_dir, ASYNC)
     assert again.returncode == 2 and "--resume" in again.stderr, "a second start must not clobber the run"
 
-    resumed = _train(run_dir, "--resume")
+    resumed = _train(run_dir, "--resume", ASYNC)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-5000:]
     rows = _rows(run_dir)
     assert [r["step"] for r in rows] == [0, 1, 2, 2, 3, 3]  # evaluations after steps 0, 2 and 3

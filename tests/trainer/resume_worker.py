@@ -35,13 +35,15 @@ def main() -> None:
         action="store_true",
         help="train, save, export HF (saved_hf/), train once more, export (expected_hf/): for resharding",
     )
+    ap.add_argument("--async-save", action="store_true", help="trainer.async_save: finalize after a step")
     args = ap.parse_args()
     from policy_args import make_policy  # this script's directory is on sys.path
 
     def policy():
         return make_policy(
-            args.model_dir, tp=args.tp, pp=args.pp, lr=1e-3, warmup_steps=1, micro_batch_tokens=20
-        )
+            args.model_dir, tp=args.tp, pp=args.pp, lr=1e-3, warmup_steps=1, micro_batch_tokens=20,
+            async_save=args.async_save,
+        )  # fmt: skip
 
     out = Path(args.out)
     run = policy()
@@ -58,6 +60,8 @@ def main() -> None:
         return
     expected = run.train_step(batch(1))
     expected_params = {n: p.detach().clone() for n, p in run.model.module.named_parameters()}
+    finalized = run.finalize_checkpoints(blocking=True)  # async: the save ran during that step
+    assert finalized == ([str(out / "ckpt")] if args.async_save else []), finalized
     resumed = policy()
     extra = resumed.load_checkpoint(out / "ckpt")
     got = resumed.train_step(batch(1))

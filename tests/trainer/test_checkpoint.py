@@ -25,10 +25,10 @@ def _batch(seed: int) -> RolloutBatch:
     return RolloutBatch(prompts, responses, rollout, advantages=[1.0, -0.5, -0.5])
 
 
-def _policy(model_dir):
+def _policy(model_dir, **kw):
     return make_policy(
         model_dir, lr=1e-3, warmup_steps=2, lr_schedule="cosine", total_steps=10, weight_decay=0.01,
-        micro_batch_tokens=20,
+        micro_batch_tokens=20, **kw,
     )  # fmt: skip
 
 
@@ -55,6 +55,67 @@ def test_resume_gives_the_same_next_step_as_an_uninterrupted_run(tiny_tied, tmp_
     for name, p in _params(resumed).items():
         assert torch.equal(p, expected_params[name]), name
     assert (tmp_path / "step2" / MANIFEST).is_file()
+
+
+def test_an_async_save_resumes_like_the_synchronous_one(tiny_tied, tmp_path):
+    """trainer.async_save: the shards are written in the background while training goes on; after the
+    finalize the checkpoint holds the state of the save step (not of later steps) and resumes exactly as
+    the synchronous save of the same state does."""
+    run = _policy(tiny_tied, async_save=True)
+    run.train_step(_batch(0))
+    run.train_step(_batch(1))
+    run.save_checkpoint(tmp_path / "async", extra_state={"cursor": 17})
+    assert not (tmp_path / "async" / MANIFEST).exists()  # written only by the finalize
+    rng_after_save = torch.rand(4)
+    expected = run.train_step(_batch(2))  # updates the parameters in place while the save is in flight
+    expected_params = _params(run)
+    assert run.finalize_checkpoints(blocking=True) == [str(tmp_path / "async")]
+    assert run.finalize_checkpoints(blocking=True) == []  # reported once
+    manifest = json.loads((tmp_path / "async" / MANIFEST).read_text())
+    assert manifest["step"] == 2 and manifest["trainer_step"] == 2 and "rng/rank0.pt" in manifest["files"]
+
+    sync = _policy(tiny_tied)
+    sync.train_step(_batch(0))
+    sync.train_step(_batch(1))
+    sync.save_checkpoint(tmp_path / "sync", extra_state={"cursor": 17})
+
+    results, params = [], []
+    for ckpt in ("async", "sync"):
+        resumed = _policy(tiny_tied)
+        assert resumed.load_checkpoint(tmp_path / ckpt) == {"cursor": 17} and resumed.step == 2
+        assert torch.equal(torch.rand(4), rng_after_save)
+        results.append(resumed.train_step(_batch(2)))
+        params.append(_params(resumed))
+    assert results[0] == results[1] == expected
+    for name, p in expected_params.items():
+        assert torch.equal(params[0][name], p) and torch.equal(params[1][name], p), name
+
+
+def test_an_async_save_without_its_finalize_is_refused(tiny_tied, tmp_path):
+    """Killed between the background write and the finalize: no manifest, so resume refuses it."""
+    policy = _policy(tiny_tied, async_save=True)
+    policy.train_step(_batch(0))
+    policy.save_checkpoint(tmp_path / "ckpt")
+    # What a kill leaves: whatever the writer wrote so far, never the manifest.
+    shutil.copytree(tmp_path / "ckpt", tmp_path / "killed")
+    other = _policy(tiny_tied)
+    with pytest.raises(UserError, match="incomplete checkpoint"):
+        other.load_checkpoint(tmp_path / "killed")
+    # A new save waits for (and finalizes) the one in flight first: one host snapshot at a time.
+    policy.save_checkpoint(tmp_path / "next")
+    assert (tmp_path / "ckpt" / MANIFEST).is_file() and not (tmp_path / "next" / MANIFEST).exists()
+    assert policy.finalize_checkpoints(blocking=True) == [str(tmp_path / "ckpt"), str(tmp_path / "next")]
+    assert other.load_checkpoint(tmp_path / "ckpt") == {} and other.step == 1
+
+
+def test_async_save_is_refused_where_megatron_core_cannot(monkeypatch):
+    from sparrow_megatron.trainer import async_save
+
+    monkeypatch.setattr(async_save, "unsupported_reason", lambda: "no async save in this megatron-core")
+    with pytest.raises(UserError, match="field 'trainer.async_save': no async save in this megatron-core"):
+        async_save.AsyncSaves()
+    monkeypatch.undo()
+    assert async_save.unsupported_reason() is None  # megatron-core 0.16.1 has it
 
 
 def test_saving_warns_of_no_corrupted_checkpoint(tiny_tied, tmp_path, caplog):
@@ -149,7 +210,10 @@ def test_a_tp2_or_pp2_checkpoint_resumes_in_one_process(tiny_untied, tmp_path, l
 
 @pytest.mark.slow
 def test_resume_under_tp2_gives_the_same_next_step(tiny_untied, tmp_path):
-    _torchrun(["--model-dir", str(tiny_untied), "--out", str(tmp_path), "--tp", "2"], tmp_path)
+    """Saved asynchronously (trainer.async_save): both ranks' background writes, then the collective
+    finalize, after a step of training; the resumed step is bit-identical on both ranks."""
+    args = ["--model-dir", str(tiny_untied), "--out", str(tmp_path), "--tp", "2", "--async-save"]
+    _torchrun(args, tmp_path)
     for rank in range(2):
         r = torch.load(tmp_path / f"rank{rank}.pt")
         assert r["extra"] == {"cursor": 3}
