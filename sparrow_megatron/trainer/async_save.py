@@ -33,6 +33,16 @@ def unsupported_reason() -> str | None:
     return None
 
 
+def strategy_kwargs() -> dict[str, str]:
+    """Megatron-Core's own async writer: newer releases (0.19) default `dist_checkpointing.save` to
+    NVIDIA Resiliency Extension's ("nvrx"), a package neither our image nor the CPU venv installs."""
+    from megatron.core import dist_checkpointing
+
+    if "async_strategy" in inspect.signature(dist_checkpointing.save).parameters:
+        return {"async_strategy": "mcore"}
+    return {}
+
+
 class AsyncSaves:
     """The saves in flight, oldest first; `finalize` completes those every rank has written."""
 

@@ -23,6 +23,7 @@ from typing import Any, Protocol
 import torch
 
 from sparrow_megatron.errors import UserError
+from sparrow_megatron.trainer import async_save
 from sparrow_megatron.trainer.async_save import AsyncSaves
 
 
@@ -95,9 +96,8 @@ def save_checkpoint(
             shutil.rmtree(ckpt_dir)
         ckpt_dir.mkdir(parents=True)
     torch.distributed.barrier()
-    request = dist_checkpointing.save(
-        _sharded_state(policy, is_loading=False), str(ckpt_dir), async_sharded_save=saves is not None
-    )
+    kwargs = {"async_sharded_save": True, **async_save.strategy_kwargs()} if saves is not None else {}
+    request = dist_checkpointing.save(_sharded_state(policy, is_loading=False), str(ckpt_dir), **kwargs)
     if rank == 0:
         (ckpt_dir / RNG_DIR).mkdir()
     torch.distributed.barrier()
