@@ -181,26 +181,28 @@ class DistributedSync:
         if failed:
             for _ in it:  # the iterator is collective on the trainer ranks: walk it to its end
                 pass
-            for eid, err in failed.items():
-                if eid >= 0:
-                    self.fleet._mark_dead(engines[eid], f"distributed weight sync: {err}")
-            for e in members:  # close the survivors' update session, so that the retry can open one
-                if e.engine_id not in failed and e.healthy:
-                    try:
-                        e.control("end_weight_update", {})
-                    except EngineFailure as err:
-                        logger.warning(
-                            "engine %d: end_weight_update after a failed sync: %s", e.engine_id, err
-                        )
-            self.destroy()
-            raise SyncFailed(
-                "distributed weight sync failed: "
-                + "; ".join(f"engine {i}: {e}" if i >= 0 else f"collective: {e}" for i, e in failed.items())
-            )
+            self._give_up(members, failed, "collective")
         if sent == 0:
             raise ValueError("distributed weight sync: the bucket iterator was empty")
         self.last_bytes = sent
         return members
+
+    def _give_up(self, members: list[Engine], failed: dict[int, BaseException], trainer_side: str):
+        """A failed sync: the failed engines are marked dead, the survivors' update session closed (so the
+        retry can open one), the group left; raises SyncFailed. failed[-1] is the trainer side's error."""
+        engines = {e.engine_id: e for e in self.fleet.engines}
+        for eid, err in failed.items():
+            if eid >= 0:
+                self.fleet._mark_dead(engines[eid], f"distributed weight sync: {err}")
+        for e in members:
+            if e.engine_id not in failed and e.healthy:
+                try:
+                    e.control("end_weight_update", {})
+                except EngineFailure as err:
+                    logger.warning("engine %d: end_weight_update after a failed sync: %s", e.engine_id, err)
+        self.destroy()
+        raise SyncFailed("distributed weight sync failed: " + "; ".join(
+            f"engine {i}: {e}" if i >= 0 else f"{trainer_side}: {e}" for i, e in failed.items()))  # fmt: skip
 
     def _finish(self, pending, failed: dict[int, BaseException]) -> None:
         handle, _flat, futs = pending  # _flat stays referenced until the broadcast completed

@@ -282,20 +282,7 @@ class StagedSync(DistributedSync):
             pool.shutdown(wait=False, cancel_futures=True)
         self._relay = None
         if failed:
-            for eid, err in failed.items():
-                if eid >= 0:
-                    self.fleet._mark_dead(engines[eid], f"distributed weight sync: {err}")
-            for e in members:  # close the survivors' update session, so that the retry can open one
-                if e.engine_id not in failed and e.healthy:
-                    try:
-                        e.control("end_weight_update", {})
-                    except EngineFailure as err:
-                        logger.warning(
-                            "engine %d: end_weight_update after a failed sync: %s", e.engine_id, err
-                        )
-            self.destroy()
-            raise SyncFailed("distributed weight sync failed: " + "; ".join(
-                f"engine {i}: {e}" if i >= 0 else f"trainer: {e}" for i, e in failed.items()))  # fmt: skip
+            self._give_up(members, failed, "trainer")
         if sum(stage_bytes) == 0:
             raise ValueError("distributed weight sync: the bucket iterators were empty")
         self.last_stage_bytes = stage_bytes
