@@ -32,10 +32,7 @@ class WeightSync:
         self.snapshots = Path(run_root) / "weight_sync"
         self.last_bytes = 0
         if mode == "distributed":
-            if stages > 1:
-                self.fleet.init_distributed_sync(_group_spec(), stages=stages)
-            else:
-                self.fleet.init_distributed_sync(_group_spec())
+            self.fleet.init_distributed_sync(_group_spec(), stages=stages)
 
     def push(self, policy) -> dict[str, float]:
         """New weights to every engine under the next version; returns the sync/* metrics."""
@@ -58,10 +55,10 @@ class WeightSync:
     def _stage_buckets(self, policy):
         """The distributed sync's bucket source; a callable: a sync that loses an engine re-gathers the
         buckets for the engines left. Under PP each call carries the stages' senders' instructions."""
-        if self.stages == 1:
-            return lambda: policy.iter_hf_weights(bucket_bytes=self.bucket_bytes, to_host=False)
         return lambda: policy.iter_hf_weights(
-            bucket_bytes=self.bucket_bytes, to_host=False, stage_relay=self.fleet.distributed_relay()
+            bucket_bytes=self.bucket_bytes,
+            to_host=False,
+            stage_relay=self.fleet.distributed_relay() if self.stages > 1 else None,
         )
 
     def catch_up(self, policy) -> int:

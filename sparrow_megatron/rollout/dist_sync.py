@@ -55,6 +55,7 @@ class DistributedSync:
         # fleet) and keep every group they joined by name: a per-process token keeps names unique.
         self.session = uuid.uuid4().hex[:8]
         self.last_bytes = 0  # bytes broadcast by the last successful sync (once: a broadcast, not per engine)
+        self.last_stage_bytes: list[int] = []  # the same per pipeline stage (StagedSync; one sender each)
 
     def _members(self) -> tuple[tuple[int, str], ...]:
         return tuple((e.engine_id, e.url) for e in self.fleet.engines if e.healthy)

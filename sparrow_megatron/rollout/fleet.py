@@ -643,7 +643,7 @@ class RolloutFleet:
                     logger.error("%s; retrying with the engines left", err)
             live = self._stamp_version(live, version)
             self.last_sync_bytes = self._dist.last_bytes
-            self.last_sync_stage_bytes = list(getattr(self._dist, "last_stage_bytes", []))
+            self.last_sync_stage_bytes = list(self._dist.last_stage_bytes)
             self._commit_version(live, version)
             return version
 

@@ -41,7 +41,6 @@ class StagedSync(DistributedSync):
         self.store = None
         self._relay: dict | None = None
         self._attempts = 0
-        self.last_stage_bytes: list[int] = []  # bytes each stage's sender broadcast in the last sync
 
     def relay(self) -> dict:
         """The arguments the trainer ranks need for the next attempt (passed with the weights call)."""

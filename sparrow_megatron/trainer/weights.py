@@ -262,32 +262,29 @@ def iter_hf_weights(
     my_stage = parallel_state.get_pipeline_model_parallel_rank()
     pp_group = parallel_state.get_pipeline_model_parallel_group()
     stage_ranks = torch.distributed.get_process_group_ranks(pp_group) if pp > 1 else []
-    bucket: list[tuple[str, torch.Tensor]] = []
-    size = 0
-    for stage in range(pp):
-        local = _local_hf_tensors(model, arch, grads) if stage == my_stage else None
-        meta = (
-            [[(n, tuple(t.shape), t.dtype) for n, t in _peek_meta(model, arch)]]
-            if stage == my_stage
-            else [None]
-        )
-        if pp > 1:
-            torch.distributed.broadcast_object_list(meta, src=stage_ranks[stage], group=pp_group)
-        for hf_name, shape, dtype in meta[0]:
-            if local is not None:
-                got_name, tensor = next(local)
-                assert got_name == hf_name, (got_name, hf_name)
-            else:
-                tensor = torch.empty(shape, dtype=dtype, device=_param_device(model))
+
+    def every_stage() -> Iterator[tuple[str, torch.Tensor]]:
+        for stage in range(pp):
+            local = _local_hf_tensors(model, arch, grads) if stage == my_stage else None
+            meta = (
+                [[(n, tuple(t.shape), t.dtype) for n, t in _peek_meta(model, arch)]]
+                if stage == my_stage
+                else [None]
+            )
             if pp > 1:
-                torch.distributed.broadcast(tensor, src=stage_ranks[stage], group=pp_group)
-            bucket.append((hf_name, tensor.cpu() if to_host else tensor))
-            size += tensor.numel() * tensor.element_size()
-            if size >= bucket_bytes:
-                yield bucket
-                bucket, size = [], 0
-    if bucket:
-        yield bucket
+                torch.distributed.broadcast_object_list(meta, src=stage_ranks[stage], group=pp_group)
+            for hf_name, shape, dtype in meta[0]:
+                if local is not None:
+                    got_name, tensor = next(local)
+                    assert got_name == hf_name, (got_name, hf_name)
+                else:
+                    tensor = torch.empty(shape, dtype=dtype, device=_param_device(model))
+                if pp > 1:
+                    torch.distributed.broadcast(tensor, src=stage_ranks[stage], group=pp_group)
+                yield hf_name, (tensor.cpu() if to_host else tensor)
+
+    # `yield from`, not `return`: this stays a generator function, so no_grad covers every gather.
+    yield from _bucketed(every_stage(), bucket_bytes)
 
 
 @torch.no_grad()
@@ -295,10 +292,16 @@ def iter_stage_hf_weights(model, arch: Qwen3Arch, bucket_bytes: int = 512 << 20)
     """This pipeline stage's own tensors under HF names, TP-gathered, in buckets of about bucket_bytes,
     on the device they were gathered on: what the stage's sender broadcasts to the engines itself
     (no relay over the pipeline). Collective over the stage's TP group."""
+    yield from _bucketed(_local_hf_tensors(model, arch), bucket_bytes)
+
+
+def _bucketed(named: Iterator[tuple[str, torch.Tensor]], bucket_bytes: int) -> Iterator[list]:
+    """Lazily group (name, tensor) pairs into lists that close once they reach bucket_bytes: a tensor is
+    only produced (gathered, broadcast) when the bucket it belongs to is being filled."""
     bucket: list[tuple[str, torch.Tensor]] = []
     size = 0
-    for hf_name, tensor in _local_hf_tensors(model, arch):
-        bucket.append((hf_name, tensor))
+    for name, tensor in named:
+        bucket.append((name, tensor))
         size += tensor.numel() * tensor.element_size()
         if size >= bucket_bytes:
             yield bucket

@@ -75,7 +75,7 @@ def test_push_reports_the_fleets_bytes_and_distributed_keeps_buckets_on_the_devi
     assert fleet.calls[-1][0] == mode and fleet.calls[-1][-1] is False
     if mode == "distributed":
         assert fleet.calls[0] == ("init", "gloo")  # no CUDA here: the same path over gloo
-        assert policy.kwargs == [{"bucket_bytes": 2 << 20, "to_host": False}]
+        assert policy.kwargs == [{"bucket_bytes": 2 << 20, "to_host": False, "stage_relay": None}]
     if mode == "http":
         assert policy.kwargs == [{"bucket_bytes": 2 << 20}]
     if mode == "disk":
