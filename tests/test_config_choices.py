@@ -74,8 +74,8 @@ def _reach_weight_sync(cfg, value, tmp_path):
         def sync_weights(self, buckets):
             self.took = "http"
 
-        def init_distributed_sync(self, spec):
-            self.spec = spec
+        def init_distributed_sync(self, spec, stages=1):
+            self.spec, self.stages = spec, stages
 
         def sync_weights_distributed(self, buckets):
             self.took = "distributed"

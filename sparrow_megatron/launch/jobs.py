@@ -93,16 +93,36 @@ class JobStatus:
     local_dir: str
 
 
+# squeue's states of a job the controller still holds (a requeued one included): not finished.
+_QUEUED = {"PENDING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "CONFIGURING", "SUSPENDED", "RESIZING"}
+_ACTIVE = {"RUNNING", "COMPLETING", "SIGNALING", "STAGE_OUT"}
+
+
+def _still_held(tunnel, slurm_id: str) -> AppState | None:
+    """Between a requeued run's end and the next run's record, sacct shows the ended run (FAILED,
+    CANCELLED) as the job's state; the controller's queue is the truth for a job it still holds."""
+    try:
+        out = tunnel.run(f"squeue -h -j {slurm_id} -o %T", warn=True).stdout
+    except Exception:  # an unreachable controller: keep sacct's answer
+        return None
+    states = set(out.split())
+    if states & _ACTIVE:
+        return AppState.RUNNING
+    return AppState.PENDING if states & _QUEUED else None
+
+
 @_no_stdin
 def status(experiment_id: str, job_dir: str | Path) -> list[JobStatus]:
     exp = _load(experiment_id, job_dir)
     info = exp.status(return_dict=True) or {}
-    return [
-        JobStatus(
-            name=name, state=d["status"], slurm_job_id=str(d.get("job_id", "")), local_dir=d["local_dir"]
-        )
-        for name, d in sorted(info.items())
-    ]
+    tunnels = {job.id: getattr(job.executor, "tunnel", None) for job in exp.jobs}
+    out = []
+    for name, d in sorted(info.items()):
+        state, slurm_id = d["status"], str(d.get("job_id", ""))
+        if state in TERMINAL and slurm_id and tunnels.get(name) is not None:
+            state = _still_held(tunnels[name], slurm_id) or state
+        out.append(JobStatus(name=name, state=state, slurm_job_id=slurm_id, local_dir=d["local_dir"]))
+    return out
 
 
 def wait(

@@ -61,6 +61,16 @@ class RunSummary:
     throughput: dict[str, float] = field(default_factory=dict)
     evals: list[tuple[int, dict[str, float]]] = field(default_factory=list)  # (after step, eval/* metrics)
 
+    def add_recorded(self, rows: list[dict], before: int) -> None:
+        """A resumed run summarizes the whole run, not only its own steps: the steps and evaluations its
+        predecessors recorded (metrics.jsonl rows of steps before `before`) come first."""
+        for row in (r for r in rows if r["step"] < before):
+            metrics = {k: v for k, v in row.items() if k != "step"}
+            if "eval/n" in row:
+                self.evals.append((row["step"], metrics))
+            else:
+                self.steps.append(StepResult(row["step"], metrics, None))
+
 
 def fleet_options(cfg: JobConfig, model_dir: Path, run_dir: RunDir) -> FleetOptions:
     """What the fleet needs besides the rollout section: the model, where logs go, the seed, and the
@@ -167,6 +177,8 @@ class Loop:
                 controller.load_state_dict(resume.loop_state["controller"])
                 schedule = controller.schedule
         summary = RunSummary(run_dir=self.run.root, mlflow_uri=cfg.mlflow_uri)
+        if resume.checkpoint is not None:
+            summary.add_recorded(self.run.read_metrics(), before=resume.next_step)
         sampling = SamplingParams(
             temperature=cfg.rollout.temperature,
             top_p=cfg.rollout.top_p,

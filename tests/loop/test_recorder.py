@@ -132,3 +132,25 @@ def test_console_prints_one_line_per_eval_set():
         "[cyan]eval[/] math500 after step 8 (500 prompts x 4): dense mean@4 0.500 pass@1 0.500 pass@4 0.900, "
         "sparse mean@4 0.500 pass@1 0.500 pass@4 0.900",
     ]
+
+
+def test_a_resumed_runs_summary_covers_the_steps_before_the_resume(tmp_path):
+    from sparrow_megatron.loop.recorder import summary_rows
+    from sparrow_megatron.loop.run import RunSummary, StepResult
+
+    rows = [
+        {"step": 0, "eval/n": 2, "eval/t/dense/mean_at_1": 0.25},
+        {"step": 1, "reward/mean": 0.25},
+        {"step": 2, "reward/mean": 0.5},
+        {"step": 2, "eval/n": 2, "eval/t/dense/mean_at_1": 0.5},
+    ]
+    summary = RunSummary(run_dir=tmp_path)
+    summary.add_recorded(rows, before=3)
+    summary.steps.append(StepResult(3, {"reward/mean": 0.75}, None))  # the resumed run's own step
+    assert [s.step for s in summary.steps] == [1, 2, 3] and [s for s, _ in summary.evals] == [0, 2]
+    table = dict(summary_rows(summary, tau=0.86))
+    assert table["reward (first -> last step)"] == "0.250 -> 0.750"
+    # Rows of steps at or after the resume point are not the run's (a set-aside later step).
+    again = RunSummary(run_dir=tmp_path)
+    again.add_recorded(rows, before=2)
+    assert [s.step for s in again.steps] == [1] and [s for s, _ in again.evals] == [0]
