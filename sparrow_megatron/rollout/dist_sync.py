@@ -135,7 +135,7 @@ class DistributedSync:
                     except EngineFailure as err:
                         logger.warning("engine %d: destroy_weights_update_group: %s", eid, err)
 
-    def broadcast(self, buckets: Iterable[Bucket], version: int) -> list[Engine]:
+    def broadcast(self, buckets: Iterable[Bucket]) -> list[Engine]:
         """Send every bucket to the group's engines inside begin/end_weight_update. Returns the engines
         updated. Raises SyncFailed (engines marked dead, iterator drained) if any engine failed."""
         it = iter(buckets)

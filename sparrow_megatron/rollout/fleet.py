@@ -635,7 +635,7 @@ class RolloutFleet:
             version = self.weight_version if catch_up else self.weight_version + 1
             for attempt in range(tries):
                 try:
-                    live = self._dist.broadcast(buckets() if callable(buckets) else buckets, version)
+                    live = self._dist.broadcast(buckets() if callable(buckets) else buckets)
                     break
                 except SyncFailed as err:
                     if attempt + 1 == tries:

@@ -187,7 +187,7 @@ class StagedSync(DistributedSync):
 
     # ------------------------------------------------------------------ the sync
 
-    def broadcast(self, buckets: Iterable[Bucket], version: int) -> list[Engine]:
+    def broadcast(self, buckets: Iterable[Bucket]) -> list[Engine]:
         """Stage 0's buckets from here, every other stage's from its sender; returns the engines updated.
         Raises SyncFailed (engines marked dead, every trainer rank out of the attempt) on a failure."""
         if self._relay is None:
