@@ -24,7 +24,7 @@ from sparrow_megatron.config import JobConfig, validate
 from sparrow_megatron.errors import UserError
 from sparrow_megatron.loop import overlong, spmd
 from sparrow_megatron.loop.checkpointing import CheckpointCommits, at_step_boundary
-from sparrow_megatron.loop.console import LoopProgress
+from sparrow_megatron.loop.console import REWARD_KEY, LoopProgress
 from sparrow_megatron.loop.controller import BudgetController
 from sparrow_megatron.loop.evaluate import EvalSpec, eval_sampling, evaluate
 from sparrow_megatron.loop.monitor import TailMonitor
@@ -68,8 +68,12 @@ class RunSummary:
             metrics = {k: v for k, v in row.items() if k != "step"}
             if "eval/n" in row:
                 self.evals.append((row["step"], metrics))
-            else:
+            elif REWARD_KEY in row:
                 self.steps.append(StepResult(row["step"], metrics, None))
+            else:  # not a step's row (edited by hand?): the summary goes on without it
+                log.warning(
+                    "metrics.jsonl: step %s's row has no %s; left out of the summary", row["step"], REWARD_KEY
+                )
 
 
 def fleet_options(cfg: JobConfig, model_dir: Path, run_dir: RunDir) -> FleetOptions:

@@ -143,6 +143,7 @@ def test_a_resumed_runs_summary_covers_the_steps_before_the_resume(tmp_path):
         {"step": 1, "reward/mean": 0.25},
         {"step": 2, "reward/mean": 0.5},
         {"step": 2, "eval/n": 2, "eval/t/dense/mean_at_1": 0.5},
+        {"step": 2, "note": "a row added by hand"},  # neither a step's nor an evaluation's: left out
     ]
     summary = RunSummary(run_dir=tmp_path)
     summary.add_recorded(rows, before=3)
