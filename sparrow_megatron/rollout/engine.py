@@ -204,6 +204,18 @@ class Engine:
         except httpx.HTTPError:
             return False
 
+    def drain(self, timeout_s: float) -> None:
+        """Wait until the engine runs no request, then flush its prefix cache (SGLang's deferred
+        /flush_cache). Requests a client gave up on (timeouts, aborts) stop only when the scheduler gets to
+        them; a weight update that comes first is refused ("cache not flushed: requests running")."""
+        url = f"{self.url}/flush_cache"
+        try:
+            resp = self.client.post(url, params={"timeout": timeout_s}, timeout=timeout_s + 10.0)
+        except httpx.HTTPError as err:
+            raise EngineFailure(f"{url}: {err!r}") from err
+        if resp.status_code != 200:
+            raise EngineFailure(f"{url}: still running requests after {timeout_s:g} s: {resp.text[:200]}")
+
     # --- requests -------------------------------------------------------------------------------
 
     def post(self, endpoint: str, payload: dict[str, Any], timeout_s: float | None = None) -> Any:

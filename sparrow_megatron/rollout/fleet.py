@@ -35,6 +35,10 @@ logger = logging.getLogger(__name__)
 
 # `adapter=` default of generate: use the fleet's active adapter on the sparse path.
 ACTIVE = "active"
+# How long a weight update waits for an engine to finish the requests its clients dropped: they stop at
+# the scheduler's next step, seconds even for long contexts; longer means the engine is stuck.
+DRAIN_TIMEOUT_S = 120.0
+RESTART_ATTEMPTS = 3  # a restarted server that exits while starting (its port taken meanwhile) tries again
 
 
 class RolloutError(RuntimeError):
@@ -256,19 +260,30 @@ class RolloutFleet:
         try:
             engine.server.kill(grace_s=2.0)
             port = engine.server.port
-            if not _port_free(self.options.host, port):
-                port = free_port(self.options.host, None, {e.server.port for e in self.engines if e.server})
             version = self._restart_version
-            server = ServerProcess.launch(
-                self.rollout,
-                self._engine_options(engine.engine_id, version),
-                port,
-                self._log_path(engine.engine_id),
-                self._restart_model_path,
-            )
-            engine.server = server
-            engine.url = server.url
-            server.wait_healthy(self.options.startup_timeout_s)
+            for attempt in range(RESTART_ATTEMPTS):
+                if attempt or not _port_free(self.options.host, port):
+                    taken = {e.server.port for e in self.engines if e.server} | {port}
+                    port = free_port(self.options.host, None, taken)
+                server = ServerProcess.launch(
+                    self.rollout,
+                    self._engine_options(engine.engine_id, version),
+                    port,
+                    self._log_path(engine.engine_id),
+                    self._restart_model_path,
+                )
+                engine.server = server
+                engine.url = server.url
+                try:
+                    server.wait_healthy(self.options.startup_timeout_s)
+                    break
+                except EngineStartError as err:  # e.g. its port taken before it bound it: a new port
+                    exited = not server.alive()  # a start that timed out would only time out again
+                    server.kill(grace_s=2.0)
+                    if not exited or attempt + 1 == RESTART_ATTEMPTS:
+                        raise
+                    logger.warning("engine %d: restart attempt %d failed, trying again: %s",
+                                   engine.engine_id, attempt + 1, str(err).splitlines()[0])  # fmt: skip
             for name, path in self.adapters.items():
                 engine.control("load_lora_adapter", {"lora_name": name, "lora_path": path, "pinned": False})
             with self._cond:
@@ -533,6 +548,18 @@ class RolloutFleet:
             logger.error("%s failed on engine %d (left stale): %s", what, i, err)
         return [e for e in targets if e.engine_id not in errors]
 
+    def _drain(self, targets: list[Engine] | None) -> list[Engine]:
+        """Before a weight update: each engine (healthy ones, or `targets`) waits until it runs no request
+        and flushes its cache. Requests dropped by their client (a timeout, an abort) still run until the
+        scheduler gets to them, and SGLang refuses an update that cannot flush. An engine still busy after
+        DRAIN_TIMEOUT_S is marked dead (left stale); returns the others, [] if none (the sync then fails
+        the way it does with no engine)."""
+        try:
+            return self._on_all(lambda e: e.drain(DRAIN_TIMEOUT_S), "flush_cache", targets)
+        except EngineFailure as err:
+            logger.error("no engine is ready for a weight update: %s", err)
+            return []
+
     def sync_weights(self, buckets: Iterable[Bucket], catch_up: bool = False) -> int:
         """Push the trainer's weights (an iterator of [(hf_name, tensor)] buckets) to every engine over HTTP,
         inside begin/end_weight_update. Returns the new weight version, recorded on later samples.
@@ -544,7 +571,9 @@ class RolloutFleet:
             it = iter(buckets)
             try:
                 live = self._on_all(
-                    lambda e: e.control("begin_weight_update", {}), "begin_weight_update", targets
+                    lambda e: e.control("begin_weight_update", {}),
+                    "begin_weight_update",
+                    self._drain(targets),
                 )
                 count = sent = 0
                 for bucket in it:
@@ -579,7 +608,9 @@ class RolloutFleet:
             targets = self.stale_engines() if catch_up else None
             payload = {"model_path": path, "weight_version": str(version), "flush_cache": True}
             live = self._on_all(
-                lambda e: e.control("update_weights_from_disk", payload), "update_weights_from_disk", targets
+                lambda e: e.control("update_weights_from_disk", payload),
+                "update_weights_from_disk",
+                self._drain(targets),
             )
             self._restart_model_path, self._restart_version = path, version
             self.last_sync_bytes = sum(f.stat().st_size for f in Path(path).glob("*.safetensors"))
@@ -633,6 +664,7 @@ class RolloutFleet:
         tries = 2 if callable(buckets) else 1
         with self._update_lock:
             version = self.weight_version if catch_up else self.weight_version + 1
+            self._drain(self.stale_engines() if catch_up else None)  # the group is built of the healthy ones
             for attempt in range(tries):
                 try:
                     live = self._dist.broadcast(buckets() if callable(buckets) else buckets)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -50,14 +51,27 @@ def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
     return True
 
 
+_PORTS = random.SystemRandom()  # not the seeded global generator: seeded processes would pick alike
+
+
+def _ephemeral_low() -> int:
+    """The lowest port the kernel hands out for outgoing connections (Linux default 32768)."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_port(host: str = "127.0.0.1", start: int | None = None, taken: set[int] = frozenset()) -> int:
-    """A free TCP port: the first free one from `start` upward, or one the OS picks."""
+    """A free TCP port: the first free one from `start` upward, or a random one below the kernel's
+    ephemeral range. A port the OS picks (bind to 0) comes from that range, where any outgoing connection
+    (an HTTP client, a ZMQ socket) can take it in the seconds before the server binds it."""
     if start is None:
-        for _ in range(100):
-            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-                sock.bind((host, 0))
-                port = sock.getsockname()[1]
-            if port not in taken:
+        high = _ephemeral_low()
+        low = max(1024, min(20000, high - 1000))
+        for _ in range(200):
+            port = _PORTS.randrange(low, high)
+            if port not in taken and port_is_free(port, host):
                 return port
     else:
         for port in range(start, min(start + 1000, 65536)):

@@ -165,6 +165,9 @@ def test_a_reattached_engine_is_admitted_at_the_version_it_reports_and_gets_the_
 class FailingUpdateEngine(Engine):
     """Accepts the update session, then fails every bucket (an engine dying mid-sync)."""
 
+    def drain(self, timeout_s: float) -> None:
+        pass
+
     def control(self, endpoint: str, payload: dict, timeout_s: float | None = None):
         if endpoint == "update_weights_from_tensor":
             raise EngineFailure(f"{self.url}/{endpoint}: connection reset")
@@ -194,6 +197,9 @@ def test_http_sync_lost_on_every_engine_still_walks_the_collective_bucket_iterat
 class RecordingEngine(Engine):
     """Accepts every control call and records it (what the engine would be told, in order)."""
 
+    def drain(self, timeout_s: float) -> None:
+        self.calls = [*getattr(self, "calls", []), ("flush_cache", {"timeout": timeout_s})]
+
     def control(self, endpoint: str, payload: dict, timeout_s: float | None = None):
         self.calls = [*getattr(self, "calls", []), (endpoint, dict(payload))]
         return {"success": True}
@@ -209,6 +215,7 @@ def test_http_sync_gives_the_engine_its_new_version_only_after_the_last_bucket()
     version = fleet.sync_weights(iter([[("a", torch.zeros(2))], [("b", torch.ones(2))]]))
     calls = fleet.engines[0].calls
     assert [c[0] for c in calls] == [
+        "flush_cache",  # drained first: requests a client dropped would make the update fail
         "begin_weight_update",
         "update_weights_from_tensor",
         "update_weights_from_tensor",
@@ -217,3 +224,67 @@ def test_http_sync_gives_the_engine_its_new_version_only_after_the_last_bucket()
     ]
     assert not any("weight_version" in payload for _, payload in calls[:-1])
     assert calls[-1][1]["new_version"] == str(version) == "1"
+
+
+class BusyEngine(RecordingEngine):
+    """Still running requests when the drain's time is up (SGLang answers the deferred flush with 400)."""
+
+    def drain(self, timeout_s: float) -> None:
+        raise EngineFailure(f"{self.url}/flush_cache: still running requests after {timeout_s:g} s")
+
+
+def test_an_engine_that_does_not_drain_is_left_stale_and_the_others_are_updated():
+    import torch
+
+    fleet = fleet_of(2)
+    busy, ready = BusyEngine(0, fleet.rollout.urls[0]), RecordingEngine(1, fleet.rollout.urls[1])
+    fleet.engines = [busy, ready]
+    assert fleet.sync_weights(iter([[("a", torch.zeros(2))]])) == 1
+    assert not busy.healthy and not getattr(busy, "calls", [])  # no update sent to it
+    assert ready.healthy and ready.weight_version == 1 and ready.calls[0][0] == "flush_cache"
+
+
+class FakeServer:
+    """A launched server whose start either works or exits at once (its port taken before it bound)."""
+
+    def __init__(self, port: int, starts: bool):
+        self.port, self.starts, self.killed = port, starts, False
+        self.url = f"http://127.0.0.1:{port}"
+
+    def alive(self) -> bool:
+        return self.starts and not self.killed
+
+    def kill(self, grace_s: float = 10.0) -> None:
+        self.killed = True
+
+    def wait_healthy(self, timeout_s: float) -> None:
+        if not self.starts:
+            from sparrow_megatron.rollout.server import EngineStartError
+
+            raise EngineStartError(
+                f"SGLang server on port {self.port} exited with code 3: address already in use"
+            )
+
+
+def test_a_restart_whose_server_exits_while_starting_tries_again_on_another_port(monkeypatch):
+    from sparrow_megatron.rollout import fleet as fleet_module
+
+    fleet = fleet_of(1)
+    engine = fleet.engines[0]
+    engine.server = FakeServer(40491, starts=True)
+    engine.server.killed = True  # the engine that died
+    launched = []
+
+    def launch(rollout, options, port, log_path, model_path):
+        launched.append(port)
+        return FakeServer(port, starts=len(launched) > 1)
+
+    monkeypatch.setattr(fleet_module.ServerProcess, "launch", staticmethod(launch))
+    fleet._restarting.add(0)
+    fleet._restart(engine, "test")
+    assert len(launched) == 2 and launched[0] != launched[1]
+    assert engine.healthy and engine.server.port == launched[1] and fleet.restarts[0][0] == 0
+    # A free port is picked below the kernel's ephemeral range, where outgoing connections cannot take it.
+    from sparrow_megatron.rollout.server import _ephemeral_low
+
+    assert launched[1] < _ephemeral_low()
