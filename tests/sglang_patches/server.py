@@ -6,7 +6,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,9 +21,11 @@ MEM_FRACTION = "0.8"
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    # Below the ephemeral range: an OS-picked port can be taken by an outgoing connection before the
+    # server binds it (seen in CI with the fleet's engines).
+    from sparrow_megatron.rollout.server import free_port as below_ephemeral
+
+    return below_ephemeral()
 
 
 @dataclass
