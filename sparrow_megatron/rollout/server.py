@@ -64,8 +64,10 @@ def _ephemeral_low() -> int:
 
 def free_port(host: str = "127.0.0.1", start: int | None = None, taken: set[int] = frozenset()) -> int:
     """A free TCP port: the first free one from `start` upward, or a random one below the kernel's
-    ephemeral range. A port the OS picks (bind to 0) comes from that range, where any outgoing connection
-    (an HTTP client, a ZMQ socket) can take it in the seconds before the server binds it."""
+    ephemeral range. A port the OS picks (bind to 0) comes from that range, and a server's port is polled
+    (wait_healthy) for seconds before the server binds it: a poll whose own ephemeral port happens to be
+    that port connects to itself (TCP self-connect on one host) and holds it, and the server fails with
+    "address already in use" (seen in CI). Outgoing connections never take a port below the range."""
     if start is None:
         high = _ephemeral_low()
         low = max(1024, min(20000, high - 1000))

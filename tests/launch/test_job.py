@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import re
 import shlex
-import socket
 import sys
 from pathlib import Path
 
@@ -19,6 +18,10 @@ from sparrow_megatron.errors import UserError
 from sparrow_megatron.launch import jobs
 from sparrow_megatron.launch.contract import resolve_rollout_urls, rollout_urls_from_env
 from sparrow_megatron.launch.task import build_command
+
+# free_port: below the ephemeral range. The trainer polls an engine's port before the engine binds it, and a
+# poll from an ephemeral port of the same host can connect to itself (TCP self-connect) and hold the port.
+from sparrow_megatron.rollout.server import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 RECIPES = REPO / "recipes"
@@ -191,12 +194,6 @@ def test_rollout_urls_from_the_env_contract():
         rollout_urls_from_env({"SPARROW_ROLLOUT_ADDRS": "h", "SPARROW_ENGINES_PER_NODE": "1"})
     with pytest.raises(UserError, match="field 'rollout.urls\\[0\\]'"):
         load_config(None, ["rollout.urls=ftp://x"])
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.mark.slurm

@@ -3,7 +3,6 @@ groups run concurrently on node1 and node2, and a failing job whose log is retri
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
 import time
@@ -14,6 +13,10 @@ from torchx.specs import AppState
 
 from sparrow_megatron.launch import jobs
 from sparrow_megatron.launch.spec import LaunchSpec, RolloutGroupConfig, SlurmSettings, TrainerGroupConfig
+
+# free_port: below the ephemeral range. The trainer polls an engine's port before the engine binds it, and a
+# poll from an ephemeral port of the same host can connect to itself (TCP self-connect) and hold the port.
+from sparrow_megatron.rollout.server import free_port
 
 pytestmark = [pytest.mark.slurm, pytest.mark.timeout(420)]
 
@@ -37,12 +40,6 @@ if [ "$RANK" = 0 ]; then
   touch "$d/trainer.done"
 fi
 """
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def small_spec(
