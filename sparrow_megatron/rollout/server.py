@@ -72,7 +72,7 @@ def free_port(host: str = "127.0.0.1", start: int | None = None, taken: set[int]
         high = _ephemeral_low()
         low = max(1024, min(20000, high - 1000))
         for _ in range(200):
-            port = _PORTS.randrange(low, high)
+            port = _PORTS.randrange(low, max(high, low + 1000))  # no room below the range: just above 1024
             if port not in taken and port_is_free(port, host):
                 return port
     else:

@@ -106,3 +106,15 @@ def test_bad_server_args_name_the_field():
         validate(owned)
     assert "--port is set by the fleet" in str(err.value)
     assert "--attention-backend is set by the fleet (from rollout.attention_backend)" in str(err.value)
+
+
+def test_free_ports_are_picked_below_the_ephemeral_range(monkeypatch):
+    """A polled port of the ephemeral range can be taken by the poll itself (TCP self-connect)."""
+    from sparrow_megatron.rollout import server
+
+    low = server._ephemeral_low()
+    ports = {server.free_port() for _ in range(20)}
+    assert all(1024 <= p < low for p in ports) and len(ports) > 1
+    assert server.free_port(start=low + 5) >= low + 5  # an explicit start is kept
+    monkeypatch.setattr(server, "_ephemeral_low", lambda: 1024)  # no room below the range
+    assert 1024 <= server.free_port() < 2024
