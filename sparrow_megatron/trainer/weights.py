@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from sparrow_megatron.errors import UserError
+from sparrow_megatron.rollout.weights import rebucket
 from sparrow_megatron.trainer.model import Qwen3Arch
 
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
@@ -284,7 +285,7 @@ def iter_hf_weights(
                 yield hf_name, (tensor.cpu() if to_host else tensor)
 
     # `yield from`, not `return`: this stays a generator function, so no_grad covers every gather.
-    yield from _bucketed(every_stage(), bucket_bytes)
+    yield from rebucket(every_stage(), bucket_bytes)
 
 
 @torch.no_grad()
@@ -292,22 +293,7 @@ def iter_stage_hf_weights(model, arch: Qwen3Arch, bucket_bytes: int = 512 << 20)
     """This pipeline stage's own tensors under HF names, TP-gathered, in buckets of about bucket_bytes,
     on the device they were gathered on: what the stage's sender broadcasts to the engines itself
     (no relay over the pipeline). Collective over the stage's TP group."""
-    yield from _bucketed(_local_hf_tensors(model, arch), bucket_bytes)
-
-
-def _bucketed(named: Iterator[tuple[str, torch.Tensor]], bucket_bytes: int) -> Iterator[list]:
-    """Lazily group (name, tensor) pairs into lists that close once they reach bucket_bytes: a tensor is
-    only produced (gathered, broadcast) when the bucket it belongs to is being filled."""
-    bucket: list[tuple[str, torch.Tensor]] = []
-    size = 0
-    for name, tensor in named:
-        bucket.append((name, tensor))
-        size += tensor.numel() * tensor.element_size()
-        if size >= bucket_bytes:
-            yield bucket
-            bucket, size = [], 0
-    if bucket:
-        yield bucket
+    yield from rebucket(_local_hf_tensors(model, arch), bucket_bytes)
 
 
 def _param_device(model) -> torch.device:
