@@ -26,7 +26,13 @@ from sparrow_megatron.rollout.engine import (
     parse_weight_version,
     schedule_label,
 )
-from sparrow_megatron.rollout.server import EngineStartError, ServerProcess, free_port, resolve_device
+from sparrow_megatron.rollout.server import (
+    EngineStartError,
+    ServerProcess,
+    free_port,
+    port_is_free,
+    resolve_device,
+)
 from sparrow_megatron.rollout.types import EngineStats, GenerationResult, Sample, SamplingParams, ScoredTokens
 from sparrow_megatron.rollout.weights import Bucket, DistributedGroupSpec, tensor_update_payload
 from sparrow_megatron.sparsity.schedule import Schedule
@@ -262,7 +268,7 @@ class RolloutFleet:
             port = engine.server.port
             version = self._restart_version
             for attempt in range(RESTART_ATTEMPTS):
-                if attempt or not _port_free(self.options.host, port):
+                if attempt or not port_is_free(port, self.options.host):
                     taken = {e.server.port for e in self.engines if e.server} | {port}
                     port = free_port(self.options.host, None, taken)
                 server = ServerProcess.launch(
@@ -740,12 +746,6 @@ def _loaded_adapters(engine: Engine) -> set[str]:
     """LoRA names an engine has loaded (SGLang's /v1/models lists them next to the base model)."""
     body = engine.client.get(f"{engine.url}/v1/models", timeout=10).json()
     return {m.get("id") for m in body.get("data", [])}
-
-
-def _port_free(host: str, port: int) -> bool:
-    from sparrow_megatron.rollout.server import port_is_free
-
-    return port_is_free(port, host)
 
 
 def _cuda() -> bool:
