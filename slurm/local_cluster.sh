@@ -72,16 +72,19 @@ render() {  # render TEMPLATE OUTPUT
         -e "s|@DB_PASS@|$DB_PASS|g" "$HERE/templates/$1" >"$2"
 }
 
+# A node that serves jobs: idle, running them, finishing them, or planned by the backfill scheduler for
+# a pending one (a requeued job waiting on its begin time), with or without a state flag (idle-).
 nodes_ready() {
     local states
     states=$(client sinfo -h -N -o '%N %t' 2>/dev/null) || return 1
-    [ "$(grep -cE '^node[12] (idle|mix|alloc|comp)' <<<"$states")" -eq 2 ]
+    [ "$(grep -cE '^node[12] (idle|mix|alloc|comp|plnd)' <<<"$states")" -eq 2 ]
 }
 
 healthy() {
     [ -f "$CONF" ] || return 1
     for daemon in "${DAEMONS[@]}"; do alive "$daemon" || return 1; done
-    nodes_ready
+    # A controller busy with a job's end can miss one sinfo: ask a few times before restarting it all.
+    wait_for 15 "nodes node1/node2" nodes_ready
 }
 
 start() {

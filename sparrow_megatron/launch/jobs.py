@@ -100,12 +100,19 @@ _ACTIVE = {"RUNNING", "COMPLETING", "SIGNALING", "STAGE_OUT"}
 
 def _still_held(tunnel, slurm_id: str) -> AppState | None:
     """Between a requeued run's end and the next run's record, sacct shows the ended run (FAILED,
-    CANCELLED) as the job's state; the controller's queue is the truth for a job it still holds."""
+    CANCELLED) as the job's state; the controller's queue is the truth for a job it still holds.
+    None: the controller no longer holds the job (sacct's state stands). UNKNOWN: the controller did
+    not answer, so a terminal sacct state is not trusted until it does."""
     try:
-        out = tunnel.run(f"squeue -h -j {slurm_id} -o %T", warn=True).stdout
-    except Exception:  # an unreachable controller: keep sacct's answer
-        return None
-    states = set(out.split())
+        # --states=all: squeue's default filter hides some states a requeued job passes through.
+        res = tunnel.run(f"squeue --states=all -h -j {slurm_id} -o %T", warn=True)
+    except Exception:  # the tunnel itself failed (ssh down): the controller's answer is unknown
+        return AppState.UNKNOWN
+    if getattr(res, "return_code", 0) != 0:
+        # A purged job is an invalid id (gone after MinJobAge); anything else is a controller that
+        # did not answer (timeouts under load), which must not turn a requeue into a failure.
+        return None if "Invalid job id" in (res.stderr or "") else AppState.UNKNOWN
+    states = set(res.stdout.split())
     if states & _ACTIVE:
         return AppState.RUNNING
     return AppState.PENDING if states & _QUEUED else None

@@ -142,16 +142,7 @@ sleep 240
 """
 
 
-def test_requeued_job_resumes_the_trainer_with_resume_flag(local_slurm, tmp_path):
-    spec = small_spec(
-        tmp_path,
-        "hetresume",
-        ["bash", "-c", "sleep 240"],
-        ["bash", "-c", RESUMABLE_TRAINER, "trainer"],
-        launcher="none",
-    )
-    sub = jobs.submit(spec)
-    run = tmp_path / "run"
+def _requeue_and_wait(sub, spec, run: Path):
     deadline = time.monotonic() + 120
     while not (run / "first_run").exists():
         assert time.monotonic() < deadline, "the first run never started"
@@ -170,8 +161,25 @@ def test_requeued_job_resumes_the_trainer_with_resume_flag(local_slurm, tmp_path
             break
         time.sleep(0.5)
     final = jobs.wait(sub.experiment_id, spec.cluster.job_dir, timeout_s=300)
-    logs = jobs.logs(sub.experiment_id, spec.cluster.job_dir)
-    assert [s.state for s in final] == [AppState.SUCCEEDED], "\n".join(logs.values())
+    return final, jobs.logs(sub.experiment_id, spec.cluster.job_dir)
+
+
+def test_requeued_job_resumes_the_trainer_with_resume_flag(local_slurm, tmp_path):
+    spec = small_spec(
+        tmp_path,
+        "hetresume",
+        ["bash", "-c", "sleep 240"],
+        ["bash", "-c", RESUMABLE_TRAINER, "trainer"],
+        launcher="none",
+    )
+    sub = jobs.submit(spec)
+    try:
+        final, logs = _requeue_and_wait(sub, spec, tmp_path / "run")
+    finally:
+        jobs.cancel(sub.experiment_id, spec.cluster.job_dir)  # a failure here must not hold the nodes
+    # The states first: the logs after them may be cut short in a CI summary.
+    assert [s.state for s in final] == [AppState.SUCCEEDED], f"{final}\n" + "\n".join(logs.values())
+    run = tmp_path / "run"
     assert (run / "resumed").read_text().split() == ["restart=1", "args=--resume"]
     # One log per restart: the first run's log is kept.
     names = {p.name for p in logs}

@@ -11,20 +11,20 @@ from sparrow_megatron.launch.jobs import _still_held
 
 
 class Tunnel:
-    def __init__(self, stdout: str = "", fail: bool = False):
-        self.stdout, self.fail, self.commands = stdout, fail, []
+    def __init__(self, stdout: str = "", fail: bool = False, rc: int = 0, stderr: str = ""):
+        self.stdout, self.fail, self.rc, self.stderr, self.commands = stdout, fail, rc, stderr, []
 
     def run(self, command, hide=True, warn=False):
         self.commands.append(command)
         if self.fail:
             raise OSError("ssh: connection refused")
-        return SimpleNamespace(stdout=self.stdout)
+        return SimpleNamespace(stdout=self.stdout, stderr=self.stderr, return_code=self.rc)
 
 
 def test_a_requeued_het_job_still_in_the_queue_is_pending():
     tunnel = Tunnel("PENDING\nPENDING\n")
     assert _still_held(tunnel, "13") == AppState.PENDING
-    assert tunnel.commands == ["squeue -h -j 13 -o %T"]
+    assert tunnel.commands == ["squeue --states=all -h -j 13 -o %T"]
 
 
 def test_a_running_component_makes_the_job_running():
@@ -32,6 +32,14 @@ def test_a_running_component_makes_the_job_running():
 
 
 def test_a_job_the_queue_no_longer_holds_keeps_sacct_state():
-    assert _still_held(Tunnel(""), "13") is None  # squeue: Invalid job id (purged)
-    assert _still_held(Tunnel("COMPLETED\n"), "13") is None  # kept for MinJobAge, finished
-    assert _still_held(Tunnel(fail=True), "13") is None  # unreachable controller
+    assert _still_held(Tunnel(""), "13") is None
+    assert _still_held(Tunnel("COMPLETED\nCOMPLETED\n"), "13") is None  # kept for MinJobAge, finished
+    purged = Tunnel(rc=1, stderr="slurm_load_jobs error: Invalid job id specified")
+    assert _still_held(purged, "13") is None
+
+
+def test_a_controller_that_does_not_answer_leaves_the_state_unknown():
+    """A transient sacct FAILED must not end `jobs.wait` while squeue times out under load."""
+    timed_out = Tunnel(rc=1, stderr="slurm_load_jobs error: Socket timed out on send/recv operation")
+    assert _still_held(timed_out, "13") == AppState.UNKNOWN
+    assert _still_held(Tunnel(fail=True), "13") == AppState.UNKNOWN
