@@ -104,7 +104,8 @@ def _still_held(tunnel, slurm_id: str) -> AppState | None:
     None: the controller no longer holds the job (sacct's state stands). UNKNOWN: the controller did
     not answer, so a terminal sacct state is not trusted until it does."""
     try:
-        # --states=all: squeue's default filter hides some states a requeued job passes through.
+        # --states=all: by default squeue lists only pending, running and completing jobs (or what a
+        # user's SQUEUE_STATES says), which leaves out a suspended or requeue-held job.
         res = tunnel.run(f"squeue --states=all -h -j {slurm_id} -o %T", warn=True)
     except Exception:  # the tunnel itself failed (ssh down): the controller's answer is unknown
         return AppState.UNKNOWN
