@@ -76,6 +76,9 @@ def batch_setup_lines(spec: LaunchSpec) -> str:
     USR1 trap that requeues the job before its time limit so the trainer resumes from a checkpoint."""
     return "\n".join(
         [
+            # The trap first: a USR1 that comes before it ends the batch shell (Slurm may signal early).
+            'mkdir -p "$SPARROW_RUN_DIR"',
+            *requeue_trap_lines(spec.cluster.requeue_signal_s),
             "# sparrow: addresses of the two het groups (NodeAddr, since node names need not resolve)",
             "sparrow_node_addr() {",
             "  timeout 20 scontrol show node \"$1\" | grep -o 'NodeAddr=[^ ]*' | cut -d= -f2",
@@ -96,8 +99,6 @@ def batch_setup_lines(spec: LaunchSpec) -> str:
             'export SPARROW_ROUTER_URL="http://${SPARROW_ROLLOUT_HEAD}:${SPARROW_ROUTER_PORT}"',
             'export SPARROW_WEIGHT_SYNC_ADDR="${SPARROW_TRAINER_HEAD}:${SPARROW_WEIGHT_SYNC_PORT}"',
             'export SPARROW_RESTART_COUNT="${SLURM_RESTART_COUNT:-0}"',
-            'mkdir -p "$SPARROW_RUN_DIR"',
-            *requeue_trap_lines(spec.cluster.requeue_signal_s),
         ]
     )
 

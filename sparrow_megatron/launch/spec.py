@@ -209,15 +209,22 @@ def validate(spec: LaunchSpec) -> LaunchSpec:
     for key in c.env:
         if not _ENV_KEY.match(key):
             fail("cluster.env", f"{key!r} is not a valid environment variable name")
-    if c.requeue_signal_s >= _seconds(c.time_limit):
+    if c.requeue_signal_s and _seconds(c.time_limit) < c.requeue_signal_s + SIGNAL_SLACK_S:
         fail(
-            "cluster.requeue_signal_s", f"{c.requeue_signal_s}s is not shorter than time_limit {c.time_limit}"
+            "cluster.requeue_signal_s",
+            f"{c.requeue_signal_s}s leaves less than {SIGNAL_SLACK_S}s of time_limit {c.time_limit} before the "
+            "signal: Slurm may send USR1 up to 60 s early, and one that comes before the batch script has "
+            "set its handler ends the job (FAILED, not requeued); raise time_limit or lower requeue_signal_s",
         )
     if c.requeue_signal_s < 0 or c.max_retries < 0:
         fail("cluster.requeue_signal_s" if c.requeue_signal_s < 0 else "cluster.max_retries", "must be >= 0")
     spec.resolved_rollout_cmd()
     spec.resolved_trainer_cmd()
     return spec
+
+
+# Slurm's signal timer has a 60 s resolution (sbatch --signal), plus the batch script's first seconds.
+SIGNAL_SLACK_S = 90
 
 
 def _seconds(time_limit: str) -> int:

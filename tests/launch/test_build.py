@@ -76,6 +76,8 @@ def test_dry_run_sbatch_for_14b_spec(tmp_path):
     }.items():
         assert f"export {key}={value}\n" in script
     assert "trap sparrow_requeue USR1" in script
+    # The handler is set before the setup's controller calls: Slurm may send USR1 up to 60 s early.
+    assert script.index("trap sparrow_requeue USR1") < script.index("sparrow_node_addr() {")
     # USR1 asks the trainer to checkpoint after its step (the stop file); the requeue waits for the saved
     # marker, at most until 60 s before the limit (USR1 comes 300 s before it).
     assert 'touch "$SPARROW_RUN_DIR/.sparrow_stop"' in script

@@ -58,6 +58,8 @@ def test_bad_overrides_name_the_key(override, message):
         (["rollout.gpus_per_node=0"], "trainer.gpus_per_node"),
         (["cluster.time_limit=4h"], "cluster.time_limit"),
         (["cluster.time_limit=00:04:00"], "cluster.requeue_signal_s"),
+        # 300 s + Slurm's 60 s early signal + the script's setup do not fit in 6 minutes
+        (["cluster.time_limit=00:06:29"], "cluster.requeue_signal_s"),
         (["cluster.container_mounts=/a"], "cluster.container_mounts"),
         (["rollout.router_port=30011"], "rollout.router_port"),
         (["name=bad name"], "name"),
@@ -67,6 +69,13 @@ def test_bad_overrides_name_the_key(override, message):
 def test_validation_rejects_with_the_field(overrides, field):
     with pytest.raises(UserError, match=f"field '{field}'"):
         validate(apply_overrides(spec(), overrides))
+
+
+def test_time_limit_leaves_room_for_an_early_signal():
+    assert validate(apply_overrides(spec(), ["cluster.time_limit=00:06:30"])).cluster.time_limit == "00:06:30"
+    # No requeue signal: any limit does.
+    no_signal = ["cluster.time_limit=00:01:00", "cluster.requeue_signal_s=0"]
+    assert validate(apply_overrides(spec(), no_signal)).cluster.requeue_signal_s == 0
 
 
 def test_callable_commands_see_the_overridden_spec():

@@ -32,17 +32,18 @@ def _release_held(slurm_id: str) -> None:
 
 
 def test_time_limit_checkpoints_the_step_in_flight_requeues_and_resumes(local_slurm, tmp_path):
-    steps = 8
+    steps = 24
     spec = small_spec(
         tmp_path,
         "timelimit",
         ["bash", "-c", "sleep 600"],
-        [sys.executable, str(TRAINER), str(steps), "6"],
+        [sys.executable, str(TRAINER), str(steps), "5"],
         launcher="none",
     )
-    # The shortest limit Slurm has, USR1 30 s before it: the first run stops after about 5 steps of 6 s
-    # (Slurm may signal up to a minute early: then a run does fewer steps and there are more runs).
-    spec.cluster.time_limit = "00:01:00"
+    # The shortest limit the spec allows with USR1 30 s before it (Slurm may signal up to a minute early,
+    # so 30-90 s into each run): 120 s of steps outlast the first run's signal; later runs do at least
+    # about 6 steps each.
+    spec.cluster.time_limit = "00:02:00"
     spec.cluster.requeue_signal_s = 30
     spec.cluster.env["PYTHONPATH"] = str(REPO)
     sub = jobs.submit(spec)
