@@ -209,7 +209,7 @@ def validate(spec: LaunchSpec) -> LaunchSpec:
     for key in c.env:
         if not _ENV_KEY.match(key):
             fail("cluster.env", f"{key!r} is not a valid environment variable name")
-    if c.requeue_signal_s and _seconds(c.time_limit) < c.requeue_signal_s + SIGNAL_SLACK_S:
+    if c.requeue_signal_s > 0 and _seconds(c.time_limit) < c.requeue_signal_s + SIGNAL_SLACK_S:
         fail(
             "cluster.requeue_signal_s",
             f"{c.requeue_signal_s}s leaves less than {SIGNAL_SLACK_S}s of time_limit {c.time_limit} before the "
