@@ -132,6 +132,8 @@ def _resolve(cmd: Command, spec: LaunchSpec, name: str) -> list[str]:
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _ENV_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+# Slurm's signal timer has a 60 s resolution (sbatch --signal), plus the batch script's first seconds.
+SIGNAL_SLACK_S = 90
 
 
 def validate(spec: LaunchSpec) -> LaunchSpec:
@@ -221,10 +223,6 @@ def validate(spec: LaunchSpec) -> LaunchSpec:
     spec.resolved_rollout_cmd()
     spec.resolved_trainer_cmd()
     return spec
-
-
-# Slurm's signal timer has a 60 s resolution (sbatch --signal), plus the batch script's first seconds.
-SIGNAL_SLACK_S = 90
 
 
 def _seconds(time_limit: str) -> int:

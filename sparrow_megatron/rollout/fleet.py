@@ -29,6 +29,7 @@ from sparrow_megatron.rollout.engine import (
 from sparrow_megatron.rollout.server import (
     EngineStartError,
     ServerProcess,
+    cuda_available,
     free_port,
     port_is_free,
     resolve_device,
@@ -631,7 +632,7 @@ class RolloutFleet:
         stages > 1 (a pipeline-parallel trainer): one group per stage, each stage's weights sent by the
         trainer rank holding them (rollout/staged_sync.py); built at the first sync, when the other
         stages' senders take part, and each weights call must carry `distributed_relay()`."""
-        if spec.backend == "nccl" and not _cuda():
+        if spec.backend == "nccl" and not cuda_available():
             raise UserError(
                 "init_distributed_sync: backend 'nccl' needs CUDA; use backend 'gloo' or HTTP on CPU"
             )
@@ -746,12 +747,6 @@ def _loaded_adapters(engine: Engine) -> set[str]:
     """LoRA names an engine has loaded (SGLang's /v1/models lists them next to the base model)."""
     body = engine.client.get(f"{engine.url}/v1/models", timeout=10).json()
     return {m.get("id") for m in body.get("data", [])}
-
-
-def _cuda() -> bool:
-    from sparrow_megatron.rollout.server import cuda_available
-
-    return cuda_available()
 
 
 class _NullBar:
