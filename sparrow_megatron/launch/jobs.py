@@ -109,7 +109,7 @@ def _still_held(tunnel, slurm_id: str) -> AppState | None:
         res = tunnel.run(f"squeue --states=all -h -j {slurm_id} -o %T", warn=True)
     except Exception:  # the tunnel itself failed (ssh down): the controller's answer is unknown
         return AppState.UNKNOWN
-    if getattr(res, "return_code", 0) != 0:
+    if res.return_code != 0:
         # A purged job is an invalid id (gone after MinJobAge); anything else is a controller that
         # did not answer (timeouts under load), which must not turn a requeue into a failure.
         return None if "Invalid job id" in (res.stderr or "") else AppState.UNKNOWN
@@ -136,12 +136,17 @@ def status(experiment_id: str, job_dir: str | Path) -> list[JobStatus]:
 def wait(
     experiment_id: str, job_dir: str | Path, *, timeout_s: float, poll_s: float = 2.0
 ) -> list[JobStatus]:
-    """Poll until every job is SUCCEEDED/FAILED/CANCELLED; raises TimeoutError with the last states."""
+    """Poll until every job is SUCCEEDED/FAILED/CANCELLED on two polls in a row; raises TimeoutError with
+    the last states. Two, because a job being requeued can look finished for a moment (its ended run in
+    sacct while the controller rebuilds the job's record); a finished job stays finished."""
     deadline = time.monotonic() + timeout_s
+    finished_before = False
     while True:
         states = status(experiment_id, job_dir)
-        if states and all(s.state in TERMINAL for s in states):
+        finished = bool(states) and all(s.state in TERMINAL for s in states)
+        if finished and finished_before:
             return states
+        finished_before = finished
         if time.monotonic() > deadline:
             raise TimeoutError(f"{experiment_id}: not finished after {timeout_s}s: {states}")
         time.sleep(poll_s)

@@ -142,6 +142,16 @@ sleep 240
 """
 
 
+def release_held(slurm_id: str) -> bool:
+    """Slurm holds a requeued job back for ~2 minutes (Reason=BeginTime): start it now. True if it was held."""
+    reason = subprocess.run(
+        ["squeue", "-h", "-j", slurm_id, "-o", "%r"], capture_output=True, text=True, timeout=20
+    ).stdout
+    if "BeginTime" in reason:
+        subprocess.run(["scontrol", "update", f"JobId={slurm_id}", "StartTime=now"], timeout=20, check=False)
+    return "BeginTime" in reason
+
+
 def _requeue_and_wait(sub, spec, run: Path):
     deadline = time.monotonic() + 120
     while not (run / "first_run").exists():
@@ -150,14 +160,8 @@ def _requeue_and_wait(sub, spec, run: Path):
     slurm_id = jobs.status(sub.experiment_id, spec.cluster.job_dir)[0].slurm_job_id
     # What Slurm does on preemption of a requeueable job (and what the USR1 trap does near the limit).
     subprocess.run(["scontrol", "requeue", slurm_id], check=True, timeout=20)
-    # Slurm holds a requeued job back for ~2 minutes (Reason=BeginTime): once it is held, start it now.
     for _ in range(120):
-        reason = subprocess.run(
-            ["squeue", "-h", "-j", slurm_id, "-o", "%r"], capture_output=True, text=True, timeout=20
-        ).stdout
-        if "BeginTime" in reason:
-            start_now = ["scontrol", "update", f"JobId={slurm_id}", "StartTime=now"]
-            subprocess.run(start_now, timeout=20, check=True)
+        if release_held(slurm_id):
             break
         time.sleep(0.5)
     final = jobs.wait(sub.experiment_id, spec.cluster.job_dir, timeout_s=300)

@@ -7,7 +7,8 @@ from types import SimpleNamespace
 
 from torchx.specs import AppState
 
-from sparrow_megatron.launch.jobs import _still_held
+from sparrow_megatron.launch import jobs
+from sparrow_megatron.launch.jobs import JobStatus, _still_held
 
 
 class Tunnel:
@@ -43,3 +44,20 @@ def test_a_controller_that_does_not_answer_leaves_the_state_unknown():
     timed_out = Tunnel(rc=1, stderr="slurm_load_jobs error: Socket timed out on send/recv operation")
     assert _still_held(timed_out, "13") == AppState.UNKNOWN
     assert _still_held(Tunnel(fail=True), "13") == AppState.UNKNOWN
+
+
+def test_wait_does_not_end_on_a_finished_state_seen_once(monkeypatch):
+    """A requeue can show FAILED for one poll; `wait` returns only a state two polls agree on."""
+    seq = [AppState.RUNNING, AppState.FAILED, AppState.PENDING, AppState.RUNNING, AppState.SUCCEEDED] + [
+        AppState.SUCCEEDED
+    ] * 2
+    polls = iter(seq)
+    calls = []
+
+    def status(experiment_id, job_dir):
+        calls.append(1)
+        return [JobStatus(name="job", state=next(polls), slurm_job_id="13", local_dir="/x")]
+
+    monkeypatch.setattr(jobs, "status", status)
+    final = jobs.wait("exp_1", "/jobs", timeout_s=60, poll_s=0)
+    assert [s.state for s in final] == [AppState.SUCCEEDED] and len(calls) == 6

@@ -6,7 +6,6 @@ completed step is recorded exactly once (none lost, none redone)."""
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -15,20 +14,11 @@ import pytest
 from torchx.specs import AppState
 
 from sparrow_megatron.launch import jobs
-from tests.launch.test_jobs import small_spec
+from tests.launch.test_jobs import release_held, small_spec
 
 pytestmark = [pytest.mark.slurm, pytest.mark.timeout(600)]
 TRAINER = Path(__file__).with_name("boundary_trainer.py")
 REPO = Path(__file__).resolve().parents[2]
-
-
-def _release_held(slurm_id: str) -> None:
-    """Slurm holds a requeued job back for ~2 minutes (Reason=BeginTime): start it now."""
-    reason = subprocess.run(
-        ["squeue", "-h", "-j", slurm_id, "-o", "%r"], capture_output=True, text=True, timeout=20
-    ).stdout
-    if "BeginTime" in reason:
-        subprocess.run(["scontrol", "update", f"JobId={slurm_id}", "StartTime=now"], timeout=20, check=False)
 
 
 def test_time_limit_checkpoints_the_step_in_flight_requeues_and_resumes(local_slurm, tmp_path):
@@ -47,17 +37,16 @@ def test_time_limit_checkpoints_the_step_in_flight_requeues_and_resumes(local_sl
     spec.cluster.requeue_signal_s = 30
     spec.cluster.env["PYTHONPATH"] = str(REPO)
     sub = jobs.submit(spec)
-    slurm_id = None
     deadline = time.monotonic() + 540
     while True:
-        status = jobs.status(sub.experiment_id, spec.cluster.job_dir)
-        slurm_id = status[0].slurm_job_id or slurm_id
+        slurm_id = jobs.status(sub.experiment_id, spec.cluster.job_dir)[0].slurm_job_id
         if slurm_id:
-            _release_held(slurm_id)
-        if status[0].state in (AppState.SUCCEEDED, AppState.FAILED, AppState.CANCELLED):
+            release_held(slurm_id)
+        try:  # jobs.wait's own rule for "finished" (a requeue can look finished for a moment)
+            status = jobs.wait(sub.experiment_id, spec.cluster.job_dir, timeout_s=4)
             break
-        assert time.monotonic() < deadline, "the job did not finish"
-        time.sleep(2)
+        except TimeoutError:
+            assert time.monotonic() < deadline, "the job did not finish"
     logs = jobs.logs(sub.experiment_id, spec.cluster.job_dir)
     everything = "\n".join(f"==> {p} <==\n{t[-3000:]}" for p, t in logs.items())
     assert status[0].state == AppState.SUCCEEDED, everything
