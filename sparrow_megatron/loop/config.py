@@ -107,6 +107,9 @@ class LoopConfig:
     overlap: Overlap = "none"
     seed: int = 0
     run_dir: str = "runs/sparrow"
+    # Every step's samples (ids, engine and trainer log-probs, rewards) to <run_dir>/rollouts/ as JSON
+    # lines (loop/rollout_dump.py): for debugging a run token by token; large at long lengths.
+    dump_rollouts: bool = False
 
     def problems(self, prefix: str = "loop.") -> list[str]:
         p = Problems(prefix)

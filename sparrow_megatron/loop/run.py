@@ -31,6 +31,7 @@ from sparrow_megatron.loop.monitor import TailMonitor
 from sparrow_megatron.loop.overlap import RolloutSide
 from sparrow_megatron.loop.preempt import StepBoundary, StopRequest
 from sparrow_megatron.loop.recorder import StepRecorder, summary_markdown
+from sparrow_megatron.loop.rollout_dump import rollout_rows
 from sparrow_megatron.loop.rundir import RunDir
 from sparrow_megatron.loop.tasks import make_task
 from sparrow_megatron.loop.tracking import MlflowTracker, context_tags, dataset_refs
@@ -312,6 +313,8 @@ class Loop:
             score = policy.score(batch, top_k=0)  # old log-probs only: the tails are done
             timer.lap("score")
         batch.old_logprobs = score.logprobs
+        if cfg.loop.dump_rollouts:
+            self.run.write_rollouts(step, rollout_rows(samples, got.rewards, rewards, score.logprobs))
         metrics = {f"train/{k}": v for k, v in policy.train_step(batch).items()}
         timer.lap("update")
         self._rollout.join()  # the sync waits for the rollout on the previous weights

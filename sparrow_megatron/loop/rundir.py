@@ -6,6 +6,7 @@
       checkpoints/step_N/    the state after step N; complete only once its COMPLETE marker exists
       schedules/step_N.json  the schedule in force from step N (written when it changes)
       plots/                 PNGs
+      rollouts/step_N.jsonl  step N's samples, token by token (only with loop.dump_rollouts)
       mlflow_run.json        the MLflow run (the default store, mlflow.db, is beside the run directory)
 
 Steps are numbered from 1. The loop appends step N's metrics, then (on checkpoint steps) writes
@@ -22,6 +23,7 @@ import math
 import os
 import re
 import shutil
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -114,6 +116,10 @@ class RunDir:
     @property
     def plots(self) -> Path:
         return self.root / "plots"
+
+    @property
+    def rollouts(self) -> Path:
+        return self.root / "rollouts"
 
     @property
     def metrics_path(self) -> Path:
@@ -287,6 +293,18 @@ class RunDir:
             raise UserError(f"{path}: the checkpoint has no loop state") from None
         except json.JSONDecodeError as err:
             raise UserError(f"{path}:{err.lineno}: corrupt loop state ({err.msg})") from None
+
+    # -- rollout dumps (loop.dump_rollouts, loop/rollout_dump.py) ---------------------------------------
+
+    def rollout_path(self, step: int) -> Path:
+        return self.rollouts / f"step_{step}.jsonl"
+
+    def write_rollouts(self, step: int, rows: Iterable[dict[str, Any]]) -> Path:
+        """Step `step`'s sample records, one JSON line each (replacing a file a killed run left)."""
+        self.rollouts.mkdir(parents=True, exist_ok=True)
+        path = self.rollout_path(step)
+        _write_atomic(path, "".join(json.dumps(row) + "\n" for row in rows))
+        return path
 
     # -- schedules ------------------------------------------------------------------------------------
 

@@ -23,6 +23,7 @@ from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 
 from sparrow_megatron.data.recall import TINY_RECALL_DIR
+from sparrow_megatron.loop.rollout_dump import read_rollouts
 
 pytestmark = [pytest.mark.sglang, pytest.mark.slow]
 
@@ -41,6 +42,8 @@ SMALL = [
     "loop.eval_every=2",
     "loop.eval_prompts=2",
     "loop.eval_samples=2",
+    # Each step's samples token by token: a resumed run that differs is shown where (loop/rollout_dump.py).
+    "loop.dump_rollouts=true",
 ]
 # Numbers a resumed run must reproduce exactly (wall-clock ones cannot).
 DETERMINISTIC = (
@@ -85,6 +88,27 @@ def _differing(got: dict, want: dict) -> dict:
     return {k: (got.get(k), want.get(k)) for k in keys if got.get(k) != want.get(k)}
 
 
+def _rollout_divergence(got_dir: Path, want_dir: Path, step: int) -> list[str]:
+    """Where two runs' dumped samples of `step` differ: ids, or the largest engine / trainer log-prob gap."""
+    paths = [d / "rollouts" / f"step_{step}.jsonl" for d in (got_dir, want_dir)]
+    if not all(p.exists() for p in paths):
+        return []
+    out = []
+    for got, want in zip(*(read_rollouts(p) for p in paths), strict=True):
+        where = (
+            f"prompt {got['prompt_index']} sample {got['sample_index']} (prompt {got['prompt_len']} tokens)"
+        )
+        if got["output_ids"] != want["output_ids"]:
+            out.append(f"{where}: ids {got['output_ids']} vs {want['output_ids']}")
+            continue
+        for key in ("engine_logprobs", "trainer_logprobs"):
+            gaps = [abs(a - b) for a, b in zip(got[key], want[key], strict=True)]
+            if gaps and max(gaps) > 0:
+                k = gaps.index(max(gaps))
+                out.append(f"{where}: {key} differ, most at token {k}: {got[key][k]} vs {want[key][k]}")
+    return out
+
+
 def _deterministic(row: dict) -> dict:
     return {k: v for k, v in row.items() if k.startswith(DETERMINISTIC) and not k.endswith(WALL_CLOCK)}
 
@@ -125,6 +149,13 @@ def test_steps_compute_rewards_tails_and_sync_weights(reference_run):
         budgets = [v for k, v in r.items() if k.startswith("tail_bin_") and k.endswith("/budget")]
         assert r["schedule/dense"] == 0 and budgets and min(budgets) >= 128
     assert any(r["reward/signal_frac"] > 0 for r in rows), "no group with differing rewards: no update"
+    for r in rows:  # loop.dump_rollouts: every sample of the step, token by token
+        dumped = read_rollouts(reference_run / "rollouts" / f"step_{r['step']}.jsonl")
+        assert len(dumped) == 8 and sum(len(d["output_ids"]) for d in dumped) == r["train/num_tokens"]
+        assert all(
+            len(d["engine_logprobs"]) == len(d["trainer_logprobs"]) == len(d["output_ids"]) for d in dumped
+        )
+        assert r["reward/mean"] == pytest.approx(sum(d["reward"] for d in dumped) / 8)
     evals = [r for r in _rows(reference_run) if "eval/n" in r]
     assert [r["step"] for r in evals] == [0, 2, 3]
     for r in evals:
@@ -217,7 +248,7 @@ def test_resume_after_a_kill_reproduces_the_uninterrupted_run(reference_run, tmp
         got_tails, want_tails = {k: got.pop(k) for k in tails}, {k: want.pop(k) for k in tails}
         # On failure every differing number of the row is shown (the TIS weights tell whether the
         # engine's log-probs moved, the loss whether it reached the update).
-        why = (step, _differing(got_row, want_row))
+        why = (step, _differing(got_row, want_row), _rollout_divergence(run_dir, reference_run, step))
         # Rewards, lengths, losses, grad norms, evaluations first: a resume bug shows there.
         assert got == pytest.approx(want, rel=1e-6, abs=1e-9), why
         # The tail statistics to 1e-3, not exactly: once in CI a resumed run's step-2 p5 came out 2.5e-4
