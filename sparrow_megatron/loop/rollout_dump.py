@@ -6,7 +6,7 @@ trainer's (the dense policy that scored it, the `old` log-probs of the update), 
 after shaping, the schedule, weights version and engine. The gap between the two log-prob rows is the
 training-inference mismatch the tail monitor summarises; two runs that should agree (a resumed one and
 its reference) can be compared sample by sample. A resumed run rewrites the files of the steps it
-redoes. Off by default: at 37K tokens x 512 samples a step is about 0.5 GB of text.
+redoes. Off by default: 512 samples of 37K tokens make a step file of about 1 GB (~50 bytes a token).
 """
 
 from __future__ import annotations
