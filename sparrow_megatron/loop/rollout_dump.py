@@ -11,9 +11,7 @@ redoes. Off by default: 512 samples of 37K tokens make a step file of about 1 GB
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator, Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -43,8 +41,3 @@ def rollout_rows(
             "weight_version": s.weight_version,
             "engine_id": s.engine_id,
         }
-
-
-def read_rollouts(path: str | Path) -> list[dict[str, Any]]:
-    """The records of one step file."""
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line]

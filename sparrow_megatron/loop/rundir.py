@@ -70,10 +70,11 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _write_atomic(path: Path, text: str) -> None:
+def _write_atomic(path: Path, text: str | Iterable[str]) -> None:
+    """Write `text` (or its chunks, streamed: a rollout dump can be a GB) to a temp file, then rename."""
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w") as f:
-        f.write(text)
+        f.writelines((text,) if isinstance(text, str) else text)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
@@ -197,7 +198,7 @@ class RunDir:
             dropped = self.metrics_path.with_name(f"{self.metrics_path.name}.dropped-{keep_through}")
             with open(dropped, "a") as f:
                 f.writelines(line if line.endswith("\n") else line + "\n" for line in drop)
-            _write_atomic(self.metrics_path, "".join(keep))
+            _write_atomic(self.metrics_path, keep)
             log.info(
                 "%s: %d rows after step %d set aside in %s",
                 self.metrics_path,
@@ -303,8 +304,12 @@ class RunDir:
         """Step `step`'s sample records, one JSON line each (replacing a file a killed run left)."""
         self.rollouts.mkdir(parents=True, exist_ok=True)
         path = self.rollout_path(step)
-        _write_atomic(path, "".join(json.dumps(row) + "\n" for row in rows))
+        _write_atomic(path, (json.dumps(row) + "\n" for row in rows))
         return path
+
+    def read_rollouts(self, step: int) -> list[dict[str, Any]]:
+        """Step `step`'s sample records (written whole by `write_rollouts`: no torn lines)."""
+        return [json.loads(line) for line in self.rollout_path(step).read_text().splitlines() if line]
 
     # -- schedules ------------------------------------------------------------------------------------
 

@@ -48,10 +48,9 @@ def test_a_controller_that_does_not_answer_leaves_the_state_unknown():
 
 def test_wait_does_not_end_on_a_finished_state_seen_once(monkeypatch):
     """A requeue can show FAILED for one poll; `wait` returns only a state two polls agree on."""
-    seq = [AppState.RUNNING, AppState.FAILED, AppState.PENDING, AppState.RUNNING, AppState.SUCCEEDED] + [
-        AppState.SUCCEEDED
-    ] * 2
-    polls = iter(seq)
+    polls = iter(
+        [AppState.RUNNING, AppState.FAILED, AppState.PENDING, AppState.RUNNING] + [AppState.SUCCEEDED] * 3
+    )
     calls = []
 
     def status(experiment_id, job_dir):

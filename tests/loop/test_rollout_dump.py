@@ -2,7 +2,7 @@
 
 import torch
 
-from sparrow_megatron.loop.rollout_dump import read_rollouts, rollout_rows
+from sparrow_megatron.loop.rollout_dump import rollout_rows
 from sparrow_megatron.loop.rundir import RunDir
 from sparrow_megatron.rollout.types import Sample
 
@@ -18,7 +18,7 @@ def test_a_step_round_trips_exactly_and_a_redone_step_replaces_its_file(tmp_path
     run = RunDir(tmp_path / "run").create()
     path = run.write_rollouts(2, rollout_rows(samples, [1.0, 0.0], [1.0, -0.25], dense))
     assert path == tmp_path / "run" / "rollouts" / "step_2.jsonl"
-    first, second = read_rollouts(path)
+    first, second = run.read_rollouts(2)
     assert first["output_ids"] == [10, 11, 12] and first["prompt_len"] == 3
     assert first["engine_logprobs"] == samples[0].logprobs  # bit for bit through JSON
     assert first["trainer_logprobs"] == [float(x) for x in dense[0].double()]
@@ -27,5 +27,5 @@ def test_a_step_round_trips_exactly_and_a_redone_step_replaces_its_file(tmp_path
     assert (first["schedule"], first["weight_version"], first["engine_id"]) == ("s256", 4, 1)
     # A resumed run redoing step 2 replaces the file a killed run left, whole.
     run.write_rollouts(2, rollout_rows(samples[:1], [0.5], [0.5], dense[:1]))
-    assert [r["reward"] for r in read_rollouts(path)] == [0.5]
+    assert [r["reward"] for r in run.read_rollouts(2)] == [0.5]
     assert not list(run.rollouts.glob("*.tmp"))

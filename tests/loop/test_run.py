@@ -23,7 +23,7 @@ from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 
 from sparrow_megatron.data.recall import TINY_RECALL_DIR
-from sparrow_megatron.loop.rollout_dump import read_rollouts
+from sparrow_megatron.loop.rundir import RunDir
 
 pytestmark = [pytest.mark.sglang, pytest.mark.slow]
 
@@ -90,11 +90,11 @@ def _differing(got: dict, want: dict) -> dict:
 
 def _rollout_divergence(got_dir: Path, want_dir: Path, step: int) -> list[str]:
     """Where two runs' dumped samples of `step` differ: ids, or the largest engine / trainer log-prob gap."""
-    paths = [d / "rollouts" / f"step_{step}.jsonl" for d in (got_dir, want_dir)]
-    if not all(p.exists() for p in paths):
+    runs = [RunDir(d) for d in (got_dir, want_dir)]
+    if not all(r.rollout_path(step).exists() for r in runs):
         return []
     out = []
-    for got, want in zip(*(read_rollouts(p) for p in paths), strict=True):
+    for got, want in zip(*(r.read_rollouts(step) for r in runs), strict=True):
         where = (
             f"prompt {got['prompt_index']} sample {got['sample_index']} (prompt {got['prompt_len']} tokens)"
         )
@@ -150,7 +150,7 @@ def test_steps_compute_rewards_tails_and_sync_weights(reference_run):
         assert r["schedule/dense"] == 0 and budgets and min(budgets) >= 128
     assert any(r["reward/signal_frac"] > 0 for r in rows), "no group with differing rewards: no update"
     for r in rows:  # loop.dump_rollouts: every sample of the step, token by token
-        dumped = read_rollouts(reference_run / "rollouts" / f"step_{r['step']}.jsonl")
+        dumped = RunDir(reference_run).read_rollouts(r["step"])
         assert len(dumped) == 8 and sum(len(d["output_ids"]) for d in dumped) == r["train/num_tokens"]
         assert all(
             len(d["engine_logprobs"]) == len(d["trainer_logprobs"]) == len(d["output_ids"]) for d in dumped
