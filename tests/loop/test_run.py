@@ -254,8 +254,8 @@ def test_resume_after_a_kill_reproduces_the_uninterrupted_run(reference_run, tmp
         # The tail statistics to 1e-3, not exactly: once in CI a resumed run's step-2 p5 came out 2.5e-4
         # below the reference (whose numbers matched this machine's bit for bit). A rehearsal's dump
         # showed why: same tokens and engine log-probs, but the resumed trainer's first score differed
-        # (up to 8e-4; its ratio_max 1.0008 where the reference has 1.0), an open trainer defect that the
-        # loss comparison above catches. 1e-3 is far below what the controller acts on (margins 0.02+).
+        # (up to 8e-4; its ratio_max 1.0008 where the reference has 1.0), an open trainer defect whose effect the
+        # loss comparison above catches at step 3. 1e-3 is far below what the controller acts on (0.02+).
         assert got_tails == pytest.approx(want_tails, abs=1e-3), why
     # The resumed run continued its MLflow run (one run, every step's numbers in it).
     _assert_tracked(run_dir)
